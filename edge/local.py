@@ -1,0 +1,59 @@
+"""`make run`: a whole relay on this machine — nats-server, one edge — until Ctrl-C.
+
+JetStream data lives in `.local/nats` (git ignores it), so rooms survive a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from edge.cli import configure_logging, serve_until_signalled
+from edge.embedded_nats import EmbeddedNatsServer
+from edge.server import Edge
+from edge.settings import EdgeSettings, load_settings
+
+
+async def _run(settings: EdgeSettings) -> None:
+    edge = Edge(settings)
+    runner = asyncio.create_task(serve_until_signalled(edge))
+    ready = asyncio.create_task(edge.ready.wait())
+    await asyncio.wait({runner, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if edge.ready.is_set():
+        host = settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        url = f"ws://{host}:{edge.port}"
+        print(
+            "\n"
+            f"  termrelay is running.\n"
+            f"  Point the TermOnMac Mac agent at it:  RELAY_SERVER_URL={url}\n"
+            f"  Authentication is OFF (RELAY_AUTH=none): every connection acts as user "
+            f"'{settings.local_user_id}'. Keep this on a trusted network.\n"
+            f"  Health: http://{host}:{edge.port}/healthz   Ctrl-C stops everything.\n",
+            flush=True,
+        )
+    else:
+        ready.cancel()
+    await runner
+
+
+def main() -> None:
+    configure_logging()
+    data = Path(os.environ.get("RELAY_LOCAL_DATA", ".local")) / "nats"
+    nats_server = EmbeddedNatsServer(store_dir=data, port=int(os.environ.get("RELAY_LOCAL_NATS_PORT", "0")) or None)
+    nats_server.start()
+    logging.getLogger("edge").info("nats-server on %s (data in %s)", nats_server.url, data)
+    try:
+        environ = {"RELAY_PORT": "8080", **os.environ, "RELAY_NATS_URL": nats_server.url}
+        settings = load_settings(EdgeSettings, sys.argv[1:], environ, prog="relay-local")
+        asyncio.run(_run(settings))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        nats_server.stop()
+
+
+if __name__ == "__main__":
+    main()

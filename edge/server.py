@@ -1,0 +1,510 @@
+"""The edge process: WebSockets and HTTP on one port, room state in KV, frames over NATS.
+
+Everything protocol-related is decided in `edge.rooms` and `edge.session`; this module
+only carries out their actions and keeps the process's background work (lease,
+liveness sweep, lastSeen flushes, lease watcher) in one TaskGroup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import http
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from edge import rooms
+from edge.session import Action, Close, Forward, Notify, RoomRequest, Send, Session, Subscribe, other_role
+from edge.settings import EdgeSettings
+from edge.store import Presence, RoomStore, StorageConflict, now_ms, open_buckets
+from schemas.client import CloseCode, DisconnectReason, JoinRoom, RegisterRoom
+from schemas.edge_events import (
+    HEADER_EVENT,
+    HEADER_FROM,
+    HEADER_TO,
+    PeerLeftEvent,
+    edge_event_decoder,
+)
+from schemas.records import EdgeLease, RoomRecord, SlotHolder
+from schemas.subjects import ROLES, edge_id_of_lease_key, is_valid_room_id, room_subject
+
+log = logging.getLogger("edge")
+
+
+@dataclass(eq=False)
+class Connection:
+    """A live client socket on this edge: the socket, its protocol state, its subscription."""
+
+    ws: ServerConnection
+    session: Session
+    subscription: Subscription | None = None
+    last_message_ms: int = 0  # wall clock of the last inbound frame, for lastSeen
+    last_seen_written_ms: int = 0
+    closing: bool = False
+
+
+@dataclass(frozen=True)
+class WsTarget:
+    """What the upgrade request asked for, validated before the 101."""
+
+    room_id: str
+    role: str | None
+
+
+class Edge:
+    """One edge process. `await Edge(settings).run()` serves until `stop()` is called."""
+
+    def __init__(self, settings: EdgeSettings) -> None:
+        self.settings = settings
+        self.boot_id = secrets.token_hex(8)
+        self.port: int | None = None
+        self.ready = asyncio.Event()
+        self.connections: dict[str, Connection] = {}
+        # edge_id → boot_id of every edge incarnation whose lease is alive.
+        self.live_edges: dict[str, str] = {}
+        self._stopping = asyncio.Event()
+        self._nc: NATS | None = None
+        self._rooms: RoomStore | None = None
+        self._presence: Presence | None = None
+        self._lease_revision = 0
+        self._tg: asyncio.TaskGroup | None = None
+        self._by_sid: dict[int, Connection] = {}
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Begin the graceful shutdown: sockets get 1001, peers hear `server_restart`."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        s = self.settings
+        self._nc = await nats.connect(
+            servers=[u.strip() for u in s.nats_url.split(",")],
+            name=f"relay-edge {s.edge_id}",
+            error_cb=self._nats_error,
+            disconnected_cb=self._nats_disconnected,
+            reconnected_cb=self._nats_reconnected,
+            max_reconnect_attempts=-1,
+            connect_timeout=5,
+        )
+        try:
+            js = self._nc.jetstream()
+            rooms_kv, presence_kv = await open_buckets(js, s.kv_replicas)
+            self._rooms = RoomStore(rooms_kv)
+            self._presence = Presence(js, presence_kv)
+            await self._take_lease()
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                watching = asyncio.Event()
+                background = [
+                    tg.create_task(self._watch_leases(watching)),
+                    tg.create_task(self._renew_lease_loop()),
+                    tg.create_task(self._liveness_loop()),
+                    tg.create_task(self._last_seen_loop()),
+                ]
+                await watching.wait()
+                server = await serve(
+                    self._handle,
+                    s.host,
+                    s.port,
+                    process_request=self._process_request,
+                    compression=None,  # payloads are encrypted: compression costs memory, saves nothing
+                    max_size=s.max_frame_bytes,
+                    ping_interval=None,  # liveness is the protocol's heartbeat, as in the official relay
+                    close_timeout=max(s.shutdown_grace_ms / 1000, 0.1),
+                    server_header="termrelay",
+                )
+                self.port = server.sockets[0].getsockname()[1]
+                self.ready.set()
+                log.info("edge %s listening on %s:%d (ws://%s:%d/ws)", s.edge_id, s.host, self.port, s.host, self.port)
+                await self._stopping.wait()
+                self.ready.clear()
+                await self._shutdown(server)
+                for task in background:
+                    task.cancel()
+        finally:
+            self._tg = None
+            if not self._nc.is_closed:
+                with contextlib.suppress(Exception):
+                    await self._nc.drain()
+
+    async def _shutdown(self, server: Server) -> None:
+        """Stop accepting, release every slot (peers hear `server_restart`), close 1001."""
+        server.close(close_connections=False)
+        conns = list(self.connections.values())
+        for conn in conns:
+            conn.session.leave_reason = DisconnectReason.SERVER_RESTART
+        async with asyncio.TaskGroup() as tg:
+            for conn in conns:
+                tg.create_task(self._close(conn, CloseCode.GOING_AWAY, "server restarting"))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(server.wait_closed(), self.settings.shutdown_grace_ms / 1000)
+        with contextlib.suppress(Exception):
+            await self._nc.flush(timeout=2)
+            await self._presence.drop_lease(self.settings.edge_id)
+        log.info("edge %s stopped", self.settings.edge_id)
+
+    # --- HTTP before the upgrade -------------------------------------------------
+
+    async def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        url = urlsplit(request.path)
+        query = parse_qs(url.query)
+        if url.path == "/ws":
+            if self._stopping.is_set() or not self.ready.is_set():
+                return _text(ws, http.HTTPStatus.SERVICE_UNAVAILABLE, "relay is not ready\n")
+            room_id = (query.get("room_id") or [""])[0]
+            role = (query.get("role") or [None])[0]
+            if not is_valid_room_id(room_id):
+                return _text(ws, http.HTTPStatus.BAD_REQUEST, "room_id must match ^[A-Za-z0-9_-]{1,128}$\n")
+            if role not in (None, *ROLES):
+                return _text(ws, http.HTTPStatus.BAD_REQUEST, "role must be mac or ios\n")
+            ws.relay_target = WsTarget(room_id=room_id, role=role)  # type: ignore[attr-defined]
+            return None
+        if url.path == "/healthz":
+            return _text(ws, http.HTTPStatus.OK, "ok\n")
+        if url.path == "/readyz":
+            if self.ready.is_set() and self._nc is not None and self._nc.is_connected:
+                return _text(ws, http.HTTPStatus.OK, "ready\n")
+            return _text(ws, http.HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n")
+        if url.path == "/status":
+            return await self._status(ws, request, (query.get("room_id") or [""])[0])
+        return _text(ws, http.HTTPStatus.NOT_FOUND, "not found\n")
+
+    async def _status(self, ws: ServerConnection, request: Request, room_id: str) -> Response:
+        """GET /status?room_id=R (protocol.md §8.1)."""
+        token = self.settings.admin_token
+        if token:
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return _text(ws, http.HTTPStatus.UNAUTHORIZED, "a valid operator token is required\n")
+        if not is_valid_room_id(room_id):
+            return _text(ws, http.HTTPStatus.BAD_REQUEST, "room_id must match ^[A-Za-z0-9_-]{1,128}$\n")
+        try:
+            record, _ = await self._rooms.get(room_id)
+            if record is None:
+                return _json(ws, {"exists": False})
+            mac_seen = await self._presence.get_last_seen(room_id, "mac")
+            ios_seen = await self._presence.get_last_seen(room_id, "ios")
+        except (nats.errors.Error, asyncio.TimeoutError):
+            log.exception("status of room %s: storage unavailable", room_id)
+            return _text(ws, http.HTTPStatus.SERVICE_UNAVAILABLE, "storage unavailable\n")
+        now = now_ms()
+        record = rooms.expire_idle(record, now, self.settings.room_idle_timeout_ms, self._is_alive, (mac_seen, ios_seen))
+        return _json(
+            ws,
+            {
+                "exists": True,
+                "mac_connected": record.mac is not None and self._is_alive(record.mac),
+                "ios_connected": record.ios is not None and self._is_alive(record.ios),
+                "mac_last_seen": mac_seen,
+                "ios_last_seen": ios_seen,
+                "idle_seconds": max(0, (now - rooms.last_activity(record, (mac_seen, ios_seen))) // 1000),
+            },
+        )
+
+    # --- a socket's life ---------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        target: WsTarget = ws.relay_target  # type: ignore[attr-defined]
+        session = Session(
+            room_id=target.room_id,
+            role=target.role,
+            socket_id=secrets.token_urlsafe(16),
+            edge_id=self.settings.edge_id,
+            boot_id=self.boot_id,
+            user_id=self.settings.local_user_id,
+            last_message_at=time.monotonic(),
+        )
+        conn = Connection(ws=ws, session=session)
+        self.connections[session.socket_id] = conn
+        try:
+            if target.role is not None:
+                await self._subscribe(conn, target.role)
+            async for frame in ws:
+                conn.last_message_ms = now_ms()
+                await self._carry_out(conn, session.receive(frame, time.monotonic()))
+        except ConnectionClosed:
+            pass
+        except Exception:
+            log.exception("socket %s in room %s failed", session.socket_id, session.room_id)
+            with contextlib.suppress(Exception):
+                await ws.close(CloseCode.INTERNAL, "Internal error")
+        finally:
+            await self._leave(conn)
+
+    async def _leave(self, conn: Connection) -> None:
+        """The socket is gone: free its slot if it still held one, tell the peer, unsubscribe."""
+        session = conn.session
+        self.connections.pop(session.socket_id, None)
+        if conn.subscription is not None:
+            self._by_sid.pop(conn.subscription._id, None)
+            with contextlib.suppress(Exception):
+                await conn.subscription.unsubscribe()
+        if not session.in_room or session.replaced or session.role is None:
+            return
+        role, holder, now = session.role, session.holder, now_ms()
+        peer = session.peer
+        try:
+            released = await self._rooms.transact(
+                session.room_id,
+                lambda record, _seen: _released(rooms.release(record, holder, role, now, self._is_alive)),
+            )
+            # Nothing released means a newer socket holds the slot: its peer_joined tells the peer.
+            peer = released.peer if released.record is not None else None
+        except (nats.errors.Error, asyncio.TimeoutError, StorageConflict):
+            log.exception("room %s: could not free the %s slot; telling the known peer", session.room_id, role)
+        if peer is not None:
+            await self._publish_event(session, peer, other_role(role), PeerLeftEvent(reason=session.leave_reason))
+        with contextlib.suppress(Exception):
+            await self._presence.put_last_seen(session.room_id, role, conn.last_message_ms or now, self._seen_ttl_s)
+
+    async def _subscribe(self, conn: Connection, role: str) -> None:
+        session = conn.session
+
+        async def deliver(msg: Msg) -> None:
+            headers = msg.headers
+            if not headers or headers.get(HEADER_TO) != session.socket_id:
+                return  # meant for another socket of this room and role (a takeover is under way)
+            sender = headers.get(HEADER_FROM, "")
+            if HEADER_EVENT in headers:
+                try:
+                    event = edge_event_decoder.decode(msg.data)
+                except msgspec.DecodeError:
+                    log.error("undecodable control event on %s", msg.subject)
+                    return
+                await self._carry_out(conn, session.receive_event(event, sender))
+            elif session.accepts_frame_from(sender):
+                with contextlib.suppress(ConnectionClosed):
+                    await conn.ws.send(msg.data, text=True)
+
+        conn.subscription = await self._nc.subscribe(
+            room_subject(session.room_id, role),
+            cb=deliver,
+            pending_msgs_limit=self.settings.socket_queue_max_msgs,
+            pending_bytes_limit=self.settings.socket_queue_max_bytes,
+        )
+        self._by_sid[conn.subscription._id] = conn
+
+    async def _carry_out(self, conn: Connection, actions: list[Action]) -> None:
+        session = conn.session
+        for action in actions:
+            if isinstance(action, Send):
+                with contextlib.suppress(ConnectionClosed):
+                    await conn.ws.send(action.data, text=True)
+            elif isinstance(action, Forward):
+                await self._nc.publish(
+                    room_subject(session.room_id, session.peer_role),
+                    action.data,
+                    headers={HEADER_TO: action.to.socket_id, HEADER_FROM: session.socket_id},
+                )
+            elif isinstance(action, RoomRequest):
+                try:
+                    outcome = await self._room_request(session, action.message)
+                except (nats.errors.Error, asyncio.TimeoutError, StorageConflict):
+                    log.exception("room %s: request failed", session.room_id)
+                    await self._carry_out(conn, session.request_failed())
+                else:
+                    await self._carry_out(conn, session.apply(outcome))
+            elif isinstance(action, Notify):
+                await self._publish_event(session, action.to, action.role, action.event)
+            elif isinstance(action, Subscribe):
+                await self._subscribe(conn, action.role)
+            elif isinstance(action, Close):
+                await self._close(conn, action.code, action.reason)
+
+    async def _close(self, conn: Connection, code: int, reason: str) -> None:
+        if conn.closing:
+            return
+        conn.closing = True
+        with contextlib.suppress(Exception):
+            await conn.ws.close(code, reason)
+
+    async def _publish_event(self, session: Session, to: SlotHolder, role: str, event: Any) -> None:
+        await self._nc.publish(
+            room_subject(session.room_id, role),
+            msgspec.json.encode(event),
+            headers={HEADER_TO: to.socket_id, HEADER_FROM: session.socket_id, HEADER_EVENT: "1"},
+        )
+
+    async def _room_request(self, session: Session, message: RegisterRoom | JoinRoom) -> rooms.Outcome:
+        holder, now, settings = session.holder, now_ms(), self.settings
+
+        def decide(record: RoomRecord | None, seen: tuple[int | None, ...]) -> tuple[RoomRecord | None, rooms.Outcome]:
+            if record is not None:
+                record = rooms.expire_idle(record, now, settings.room_idle_timeout_ms, self._is_alive, seen)
+            if isinstance(message, RegisterRoom):
+                outcome = rooms.register(record, message, holder, now, self._is_alive, settings.max_sessions)
+            else:
+                outcome = rooms.join(record, message, holder, now, self._is_alive)
+            return outcome.record, outcome
+
+        return await self._rooms.transact(session.room_id, decide, self._seen_when_idle(now))
+
+    def _seen_when_idle(self, now: int) -> Callable[[RoomRecord], Awaitable[tuple[int | None, ...]]]:
+        async def seen(record: RoomRecord) -> tuple[int | None, ...]:
+            # lastSeen only matters to a room that looks idle by its record alone.
+            if rooms.expire_idle(record, now, self.settings.room_idle_timeout_ms, self._is_alive) is record:
+                return ()
+            return (
+                await self._presence.get_last_seen(record.room_id, "mac"),
+                await self._presence.get_last_seen(record.room_id, "ios"),
+            )
+
+        return seen
+
+    def _is_alive(self, holder: SlotHolder) -> bool:
+        return self.live_edges.get(holder.edge_id) == holder.boot_id
+
+    # --- background work ---------------------------------------------------------
+
+    @property
+    def _seen_ttl_s(self) -> float:
+        return max(1.0, self.settings.room_idle_timeout_ms / 1000)
+
+    async def _take_lease(self) -> None:
+        lease = EdgeLease(edge_id=self.settings.edge_id, boot_id=self.boot_id, started_at=now_ms())
+        self._lease_revision = await self._presence.put_lease(lease, self.settings.edge_lease_ttl_ms / 1000)
+        self.live_edges[self.settings.edge_id] = self.boot_id
+
+    async def _renew_lease_loop(self) -> None:
+        interval = self.settings.edge_lease_renew_interval_s
+        lease_ttl = self.settings.edge_lease_ttl_ms / 1000
+        while not await self._sleep(interval):
+            lease = EdgeLease(edge_id=self.settings.edge_id, boot_id=self.boot_id, started_at=now_ms())
+            try:
+                self._lease_revision = await self._presence.renew_lease(lease, lease_ttl, self._lease_revision)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                # Our lease expired (a stall or a partition): other edges have told our
+                # sockets' peers that we are gone. Start over under a new incarnation.
+                log.error("edge %s lost its lease; closing its sockets and starting over", self.settings.edge_id)
+                await self._reincarnate()
+            except (nats.errors.Error, asyncio.TimeoutError):
+                log.warning("lease renewal failed; retrying", exc_info=True)
+
+    async def _reincarnate(self) -> None:
+        conns = list(self.connections.values())
+        for conn in conns:
+            conn.session.leave_reason = DisconnectReason.TIMEOUT
+        async with asyncio.TaskGroup() as tg:
+            for conn in conns:
+                tg.create_task(self._close(conn, CloseCode.GOING_AWAY, "relay edge restarting"))
+        self.boot_id = secrets.token_hex(8)
+        await self._take_lease()
+
+    async def _watch_leases(self, watching: asyncio.Event) -> None:
+        backoff = 0.1
+        while not self._stopping.is_set():
+            try:
+                watcher = await self._presence.watch_leases()
+                async for entry in watcher:
+                    backoff = 0.1
+                    if entry is None:  # the initial values are all in
+                        watching.set()
+                        continue
+                    self._on_lease(edge_id_of_lease_key(entry.key), Presence.decode_lease(entry))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("lease watcher failed; recreating it in %.1fs", backoff, exc_info=True)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _on_lease(self, edge_id: str, lease: EdgeLease | None) -> None:
+        if edge_id == self.settings.edge_id:
+            return  # our own lease is the renewal loop's business
+        previous = self.live_edges.get(edge_id)
+        if lease is None:
+            self.live_edges.pop(edge_id, None)
+        else:
+            self.live_edges[edge_id] = lease.boot_id
+        if previous is not None and (lease is None or lease.boot_id != previous):
+            log.warning("edge %s (%s) is gone; telling the peers of its sockets", edge_id, previous)
+            for conn in list(self.connections.values()):
+                actions = conn.session.edge_died(edge_id, previous)
+                if actions:
+                    self._tg.create_task(self._carry_out(conn, actions))
+
+    async def _liveness_loop(self) -> None:
+        threshold = self.settings.heartbeat_dead_threshold_ms / 1000
+        while not await self._sleep(self.settings.liveness_sweep_interval_s):
+            now = time.monotonic()
+            for conn in list(self.connections.values()):
+                if not conn.closing and conn.session.is_silent(now, threshold):
+                    self._tg.create_task(self._carry_out(conn, conn.session.time_out()))
+
+    async def _last_seen_loop(self) -> None:
+        """Write lastSeen of sockets that spoke since the last write: at most one write per socket per interval."""
+        while not await self._sleep(self.settings.last_seen_interval_ms / 1000):
+            due = [
+                c
+                for c in self.connections.values()
+                if c.session.in_room and c.last_message_ms > c.last_seen_written_ms
+            ]
+            if not due:
+                continue
+            results = await asyncio.gather(
+                *(self._presence.put_last_seen(c.session.room_id, c.session.role, c.last_message_ms, self._seen_ttl_s) for c in due),
+                return_exceptions=True,
+            )
+            for conn, result in zip(due, results):
+                if isinstance(result, BaseException):
+                    log.warning("lastSeen write failed for room %s: %s", conn.session.room_id, result)
+                else:
+                    conn.last_seen_written_ms = conn.last_message_ms
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Sleep, or return True at once when the edge is stopping."""
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    # --- NATS callbacks ----------------------------------------------------------
+
+    async def _nats_error(self, exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            conn = self._by_sid.get(exc.sid)
+            if conn is not None and not conn.closing:
+                log.warning("socket %s cannot keep up; closing it", conn.session.socket_id)
+                self._tg and self._tg.create_task(self._close(conn, CloseCode.TRY_AGAIN_LATER, "too slow"))
+                return
+        log.error("NATS error: %s", exc)
+
+    async def _nats_disconnected(self) -> None:
+        log.warning("disconnected from NATS; reconnecting")
+
+    async def _nats_reconnected(self) -> None:
+        log.info("reconnected to NATS")
+
+
+def _released(release: rooms.Release) -> tuple[RoomRecord | None, rooms.Release]:
+    return release.record, release
+
+
+def _text(ws: ServerConnection, status: http.HTTPStatus, body: str) -> Response:
+    return ws.respond(status, body)
+
+
+def _json(ws: ServerConnection, body: dict[str, Any]) -> Response:
+    data = msgspec.json.encode(body)
+    headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+    return Response(200, "OK", headers, data)

@@ -1,0 +1,241 @@
+"""One client socket's protocol state. No I/O: frames and events in, actions out.
+
+The edge feeds a `Session` what its socket sends (`receive`), what the room logic
+decided (`apply`), and the control events other edges address to it (`receive_event`),
+then carries out the returned actions in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import msgspec
+
+from edge.rooms import Outcome
+from schemas.client import (
+    CloseCode,
+    DisconnectReason,
+    Error,
+    ErrorCode,
+    Heartbeat,
+    HeartbeatAck,
+    JoinRoom,
+    PeerDisconnected,
+    PeerJoined,
+    RegisterRoom,
+    Relay,
+    RelayBatch,
+    client_decoder,
+    encode,
+)
+from schemas.edge_events import EdgeEvent, PeerJoinedEvent, PeerLeftEvent, ReplacedEvent
+from schemas.records import SlotHolder
+
+
+@dataclass(frozen=True)
+class Send:
+    """Write this text frame to the session's own socket."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Publish this frame (already the text the peer receives) to the peer's socket."""
+
+    data: bytes
+    to: SlotHolder
+
+
+@dataclass(frozen=True)
+class RoomRequest:
+    """Run the room logic for this request, then hand the outcome to `Session.apply`."""
+
+    message: RegisterRoom | JoinRoom
+
+
+@dataclass(frozen=True)
+class Notify:
+    """Publish a control event to `to`, the holder of `role`'s slot."""
+
+    to: SlotHolder
+    role: str
+    event: EdgeEvent
+
+
+@dataclass(frozen=True)
+class Subscribe:
+    """The session's role is now known: subscribe to the room subject of that role."""
+
+    role: str
+
+
+@dataclass(frozen=True)
+class Close:
+    """Close the session's socket."""
+
+    code: int
+    reason: str
+
+
+Action = Send | Forward | RoomRequest | Notify | Subscribe | Close
+
+ROLE_OF_REQUEST = {RegisterRoom: "mac", JoinRoom: "ios"}
+
+
+def other_role(role: str) -> str:
+    return "ios" if role == "mac" else "mac"
+
+
+def _error(code: str, message: str) -> Send:
+    return Send(encode(Error(code=code, message=message)))
+
+
+@dataclass(eq=False)
+class Session:
+    """A socket's place in the protocol: its room and role, whether it is in the room, its peer."""
+
+    room_id: str
+    role: str | None  # None until the first register/join reveals it (§12 item 1)
+    socket_id: str
+    edge_id: str
+    boot_id: str
+    user_id: str
+    last_message_at: float  # monotonic seconds
+    in_room: bool = False
+    peer: SlotHolder | None = None
+    replaced: bool = False
+    # Why the socket ends, as its peer will hear it (`peer_disconnected.reason`).
+    leave_reason: str = DisconnectReason.CLIENT_LEFT
+    _busy: bool = False  # a room request is in flight
+    _held_events: list[tuple[EdgeEvent, str]] = field(default_factory=list)
+
+    @property
+    def holder(self) -> SlotHolder:
+        return SlotHolder(socket_id=self.socket_id, edge_id=self.edge_id, boot_id=self.boot_id, user_id=self.user_id)
+
+    @property
+    def peer_role(self) -> str:
+        assert self.role is not None
+        return other_role(self.role)
+
+    # --- from the client ---------------------------------------------------------
+
+    def receive(self, data: bytes | str, now: float) -> list[Action]:
+        """A frame from the client. Any frame, even a bad one, counts as a sign of life."""
+        self.last_message_at = now
+        try:
+            msg = client_decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return [_error(ErrorCode.BAD_MESSAGE, f"Invalid message: {exc}")]
+
+        if isinstance(msg, (Relay, RelayBatch)):
+            if not self.in_room:
+                return [_error(ErrorCode.NOT_IN_ROOM, "Register or join the room first")]
+            if self.peer is None:
+                return [_error(ErrorCode.NO_PEER, "Peer not connected")]
+            # Re-serialised: the peer gets only `type` and the payload fields.
+            return [Forward(encode(msg), self.peer)]
+
+        if isinstance(msg, Heartbeat):
+            return [Send(encode(HeartbeatAck(mac_connected=self._mac_connected())))]
+
+        wanted = ROLE_OF_REQUEST[type(msg)]
+        actions: list[Action] = []
+        if self.role is None:
+            self.role = wanted
+            actions.append(Subscribe(wanted))
+        elif self.role != wanted:
+            return [_error(ErrorCode.BAD_ROLE, f"{msg.__struct_config__.tag} is for the {wanted} role, this socket is {self.role}")]
+        if msg.room_id != self.room_id:
+            return actions + [_error(ErrorCode.BAD_MESSAGE, "room_id differs from the connection's room_id")]
+        self._busy = True
+        actions.append(RoomRequest(msg))
+        return actions
+
+    def _mac_connected(self) -> bool:
+        if self.role == "mac":
+            return self.in_room
+        return self.in_room and self.peer is not None
+
+    # --- from the room logic -----------------------------------------------------
+
+    def apply(self, outcome: Outcome) -> list[Action]:
+        """The room logic's decision on this session's request."""
+        self._busy = False
+        if outcome.accepted:
+            self.in_room = True
+            self.peer = outcome.peer
+        actions: list[Action] = [Send(encode(reply)) for reply in outcome.replies]
+        if outcome.notify_peer is not None and outcome.peer is not None:
+            actions.append(Notify(outcome.peer, self.peer_role, outcome.notify_peer))
+        if outcome.evict is not None:
+            actions.append(Notify(outcome.evict, self.role or "", ReplacedEvent(by_socket_id=self.socket_id)))
+        if outcome.close is not None:
+            actions.append(Close(*outcome.close))
+        return actions + self._release_held_events()
+
+    def request_failed(self) -> list[Action]:
+        """The room request could not be carried out (storage unavailable): the client retries."""
+        self._busy = False
+        return [Close(CloseCode.INTERNAL, "Internal error")] + self._release_held_events()
+
+    def _release_held_events(self) -> list[Action]:
+        held, self._held_events = self._held_events, []
+        actions: list[Action] = []
+        for event, sender in held:
+            actions += self.receive_event(event, sender)
+        return actions
+
+    # --- from other edges --------------------------------------------------------
+
+    def receive_event(self, event: EdgeEvent, sender: str) -> list[Action]:
+        """A control event addressed to this socket by the edge of `sender`."""
+        if self._busy:
+            # The sender saw our slot before our own request returned; keep the client's
+            # order (room_registered before peer_joined) by holding the event until then.
+            self._held_events.append((event, sender))
+            return []
+        if isinstance(event, PeerJoinedEvent):
+            if not self.in_room:
+                return []
+            self.peer = event.peer
+            return [Send(encode(PeerJoined(event.public_key, event.session_nonce, event.ephemeral_key)))]
+        if isinstance(event, PeerLeftEvent):
+            if self.peer is None or self.peer.socket_id != sender:
+                return []  # about a peer we no longer have
+            self.peer = None
+            return [Send(encode(PeerDisconnected(reason=event.reason)))]
+        if isinstance(event, ReplacedEvent):
+            if self.replaced:
+                return []
+            self.replaced = True
+            self.in_room = False
+            self.peer = None
+            return [Close(CloseCode.REPLACED, "Replaced by another device")]
+        return []
+
+    def accepts_frame_from(self, sender: str) -> bool:
+        """Whether a frame from socket `sender` is from this session's current peer."""
+        return self.peer is not None and self.peer.socket_id == sender and not self.replaced
+
+    def edge_died(self, edge_id: str, boot_id: str) -> list[Action]:
+        """An edge incarnation's lease expired; if our peer lived there, it is gone."""
+        peer = self.peer
+        if peer is None or peer.edge_id != edge_id or peer.boot_id != boot_id:
+            return []
+        self.peer = None
+        return [Send(encode(PeerDisconnected(reason=DisconnectReason.TIMEOUT)))]
+
+    # --- liveness ----------------------------------------------------------------
+
+    def is_silent(self, now: float, threshold_s: float) -> bool:
+        return now - self.last_message_at >= threshold_s
+
+    def time_out(self) -> list[Action]:
+        """Silence past the dead threshold: the socket is closed 4000, its peer hears `timeout`."""
+        self.leave_reason = DisconnectReason.TIMEOUT
+        return [
+            _error(ErrorCode.HEARTBEAT_TIMEOUT, "No heartbeat received"),
+            Close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout"),
+        ]

@@ -1,0 +1,131 @@
+"""The edge's settings: one frozen object, from `RELAY_*` environment variables and flags.
+
+Each field `name` is read from the flag `--name-with-dashes`, else from the environment
+variable `RELAY_NAME`, else its default. The seed's timing constants keep their names
+(`HEARTBEAT_DEAD_THRESHOLD` → `heartbeat_dead_threshold_ms`, …) and their defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import secrets
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from schemas.subjects import is_valid_edge_id
+
+
+def _default_edge_id() -> str:
+    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:40]
+    return f"{host or 'edge'}-{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EdgeSettings:
+    """Everything an edge process can be told. See the README's settings table."""
+
+    nats_url: str = field(default="nats://127.0.0.1:4222", metadata={"help": "NATS server URL(s), comma-separated"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=8080, metadata={"help": "port for WebSocket and HTTP"})
+    edge_id: str = field(default_factory=_default_edge_id, metadata={"help": "this edge's name; unique per running edge"})
+    auth: str = field(default="none", metadata={"help": "authentication mode: none (one local user)"})
+    local_user_id: str = field(default="local", metadata={"help": "the user every connection acts as when auth=none"})
+    admin_token: str = field(default="", metadata={"help": "operator token for GET /status", "secret": True})
+    max_sessions: int = field(default=-1, metadata={"help": "max_sessions sent in room_registered; negative = unlimited"})
+
+    # The seed's timing constants (relay_server/src/room.ts).
+    heartbeat_dead_threshold_ms: int = field(default=45_000, metadata={"help": "silence after which a socket is closed 4000"})
+    room_idle_timeout_ms: int = field(default=600_000, metadata={"help": "idle time after which a room drops its per-connection state"})
+    room_reg_ttl_s: int = field(default=900, metadata={"help": "TTL of a room registration (accounts)"})
+    usage_flush_interval_ms: int = field(default=1_000, metadata={"help": "how often usage is published (metering)"})
+
+    # Limits.
+    max_frame_bytes: int = field(default=4 * 1024 * 1024, metadata={"help": "largest inbound frame; larger closes 1009"})
+    socket_queue_max_msgs: int = field(default=4096, metadata={"help": "frames queued for one socket before it is closed 1013"})
+    socket_queue_max_bytes: int = field(default=32 * 1024 * 1024, metadata={"help": "bytes queued for one socket before it is closed 1013"})
+
+    # Presence.
+    edge_lease_ttl_ms: int = field(default=15_000, metadata={"help": "an edge that stops renewing is declared dead after this"})
+    last_seen_interval_ms: int = field(default=5_000, metadata={"help": "how often a socket's lastSeen is written to KV at most"})
+
+    # Storage.
+    kv_replicas: int = field(default=1, metadata={"help": "replicas of the KV buckets (3 in a production cluster)"})
+
+    # Shutdown.
+    shutdown_grace_ms: int = field(default=5_000, metadata={"help": "time given to closing handshakes on shutdown"})
+
+    def __post_init__(self) -> None:
+        if not is_valid_edge_id(self.edge_id):
+            raise ValueError(f"edge_id must match [A-Za-z0-9_-]{{1,64}}, got {self.edge_id!r}")
+        if self.auth != "none":
+            raise ValueError(f"auth must be 'none' (accounts are not built yet), got {self.auth!r}")
+        if self.edge_lease_ttl_ms < 1_000:
+            raise ValueError("edge_lease_ttl_ms must be at least 1000 (NATS rejects TTLs under one second)")
+        for name in ("heartbeat_dead_threshold_ms", "room_idle_timeout_ms", "last_seen_interval_ms", "max_frame_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+    # Derived timings: one place, so tests that shorten a constant shorten what follows from it.
+    @property
+    def liveness_sweep_interval_s(self) -> float:
+        """How often sockets are checked for silence; closes happen within threshold + this."""
+        return max(0.02, min(self.heartbeat_dead_threshold_ms / 8, 5_000) / 1000)
+
+    @property
+    def edge_lease_renew_interval_s(self) -> float:
+        return self.edge_lease_ttl_ms / 3 / 1000
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a dict with secrets masked, for logs."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = ("***" if value else "") if f.metadata.get("secret") else value
+        return out
+
+
+def load_settings(
+    cls: type[Any], argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None, prog: str | None = None
+) -> Any:
+    """Build a settings dataclass `cls` from flags (`argv`) over environment (`environ`) over defaults."""
+    environ = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
+    fields = dataclasses.fields(cls)
+    for f in fields:
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=None,
+            help=f"{f.metadata.get('help', '')} (env RELAY_{f.name.upper()})",
+        )
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    for f in fields:
+        raw = getattr(args, f.name)
+        if raw is None:
+            raw = environ.get(f"RELAY_{f.name.upper()}")
+        if raw is None or raw == "":
+            continue
+        kind = f.type if isinstance(f.type, type) else {"int": int, "str": str, "float": float, "bool": bool}.get(str(f.type), str)
+        try:
+            values[f.name] = _parse(kind, raw)
+        except ValueError:
+            parser.error(f"--{f.name.replace('_', '-')} / RELAY_{f.name.upper()}: expected {kind.__name__}, got {raw!r}")
+    try:
+        return cls(**values)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def _parse(kind: type, raw: str) -> Any:
+    if kind is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(raw)
+    return kind(raw)

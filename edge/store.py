@@ -1,0 +1,190 @@
+"""JetStream KV: room records (compare-and-set), edge leases and lastSeen.
+
+Buckets:
+- `relay_rooms`: one `RoomRecord` per room id. History 1; every write names the
+  revision it replaces, so two edges racing on a room cannot both win.
+- `relay_presence`: `edge.<id>` leases and `seen.<room>.<role>` times, both written
+  with a per-message TTL. Expired keys leave a marker, which is how watchers learn
+  that an edge died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import msgspec
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig
+from nats.js.kv import KeyValue
+
+from schemas.records import EdgeLease, RoomRecord, edge_lease_decoder, room_record_decoder
+from schemas.subjects import (
+    PRESENCE_BUCKET,
+    ROOMS_BUCKET,
+    edge_lease_key,
+    last_seen_key,
+    room_key,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_NOT_FOUND = (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError, nats.js.errors.NotFoundError)
+_MAX_CAS_ATTEMPTS = 50
+
+
+class StorageConflict(Exception):
+    """A compare-and-set kept losing; the caller should give up on this request."""
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+async def open_buckets(js: JetStreamContext, replicas: int) -> tuple[KeyValue, KeyValue]:
+    """Create (or open) the rooms and presence buckets."""
+    rooms = await _bucket(js, KeyValueConfig(bucket=ROOMS_BUCKET, history=1, replicas=replicas))
+    # The marker TTL makes an expired lease visible to watchers as a delete.
+    presence = await _bucket(
+        js, KeyValueConfig(bucket=PRESENCE_BUCKET, history=1, replicas=replicas, limit_marker_ttl=1)
+    )
+    return rooms, presence
+
+
+async def _bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    try:
+        return await js.create_key_value(config)
+    except nats.js.errors.BadRequestError:
+        # Exists with another configuration (say, other replicas): use it as it is.
+        log.warning("bucket %s exists with another configuration; using it as is", config.bucket)
+        return await js.key_value(config.bucket)
+
+
+def _present(entry: KeyValue.Entry | None) -> bool:
+    # An expiry marker can come back from get() as an empty value: treat it as absent.
+    return entry is not None and bool(entry.value) and entry.operation is None
+
+
+class RoomStore:
+    """Room records with compare-and-set updates."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+
+    async def get(self, room_id: str) -> tuple[RoomRecord | None, int]:
+        """The room's record and its revision (0 when the room does not exist)."""
+        try:
+            entry = await self._kv.get(room_key(room_id))
+        except _NOT_FOUND as exc:
+            # A deleted key still has a revision; a create must name it.
+            entry = getattr(exc, "entry", None)
+            return None, (entry.revision if entry is not None else 0)
+        if not _present(entry):
+            return None, entry.revision
+        return room_record_decoder.decode(entry.value), entry.revision
+
+    async def write(self, room_id: str, record: RoomRecord, revision: int) -> int:
+        """Write `record` if the room is still at `revision`; raises KeyWrongLastSequenceError if not."""
+        data = msgspec.json.encode(record)
+        key = room_key(room_id)
+        if revision == 0:
+            return await self._kv.create(key, data)
+        return await self._kv.update(key, data, last=revision)
+
+    async def transact(
+        self,
+        room_id: str,
+        decide: Callable[[RoomRecord | None, tuple[int | None, ...]], tuple[RoomRecord | None, T]],
+        extra: Callable[[RoomRecord], Awaitable[tuple[int | None, ...]]] | None = None,
+    ) -> T:
+        """Read, decide, compare-and-set; on a lost race read again and decide again.
+
+        `decide(record, extra)` returns the record to write (None: write nothing) and a
+        result, returned once the write (if any) has won. `extra(record)`, if given, is
+        awaited first to fetch what else the decision needs (lastSeen times).
+        """
+        for attempt in range(_MAX_CAS_ATTEMPTS):
+            record, revision = await self.get(room_id)
+            more = await extra(record) if extra is not None and record is not None else ()
+            new, result = decide(record, more)
+            if new is None:
+                return result
+            try:
+                await self.write(room_id, new, revision)
+                return result
+            except nats.js.errors.KeyWrongLastSequenceError:
+                await asyncio.sleep(min(0.001 * 2**attempt, 0.05))
+        raise StorageConflict(f"room {room_id}: {_MAX_CAS_ATTEMPTS} compare-and-set attempts lost")
+
+
+class Presence:
+    """Edge leases and per-socket lastSeen in the presence bucket."""
+
+    def __init__(self, js: JetStreamContext, kv: KeyValue) -> None:
+        self._js = js
+        self._kv = kv
+        self._subject_prefix = f"$KV.{PRESENCE_BUCKET}."
+
+    async def put_lease(self, lease: EdgeLease, ttl_s: float) -> int:
+        """Write an edge's lease unconditionally (startup). Returns its revision."""
+        ack = await self._js.publish(
+            self._subject_prefix + edge_lease_key(lease.edge_id), msgspec.json.encode(lease), msg_ttl=ttl_s
+        )
+        return ack.seq
+
+    async def renew_lease(self, lease: EdgeLease, ttl_s: float, revision: int) -> int:
+        """Renew a lease still at `revision`, keeping its TTL (update() would drop it).
+
+        Raises KeyWrongLastSequenceError when the lease expired or was taken meanwhile.
+        """
+        try:
+            ack = await self._js.publish(
+                self._subject_prefix + edge_lease_key(lease.edge_id),
+                msgspec.json.encode(lease),
+                msg_ttl=ttl_s,
+                headers={"Nats-Expected-Last-Subject-Sequence": str(revision)},
+            )
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in (10071, 10164):
+                raise nats.js.errors.KeyWrongLastSequenceError(description=exc.description) from exc
+            raise
+        return ack.seq
+
+    async def drop_lease(self, edge_id: str) -> None:
+        await self._kv.delete(edge_lease_key(edge_id))
+
+    async def watch_leases(self) -> KeyValue.KeyWatcher:
+        """A watcher over all edge leases (one per edge: each watcher is a server-side consumer)."""
+        return await self._kv.watch("edge.*")
+
+    @staticmethod
+    def decode_lease(entry: KeyValue.Entry) -> EdgeLease | None:
+        if not _present(entry):
+            return None
+        try:
+            return edge_lease_decoder.decode(entry.value)
+        except msgspec.DecodeError:
+            log.warning("undecodable lease under %s", entry.key)
+            return None
+
+    async def put_last_seen(self, room_id: str, role: str, at_ms: int, ttl_s: float) -> None:
+        """Record when a room's `role` socket last sent anything. Expires with the room's idleness."""
+        await self._js.publish(self._subject_prefix + last_seen_key(room_id, role), str(at_ms).encode(), msg_ttl=ttl_s)
+
+    async def get_last_seen(self, room_id: str, role: str) -> int | None:
+        try:
+            entry = await self._kv.get(last_seen_key(room_id, role))
+        except _NOT_FOUND:
+            return None
+        if not _present(entry):
+            return None
+        try:
+            return int(entry.value)
+        except ValueError:
+            return None

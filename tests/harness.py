@@ -1,0 +1,186 @@
+"""Real edges and real WebSocket clients for integration tests."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from edge.server import Edge
+from edge.settings import EdgeSettings
+
+RECV_TIMEOUT_S = 5.0
+
+
+def new_room_id() -> str:
+    return secrets.token_hex(5).upper()
+
+
+def sha256_hex(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def b64_key() -> str:
+    return base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+@asynccontextmanager
+async def running_edges(nats_url: str, count: int = 2, **overrides: Any) -> AsyncIterator[list[Edge]]:
+    """`count` edges in this process, each with its own NATS connection and port."""
+    edges = [
+        Edge(EdgeSettings(nats_url=nats_url, host="127.0.0.1", port=0, edge_id=f"t{i}-{secrets.token_hex(3)}", **overrides))
+        for i in range(count)
+    ]
+    tasks = [asyncio.create_task(edge.run()) for edge in edges]
+    try:
+        for edge, task in zip(edges, tasks):
+            ready = asyncio.create_task(edge.ready.wait())
+            done, _ = await asyncio.wait({ready, task}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                ready.cancel()
+                task.result()  # raises why the edge could not start
+            if ready not in done:
+                raise TimeoutError("edge did not become ready")
+        yield edges
+    finally:
+        for edge in edges:
+            edge.stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def ws_url(edge: Edge, room_id: str, role: str | None = "mac", **query: str) -> str:
+    params = {"room_id": room_id, **({"role": role} if role else {}), **query}
+    return f"ws://127.0.0.1:{edge.port}/ws?" + "&".join(f"{k}={v}" for k, v in params.items())
+
+
+@dataclass
+class Client:
+    """A WebSocket client speaking JSON, with helpers that fail loudly on the unexpected."""
+
+    ws: ClientConnection
+
+    @classmethod
+    async def connect(cls, edge: Edge, room_id: str, role: str | None = "mac", **query: str) -> "Client":
+        ws = await connect(ws_url(edge, room_id, role, **query), compression=None, max_size=None, open_timeout=5)
+        return cls(ws)
+
+    async def send(self, **message: Any) -> None:
+        await self.ws.send(json.dumps(message))
+
+    async def recv(self, timeout: float = RECV_TIMEOUT_S) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.ws.recv(), timeout)
+        assert isinstance(raw, str), "the relay must send text frames"
+        return json.loads(raw)
+
+    async def expect(self, type_: str, timeout: float = RECV_TIMEOUT_S) -> dict[str, Any]:
+        message = await self.recv(timeout)
+        assert message["type"] == type_, f"expected {type_}, got {message}"
+        return message
+
+    async def expect_error(self, code: str) -> dict[str, Any]:
+        message = await self.expect("error")
+        assert message["code"] == code, message
+        return message
+
+    async def expect_silence(self, within: float = 0.3) -> None:
+        try:
+            message = await asyncio.wait_for(self.ws.recv(), within)
+        except asyncio.TimeoutError:
+            return
+        raise AssertionError(f"expected nothing, got {message}")
+
+    async def expect_close(self, timeout: float = RECV_TIMEOUT_S) -> tuple[int | None, str | None]:
+        """Wait until the relay closes the socket (skipping messages); returns (code, reason)."""
+        async def drain() -> None:
+            try:
+                while True:
+                    await self.ws.recv()
+            except ConnectionClosed:
+                pass
+
+        await asyncio.wait_for(drain(), timeout)
+        rcvd = self.ws.close_rcvd
+        return (rcvd.code, rcvd.reason) if rcvd is not None else (None, None)
+
+    async def heartbeat(self) -> dict[str, Any]:
+        await self.send(type="heartbeat")
+        return await self.expect("heartbeat_ack")
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+@dataclass
+class MacIdentity:
+    """What a Mac agent keeps: its room's secret and its identity key."""
+
+    room_id: str
+    secret: str
+    public_key: str
+
+    @classmethod
+    def new(cls) -> "MacIdentity":
+        return cls(room_id=new_room_id(), secret=secrets.token_hex(16), public_key=b64_key())
+
+    @property
+    def secret_hash(self) -> str:
+        return sha256_hex(self.secret)
+
+    def register_message(self, **extra: Any) -> dict[str, Any]:
+        return {
+            "type": "register_room",
+            "room_id": self.room_id,
+            "secret_hash": self.secret_hash,
+            "public_key": self.public_key,
+            "session_nonce": b64_key(),
+            "ephemeral_key": b64_key(),
+            **extra,
+        }
+
+
+async def connect_mac(edge: Edge, mac: MacIdentity, **extra: Any) -> tuple[Client, dict[str, Any]]:
+    """A Mac socket that has registered; returns it and the register message it sent."""
+    client = await Client.connect(edge, mac.room_id, "mac")
+    message = mac.register_message(**extra)
+    await client.send(**message)
+    await client.expect("room_registered")
+    return client, message
+
+
+def join_message(mac: MacIdentity, **extra: Any) -> dict[str, Any]:
+    return {
+        "type": "join_room",
+        "room_id": mac.room_id,
+        "public_key": b64_key(),
+        "secret_hash": mac.secret_hash,
+        "session_nonce": b64_key(),
+        "ephemeral_key": b64_key(),
+        **extra,
+    }
+
+
+async def connect_ios(edge: Edge, mac: MacIdentity, **extra: Any) -> tuple[Client, dict[str, Any]]:
+    """An iOS socket that has sent join_room (the caller reads what follows)."""
+    client = await Client.connect(edge, mac.room_id, "ios")
+    message = join_message(mac, **extra)
+    await client.send(**message)
+    return client, message
+
+
+async def paired(edge_mac: Edge, edge_ios: Edge, mac: MacIdentity | None = None) -> tuple[Client, Client, MacIdentity]:
+    """A registered Mac and a joined iPhone that have both seen `peer_joined`."""
+    mac = mac or MacIdentity.new()
+    mac_client, _ = await connect_mac(edge_mac, mac)
+    ios_client, _ = await connect_ios(edge_ios, mac)
+    await ios_client.expect("peer_joined")
+    await mac_client.expect("peer_joined")
+    return mac_client, ios_client, mac
