@@ -490,7 +490,8 @@ class Edge:
         log.error("NATS error: %s", exc)
 
     async def _nats_disconnected(self) -> None:
-        log.warning("disconnected from NATS; reconnecting")
+        if not self._stopping.is_set():
+            log.warning("disconnected from NATS; reconnecting")
 
     async def _nats_reconnected(self) -> None:
         log.info("reconnected to NATS")

@@ -92,9 +92,9 @@ class PeerDisconnected(Struct, tag="peer_disconnected", tag_field="type"):
 
 
 class HeartbeatAck(Struct, tag="heartbeat_ack", tag_field="type", omit_defaults=True):
-    """Reply to `heartbeat`."""
+    """Reply to `heartbeat`. `mac_connected` is always present: whether the room's Mac slot is held."""
 
-    mac_connected: bool = False
+    mac_connected: bool
     account_match: str | None = None
     account_deleted: bool | None = None
 

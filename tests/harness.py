@@ -108,7 +108,7 @@ class Client:
                 pass
 
         await asyncio.wait_for(drain(), timeout)
-        rcvd = self.ws.close_rcvd
+        rcvd = self.ws.protocol.close_rcvd
         return (rcvd.code, rcvd.reason) if rcvd is not None else (None, None)
 
     async def heartbeat(self) -> dict[str, Any]:

@@ -1,0 +1,60 @@
+"""Generate the JSON Schema files in `schemas/json/` from the Structs.
+
+Run `make schemas` (or `python -m schemas.export`) after changing a message; a test
+fails while the files are stale. `--check` only compares.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from schemas.client import ClientMessage, ServerMessage
+from schemas.edge_events import EdgeEvent
+from schemas.records import EdgeLease, RoomRecord
+
+JSON_DIR = Path(__file__).parent / "json"
+
+DOCUMENTS: dict[str, tuple[str, Any]] = {
+    "client-to-server.schema.json": ("Messages a TermOnMac client sends to the relay", ClientMessage),
+    "server-to-client.schema.json": ("Messages the relay sends to a TermOnMac client", ServerMessage),
+    "edge-events.schema.json": ("Control events edges send each other over NATS", EdgeEvent),
+    "room-record.schema.json": ("A room's record in the relay_rooms KV bucket", RoomRecord),
+    "edge-lease.schema.json": ("An edge's lease in the relay_presence KV bucket", EdgeLease),
+}
+
+
+def render(title: str, type_: Any) -> str:
+    schema = msgspec.json.schema(type_)
+    document = {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": title, **schema}
+    return json.dumps(document, indent=2, sort_keys=True) + "\n"
+
+
+def stale_files() -> list[str]:
+    """Names of schema files that differ from what the Structs generate."""
+    stale = []
+    for name, (title, type_) in DOCUMENTS.items():
+        path = JSON_DIR / name
+        if not path.exists() or path.read_text() != render(title, type_):
+            stale.append(name)
+    return stale
+
+
+def main() -> None:
+    if "--check" in sys.argv[1:]:
+        stale = stale_files()
+        if stale:
+            sys.exit(f"stale schema files (run `make schemas`): {', '.join(stale)}")
+        return
+    JSON_DIR.mkdir(exist_ok=True)
+    for name, (title, type_) in DOCUMENTS.items():
+        (JSON_DIR / name).write_text(render(title, type_))
+        print(f"wrote schemas/json/{name}")
+
+
+if __name__ == "__main__":
+    main()
