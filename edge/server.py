@@ -347,13 +347,16 @@ class Edge:
     async def _room_request(self, session: Session, message: RegisterRoom | JoinRoom) -> rooms.Outcome:
         holder, now, settings = session.holder, now_ms(), self.settings
 
-        def decide(record: RoomRecord | None, seen: tuple[int | None, ...]) -> tuple[RoomRecord | None, rooms.Outcome]:
-            if record is not None:
-                record = rooms.expire_idle(record, now, settings.room_idle_timeout_ms, self._is_alive, seen)
+        def decide(stored: RoomRecord | None, seen: tuple[int | None, ...]) -> tuple[RoomRecord | None, rooms.Outcome]:
+            record = stored
+            if stored is not None:
+                record = rooms.expire_idle(stored, now, settings.room_idle_timeout_ms, self._is_alive, seen)
             if isinstance(message, RegisterRoom):
                 outcome = rooms.register(record, message, holder, now, self._is_alive, settings.max_sessions)
             else:
                 outcome = rooms.join(record, message, holder, now, self._is_alive)
+            if outcome.record is None and record is not stored:
+                return record, outcome  # a refused request still stores the idle cleanup it saw
             return outcome.record, outcome
 
         return await self._rooms.transact(session.room_id, decide, self._seen_when_idle(now))

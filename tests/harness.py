@@ -184,3 +184,52 @@ async def paired(edge_mac: Edge, edge_ios: Edge, mac: MacIdentity | None = None)
     await ios_client.expect("peer_joined")
     await mac_client.expect("peer_joined")
     return mac_client, ios_client, mac
+
+
+class EdgeProcess:
+    """A `relay-edge` child process, for the tests that stop or kill a real process by PID."""
+
+    def __init__(self, nats_url: str, **settings: Any) -> None:
+        from edge.embedded_nats import free_port
+
+        self.port = free_port()
+        self.edge_id = f"proc-{secrets.token_hex(3)}"
+        self.args = ["--nats-url", nats_url, "--port", str(self.port), "--edge-id", self.edge_id]
+        for name, value in settings.items():
+            self.args += ["--" + name.replace("_", "-"), str(value)]
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self, timeout: float = 20.0) -> "EdgeProcess":
+        import sys
+
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "edge.cli", *self.args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        )
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            if self.process.returncode is not None:
+                raise RuntimeError(f"relay-edge exited with {self.process.returncode}")
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                writer.write(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+                status = await reader.readline()
+                writer.close()
+                if b" 200 " in status:
+                    return self
+            except OSError:
+                pass
+            await asyncio.sleep(0.05)
+        raise TimeoutError("relay-edge did not become ready")
+
+    async def stop(self, sig: int) -> int:
+        """Send `sig` to this process (by PID) and wait for it to exit; returns the exit code."""
+        assert self.process is not None
+        if self.process.returncode is None:
+            self.process.send_signal(sig)
+        return await asyncio.wait_for(self.process.wait(), 20)
+
+    async def stderr_text(self) -> str:
+        assert self.process is not None and self.process.stderr is not None
+        return (await self.process.stderr.read()).decode(errors="replace")
+
+    # The harness's Client.connect needs only `.port`.

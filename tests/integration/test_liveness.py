@@ -1,0 +1,107 @@
+"""Heartbeats, silence, dead edges and graceful shutdown. Timings are shortened settings."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+from tests.harness import Client, EdgeProcess, MacIdentity, connect_ios, connect_mac, paired, running_edges
+
+
+async def test_heartbeat_dead_threshold_closes_silent_socket_4000_and_peer_hears_timeout(nats_url):
+    async with running_edges(nats_url, heartbeat_dead_threshold_ms=300) as (a, b):
+        mac = MacIdentity.new()
+        mac_client, _ = await connect_mac(a, mac)
+        ios_client, _ = await connect_ios(b, mac)
+        await ios_client.expect("peer_joined")
+        await mac_client.expect("peer_joined")
+        # The Mac keeps talking; the iPhone falls silent.
+        async def keep_talking() -> None:
+            while True:
+                await mac_client.send(type="heartbeat")
+                await asyncio.sleep(0.05)
+
+        talker = asyncio.create_task(keep_talking())
+        try:
+            assert (await ios_client.expect_error("HEARTBEAT_TIMEOUT"))["message"] == "No heartbeat received"
+            assert await ios_client.expect_close() == (4000, "heartbeat timeout")
+            while (message := await mac_client.recv())["type"] == "heartbeat_ack":
+                pass
+            assert message == {"type": "peer_disconnected", "reason": "timeout"}
+            assert mac_client.ws.state.name == "OPEN"  # the talking side was never timed out
+        finally:
+            talker.cancel()
+
+
+async def test_heartbeats_keep_a_socket_alive_past_the_dead_threshold(nats_url):
+    async with running_edges(nats_url, count=1, heartbeat_dead_threshold_ms=300) as (edge,):
+        mac = MacIdentity.new()
+        mac_client, _ = await connect_mac(edge, mac)
+        for _ in range(12):  # 0.9 s in all, three thresholds
+            await asyncio.sleep(0.075)
+            await mac_client.heartbeat()
+
+
+async def test_dead_edge_lease_expiry_tells_peer_timeout(nats_url):
+    edge_process = await EdgeProcess(nats_url, edge_lease_ttl_ms=1000).start()
+    try:
+        async with running_edges(nats_url, count=1) as (survivor,):
+            mac = MacIdentity.new()
+            mac_client, _ = await connect_mac(survivor, mac)
+            ios_client, _ = await connect_ios(edge_process, mac)
+            await ios_client.expect("peer_joined")
+            await mac_client.expect("peer_joined")
+            await edge_process.stop(signal.SIGKILL)  # a crash: no word to anyone
+            # Told through the lease's expiry (1 s TTL here): the heartbeat threshold is 45 s.
+            assert await mac_client.expect("peer_disconnected", timeout=10) == {
+                "type": "peer_disconnected",
+                "reason": "timeout",
+            }
+            # The room record still names the dead socket, but it no longer counts.
+            assert (await mac_client.heartbeat())["mac_connected"] is True
+            await mac_client.send(type="relay", payload="eA==")
+            await mac_client.expect_error("NO_PEER")
+            # The iPhone reconnects to the surviving edge and carries on.
+            ios_again, _ = await connect_ios(survivor, mac)
+            await ios_again.expect("peer_joined")
+            await mac_client.expect("peer_joined")
+    finally:
+        await edge_process.stop(signal.SIGKILL)
+
+
+async def test_sigterm_closes_every_socket_1001_and_peers_hear_server_restart(nats_url):
+    edge_process = await EdgeProcess(nats_url).start()
+    try:
+        async with running_edges(nats_url, count=1) as (survivor,):
+            pairs = [await paired(edge_process, survivor) for _ in range(3)]
+            local = await paired(edge_process, edge_process)  # both sides on the stopping edge
+            assert await edge_process.stop(signal.SIGTERM) == 0
+            for on_stopping_edge, on_survivor, _ in pairs:
+                assert (await on_stopping_edge.expect_close())[0] == 1001
+                assert await on_survivor.expect("peer_disconnected") == {
+                    "type": "peer_disconnected",
+                    "reason": "server_restart",
+                }
+            for client in local[:2]:
+                assert (await client.expect_close())[0] == 1001
+            # The Macs reconnect at once to another edge and take their rooms back.
+            for _, ios_client, mac in pairs:
+                mac_client, _ = await connect_mac(survivor, mac)
+                await mac_client.expect("peer_joined")
+                await ios_client.expect("peer_joined")
+    finally:
+        await edge_process.stop(signal.SIGKILL)
+
+
+async def test_sigterm_frees_the_slots_so_status_shows_them_disconnected(nats_url):
+    edge_process = await EdgeProcess(nats_url).start()
+    try:
+        async with running_edges(nats_url, count=1) as (other,):
+            mac_client, ios_client, mac = await paired(edge_process, other)
+            await edge_process.stop(signal.SIGTERM)
+            await ios_client.expect("peer_disconnected")
+            record, _ = await other._rooms.get(mac.room_id)
+            assert record is not None and record.mac is None and record.ios is not None
+    finally:
+        await edge_process.stop(signal.SIGKILL)

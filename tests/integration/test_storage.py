@@ -1,0 +1,81 @@
+"""Room state in JetStream KV: compare-and-set, no write per frame, idle cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import nats
+
+from schemas.subjects import PRESENCE_BUCKET, ROOMS_BUCKET
+from tests.harness import Client, MacIdentity, connect_ios, connect_mac, paired, running_edges, sha256_hex
+
+
+async def stream_last_seq(nats_url: str, bucket: str) -> int:
+    nc = await nats.connect(nats_url)
+    try:
+        info = await nc.jetstream().stream_info(f"KV_{bucket}")
+        return info.state.last_seq
+    finally:
+        await nc.close()
+
+
+async def test_no_kv_write_per_relayed_frame(nats_url):
+    async with running_edges(nats_url, last_seen_interval_ms=200) as (a, b):
+        mac_client, ios_client, _ = await paired(a, b)
+        rooms_before = await stream_last_seq(nats_url, ROOMS_BUCKET)
+        presence_before = await stream_last_seq(nats_url, PRESENCE_BUCKET)
+        for n in range(500):
+            await mac_client.send(type="relay", payload=f"f{n}")
+        for _ in range(500):
+            await ios_client.expect("relay")
+        assert await stream_last_seq(nats_url, ROOMS_BUCKET) == rooms_before
+        # lastSeen: at most one write per socket per interval, whatever the frame count.
+        # (The presence bucket is shared with leases renewed by the edges of other tests.)
+        assert await stream_last_seq(nats_url, PRESENCE_BUCKET) - presence_before < 20
+
+
+async def test_racing_registers_on_two_edges_leave_exactly_one_mac_in_the_slot(nats_url):
+    async with running_edges(nats_url) as (a, b):
+        mac = MacIdentity.new()
+        await (await connect_mac(a, mac))[0].close()
+        clients = [await Client.connect(edge, mac.room_id, "mac") for edge in (a, b, a, b)]
+        await asyncio.gather(*(c.send(**mac.register_message()) for c in clients))
+        for client in clients:
+            await client.expect("room_registered")
+        closed = 0
+        for client in clients:
+            try:
+                code, _ = await client.expect_close(timeout=1)
+                assert code == 4001
+                closed += 1
+            except asyncio.TimeoutError:
+                pass
+        assert closed == 3
+        record, _ = await a._rooms.get(mac.room_id)
+        survivors = [c for c in clients if c.ws.state.name == "OPEN"]
+        assert len(survivors) == 1 and record.mac is not None
+
+
+async def test_idle_room_drops_connection_state_and_keeps_its_identity(nats_url):
+    async with running_edges(nats_url, room_idle_timeout_ms=1000) as (a, b):
+        mac = MacIdentity.new()
+        token_hash = sha256_hex("idle-pairing-token")
+        mac_client, _ = await connect_mac(a, mac, pairing_token_hash=token_hash, pairing_token_expires_at=int(time.time()) + 300)
+        await mac_client.close()
+        await asyncio.sleep(1.3)
+        # The pairing token went with the per-connection state.
+        ios_client, _ = await connect_ios(b, mac, secret_hash=None, pairing_token_hash=token_hash)
+        await ios_client.expect_error("AUTH_FAILED")
+        # The identity stayed: another secret cannot claim the room id.
+        intruder = await Client.connect(b, mac.room_id, "mac")
+        await intruder.send(**{**mac.register_message(), "secret_hash": sha256_hex("other")})
+        await intruder.expect_error("AUTH_FAILED")
+        # What is stored was cleaned up too, identity kept.
+        record, _ = await a._rooms.get(mac.room_id)
+        assert record is not None
+        assert (record.pairing_token_hash, record.mac_session_nonce, record.mac_ephemeral_key) == ("", "", "")
+        assert (record.secret_hash, record.mac_public_key) == (mac.secret_hash, mac.public_key)
+        assert record.mac is None and record.ios is None
+        # The owner's secret still registers.
+        await connect_mac(a, mac)
