@@ -129,7 +129,7 @@ class Edge:
                     compression=None,  # payloads are encrypted: compression costs memory, saves nothing
                     max_size=s.max_frame_bytes,
                     ping_interval=None,  # liveness is the protocol's heartbeat, as in the official relay
-                    close_timeout=max(s.shutdown_grace_ms / 1000, 0.1),
+                    close_timeout=self._close_timeout_s,
                     server_header="termrelay",
                 )
                 self.port = server.sockets[0].getsockname()[1]
@@ -156,7 +156,7 @@ class Edge:
             for conn in conns:
                 tg.create_task(self._close(conn, CloseCode.GOING_AWAY, "server restarting"))
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(server.wait_closed(), self.settings.shutdown_grace_ms / 1000)
+            await asyncio.wait_for(server.wait_closed(), self._close_timeout_s)
         with contextlib.suppress(Exception):
             await self._nc.flush(timeout=2)
             await self._presence.drop_lease(self.settings.edge_id)
@@ -334,8 +334,18 @@ class Edge:
         if conn.closing:
             return
         conn.closing = True
-        with contextlib.suppress(Exception):
-            await conn.ws.close(code, reason)
+        try:
+            await asyncio.wait_for(conn.ws.close(code, reason), self._close_timeout_s)
+        except asyncio.TimeoutError:
+            # A client that reads nothing cannot take a close frame either (websockets
+            # waits for the write buffer to drain before it starts its own timer).
+            conn.ws.transport.abort()
+        except Exception:
+            log.debug("closing socket %s failed", conn.session.socket_id, exc_info=True)
+
+    @property
+    def _close_timeout_s(self) -> float:
+        return max(self.settings.close_timeout_ms / 1000, 0.05)
 
     async def _publish_event(self, session: Session, to: SlotHolder, role: str, event: Any) -> None:
         await self._nc.publish(
@@ -486,8 +496,12 @@ class Edge:
     async def _nats_error(self, exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError):
             conn = self._by_sid.get(exc.sid)
-            if conn is not None and not conn.closing:
+            if conn is not None and conn.closing:
+                return  # reported once already, when we began closing it
+            if conn is not None:
                 log.warning("socket %s cannot keep up; closing it", conn.session.socket_id)
+                # Frames for it were dropped: its session is broken, and to its peer it timed out.
+                conn.session.leave_reason = DisconnectReason.TIMEOUT
                 self._tg and self._tg.create_task(self._close(conn, CloseCode.TRY_AGAIN_LATER, "too slow"))
                 return
         log.error("NATS error: %s", exc)

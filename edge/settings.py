@@ -55,8 +55,8 @@ class EdgeSettings:
     # Storage.
     kv_replicas: int = field(default=1, metadata={"help": "replicas of the KV buckets (3 in a production cluster)"})
 
-    # Shutdown.
-    shutdown_grace_ms: int = field(default=5_000, metadata={"help": "time given to closing handshakes on shutdown"})
+    # Closing.
+    close_timeout_ms: int = field(default=5_000, metadata={"help": "time a closing handshake may take before the connection is dropped"})
 
     def __post_init__(self) -> None:
         if not is_valid_edge_id(self.edge_id):

@@ -15,7 +15,7 @@ from msgspec import Meta, Struct
 #: Most payloads a `relay_batch` may carry (protocol.md §12 item 7).
 MAX_BATCH_PAYLOADS = 256
 
-RoomId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,128}$", description="Room id")]
+RoomId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,128}(?!\n)$", description="Room id")]
 # Hashes and keys are short in practice (64 hex / 44 base64 chars); the bound stops a
 # client from parking megabytes in a room record.
 KeyText = Annotated[str, Meta(max_length=512)]

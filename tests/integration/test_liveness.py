@@ -6,6 +6,10 @@ import asyncio
 import signal
 import time
 
+import nats
+
+from schemas.subjects import PRESENCE_BUCKET, edge_lease_key
+
 from tests.harness import Client, EdgeProcess, MacIdentity, connect_ios, connect_mac, paired, running_edges
 
 
@@ -105,3 +109,33 @@ async def test_sigterm_frees_the_slots_so_status_shows_them_disconnected(nats_ur
             assert record is not None and record.mac is None and record.ios is not None
     finally:
         await edge_process.stop(signal.SIGKILL)
+
+
+async def test_edge_that_lost_its_lease_closes_its_sockets_1001_and_starts_over(nats_url):
+    async with running_edges(nats_url, edge_lease_ttl_ms=1000) as (a, b):
+        mac_client, ios_client, mac = await paired(a, b)
+        # As if edge a had stalled past its lease: the lease is gone under it.
+        nc = await nats.connect(nats_url)
+        try:
+            await (await nc.jetstream().key_value(PRESENCE_BUCKET)).delete(edge_lease_key(a.settings.edge_id))
+        finally:
+            await nc.close()
+        assert await ios_client.expect("peer_disconnected") == {"type": "peer_disconnected", "reason": "timeout"}
+        assert (await mac_client.expect_close())[0] == 1001
+        # Edge a serves again under a new incarnation.
+        mac_again, _ = await connect_mac(a, mac)
+        await mac_again.expect("peer_joined")
+        await ios_client.expect("peer_joined")
+
+
+async def test_slow_reader_is_closed_1013_without_stalling_other_rooms(nats_url):
+    async with running_edges(nats_url, socket_queue_max_msgs=20, close_timeout_ms=300) as (a, b):
+        fast_mac, slow_ios, _ = await paired(a, b)
+        other_mac, other_ios, _ = await paired(a, b)
+        # slow_ios never reads; its client stops reading from TCP after a few frames.
+        payload = "A" * 65536
+        for _ in range(300):
+            await fast_mac.ws.send(f'{{"type":"relay","payload":"{payload}"}}')
+            await other_mac.send(type="relay", payload="still-flowing")
+            assert (await other_ios.expect("relay"))["payload"] == "still-flowing"
+        assert (await fast_mac.expect("peer_disconnected", timeout=15))["reason"] == "timeout"

@@ -207,6 +207,16 @@ def test_register_same_socket_rotation_updates_secret_and_sends_no_peer_joined()
     assert out.record.mac == holder("m1")
 
 
+def test_same_socket_register_with_changed_key_and_matching_secret_sends_no_peer_joined():
+    out = rooms.register(with_ios(), reg(public_key=MAC_KEY_2), holder("m1"), T0 + 1, alive)
+    assert out.accepted is True
+    assert out.record.mac_public_key == MAC_KEY_2
+    assert out.replies == (RoomRegistered(room_id=ROOM),)
+    assert out.notify_peer is None
+    assert out.evict is None
+    assert out.peer == holder("i1", edge="e2")
+
+
 def test_rotation_with_empty_nonce_and_ephemeral_keeps_stored_values():
     out = rooms.register(with_ios(), reg(secret_hash=NEW_SECRET, session_nonce="", ephemeral_key=""), holder("m1"), T0 + 1, alive)
     assert out.record.mac_session_nonce == "mac-nonce-1"
