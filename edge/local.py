@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -23,12 +24,19 @@ async def _run(settings: EdgeSettings) -> None:
     ready = asyncio.create_task(edge.ready.wait())
     await asyncio.wait({runner, ready}, return_when=asyncio.FIRST_COMPLETED)
     if edge.ready.is_set():
-        host = settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        host = _reachable_host(settings.host)
         url = f"ws://{host}:{edge.port}"
+        reach = (
+            "  Listening on 127.0.0.1 only: an iPhone cannot reach it. For a phone on your network:\n"
+            "  make run RELAY_HOST=0.0.0.0\n"
+            if settings.host in ("127.0.0.1", "localhost", "::1")
+            else ""
+        )
         print(
             "\n"
             f"  termrelay is running.\n"
             f"  Point the TermOnMac Mac agent at it:  RELAY_SERVER_URL={url}\n"
+            f"{reach}"
             f"  Authentication is OFF (RELAY_AUTH=none): every connection acts as user "
             f"'{settings.local_user_id}'. Keep this on a trusted network.\n"
             f"  Health: http://{host}:{edge.port}/healthz   Ctrl-C stops everything.\n",
@@ -37,6 +45,16 @@ async def _run(settings: EdgeSettings) -> None:
     else:
         ready.cancel()
     await runner
+
+
+def _reachable_host(host: str) -> str:
+    """The address to print for a wildcard listener: this machine's name as the network knows it."""
+    if host not in ("0.0.0.0", "::", ""):
+        return host
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
 
 
 def main() -> None:

@@ -1,0 +1,19 @@
+"""The README documents every setting and the two quick-start commands."""
+
+import dataclasses
+from pathlib import Path
+
+from edge.settings import EdgeSettings
+
+README = (Path(__file__).parent.parent / "README.md").read_text()
+
+
+def test_readme_documents_every_edge_setting_with_its_variable_and_flag():
+    for f in dataclasses.fields(EdgeSettings):
+        assert f"`RELAY_{f.name.upper()}`" in README, f.name
+        assert f"`--{f.name.replace('_', '-')}`" in README, f.name
+
+
+def test_readme_quick_start_shows_make_run_and_make_test():
+    quick_start = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    assert "make run" in quick_start and "make test" in quick_start
