@@ -8,6 +8,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
+import nats.errors
+
 from edge.server import Edge
 from edge.settings import EdgeSettings, load_settings
 
@@ -23,11 +25,24 @@ def configure_logging() -> None:
 
 
 async def serve_until_signalled(edge: Edge) -> None:
-    """Run `edge`; the first SIGTERM/SIGINT starts its graceful shutdown."""
+    """Run `edge`; SIGTERM/SIGINT starts its graceful shutdown, or ends a start that is still waiting."""
     loop = asyncio.get_running_loop()
+    run = asyncio.create_task(edge.run())
+
+    def on_signal() -> None:
+        if edge.serving:
+            edge.stop()
+        else:
+            run.cancel()  # still waiting for NATS: there is nothing to hand over
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, edge.stop)
-    await edge.run()
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await run
+    except asyncio.CancelledError:
+        if not run.cancelled():
+            raise
+        logging.getLogger("edge").info("stopped before it was serving")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -36,8 +51,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.getLogger("edge").info("settings: %s", settings.redacted())
     try:
         asyncio.run(serve_until_signalled(Edge(settings)))
-    except OSError as exc:
-        logging.getLogger("edge").error("cannot start: %s", exc)
+    except (OSError, nats.errors.NoServersError, nats.errors.TimeoutError) as exc:
+        logging.getLogger("edge").error("cannot start (NATS at %s, listening on %s:%s): %s", settings.nats_url, settings.host, settings.port, exc or type(exc).__name__)
         sys.exit(1)
 
 

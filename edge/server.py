@@ -90,12 +90,19 @@ class Edge:
 
     # --- lifecycle ---------------------------------------------------------------
 
+    @property
+    def serving(self) -> bool:
+        """Whether the edge has started serving (and so has a graceful shutdown to run)."""
+        return self.port is not None
+
     def stop(self) -> None:
         """Begin the graceful shutdown: sockets get 1001, peers hear `server_restart`."""
         self._stopping.set()
 
     async def run(self) -> None:
         s = self.settings
+        log.info("edge %s connecting to NATS at %s", s.edge_id, s.nats_url)
+        # Retries forever, also at start: an edge may well start before its NATS cluster.
         self._nc = await nats.connect(
             servers=[u.strip() for u in s.nats_url.split(",")],
             name=f"relay-edge {s.edge_id}",
@@ -142,19 +149,14 @@ class Edge:
                     task.cancel()
         finally:
             self._tg = None
-            if not self._nc.is_closed:
+            if not self._nc.is_closed:  # drain: flush what we published, then close
                 with contextlib.suppress(Exception):
                     await self._nc.drain()
 
     async def _shutdown(self, server: Server) -> None:
         """Stop accepting, release every slot (peers hear `server_restart`), close 1001."""
         server.close(close_connections=False)
-        conns = list(self.connections.values())
-        for conn in conns:
-            conn.session.leave_reason = DisconnectReason.SERVER_RESTART
-        async with asyncio.TaskGroup() as tg:
-            for conn in conns:
-                tg.create_task(self._close(conn, CloseCode.GOING_AWAY, "server restarting"))
+        await self._close_all(CloseCode.GOING_AWAY, "server restarting", DisconnectReason.SERVER_RESTART)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(server.wait_closed(), self._close_timeout_s)
         with contextlib.suppress(Exception):
@@ -343,6 +345,15 @@ class Edge:
         except Exception:
             log.debug("closing socket %s failed", conn.session.socket_id, exc_info=True)
 
+    async def _close_all(self, code: int, reason: str, leave_reason: str) -> None:
+        """Close every socket at once; each one's peer will hear `leave_reason`."""
+        conns = list(self.connections.values())
+        for conn in conns:
+            conn.session.leave_reason = leave_reason
+        async with asyncio.TaskGroup() as tg:
+            for conn in conns:
+                tg.create_task(self._close(conn, code, reason))
+
     @property
     def _close_timeout_s(self) -> float:
         return max(self.settings.close_timeout_ms / 1000, 0.05)
@@ -413,12 +424,8 @@ class Edge:
                 log.warning("lease renewal failed; retrying", exc_info=True)
 
     async def _reincarnate(self) -> None:
-        conns = list(self.connections.values())
-        for conn in conns:
-            conn.session.leave_reason = DisconnectReason.TIMEOUT
-        async with asyncio.TaskGroup() as tg:
-            for conn in conns:
-                tg.create_task(self._close(conn, CloseCode.GOING_AWAY, "relay edge restarting"))
+        # 1001 makes clients reconnect at once; their peers already heard `timeout`.
+        await self._close_all(CloseCode.GOING_AWAY, "relay edge restarting", DisconnectReason.TIMEOUT)
         self.boot_id = secrets.token_hex(8)
         await self._take_lease()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 import time
 
 import nats
@@ -139,3 +140,23 @@ async def test_slow_reader_is_closed_1013_without_stalling_other_rooms(nats_url)
             await other_mac.send(type="relay", payload="still-flowing")
             assert (await other_ios.expect("relay"))["payload"] == "still-flowing"
         assert (await fast_mac.expect("peer_disconnected", timeout=15))["reason"] == "timeout"
+
+
+async def test_sigterm_while_still_waiting_for_nats_exits_promptly():
+    from edge.embedded_nats import free_port
+
+    unreachable = f"nats://127.0.0.1:{free_port()}"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "edge.cli", "--nats-url", unreachable, "--port", str(free_port()),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await asyncio.sleep(1.0)  # it keeps retrying: an edge may start before its NATS
+        assert process.returncode is None
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+        assert "stopped before it was serving" in (await process.stderr.read()).decode()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
