@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import msgspec
 
 from schemas.client import (
+    CloseCode,
     Error,
     ErrorCode,
     JoinRoom,
     PeerJoined,
     RegisterRoom,
     RoomRegistered,
-    CloseCode,
 )
 from schemas.edge_events import PeerJoinedEvent
 from schemas.records import RoomRecord, SlotHolder

@@ -15,9 +15,9 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import msgspec
 import nats
@@ -87,32 +87,46 @@ class Edge:
         self._lease_revision = 0
         self._tg: asyncio.TaskGroup | None = None
         self._by_sid: dict[int, Connection] = {}
+        self._accepted = False
 
     # --- lifecycle ---------------------------------------------------------------
 
     @property
     def serving(self) -> bool:
-        """Whether the edge has started serving (and so has a graceful shutdown to run)."""
-        return self.port is not None
+        """Whether the edge has been ready (and so has a graceful shutdown to run)."""
+        return self._accepted
 
     def stop(self) -> None:
         """Begin the graceful shutdown: sockets get 1001, peers hear `server_restart`."""
         self._stopping.set()
 
     async def run(self) -> None:
+        """Serve until `stop()`. The port is bound first: /healthz answers while NATS is awaited."""
         s = self.settings
-        log.info("edge %s connecting to NATS at %s", s.edge_id, s.nats_url)
-        # Retries forever, also at start: an edge may well start before its NATS cluster.
-        self._nc = await nats.connect(
-            servers=[u.strip() for u in s.nats_url.split(",")],
-            name=f"relay-edge {s.edge_id}",
-            error_cb=self._nats_error,
-            disconnected_cb=self._nats_disconnected,
-            reconnected_cb=self._nats_reconnected,
-            max_reconnect_attempts=-1,
-            connect_timeout=5,
+        server = await serve(
+            self._handle,
+            s.host,
+            s.port,
+            process_request=self._process_request,
+            compression=None,  # payloads are encrypted: compression costs memory, saves nothing
+            max_size=s.max_frame_bytes,
+            ping_interval=None,  # liveness is the protocol's heartbeat, as in the official relay
+            close_timeout=self._close_timeout_s,
+            server_header="termrelay",
         )
+        self.port = server.sockets[0].getsockname()[1]
         try:
+            log.info("edge %s connecting to NATS at %s", s.edge_id, s.nats_url)
+            # Retries forever, also at start: an edge may well start before its NATS cluster.
+            self._nc = await nats.connect(
+                servers=[u.strip() for u in s.nats_url.split(",")],
+                name=f"relay-edge {s.edge_id}",
+                error_cb=self._nats_error,
+                disconnected_cb=self._nats_disconnected,
+                reconnected_cb=self._nats_reconnected,
+                max_reconnect_attempts=-1,
+                connect_timeout=5,
+            )
             js = self._nc.jetstream()
             rooms_kv, presence_kv = await open_buckets(js, s.kv_replicas)
             self._rooms = RoomStore(rooms_kv)
@@ -128,20 +142,9 @@ class Edge:
                     tg.create_task(self._last_seen_loop()),
                 ]
                 await watching.wait()
-                server = await serve(
-                    self._handle,
-                    s.host,
-                    s.port,
-                    process_request=self._process_request,
-                    compression=None,  # payloads are encrypted: compression costs memory, saves nothing
-                    max_size=s.max_frame_bytes,
-                    ping_interval=None,  # liveness is the protocol's heartbeat, as in the official relay
-                    close_timeout=self._close_timeout_s,
-                    server_header="termrelay",
-                )
-                self.port = server.sockets[0].getsockname()[1]
+                self._accepted = True
                 self.ready.set()
-                log.info("edge %s listening on %s:%d (ws://%s:%d/ws)", s.edge_id, s.host, self.port, s.host, self.port)
+                log.info("edge %s ready on %s:%d (ws://%s:%d/ws)", s.edge_id, s.host, self.port, s.host, self.port)
                 await self._stopping.wait()
                 self.ready.clear()
                 await self._shutdown(server)
@@ -149,7 +152,8 @@ class Edge:
                     task.cancel()
         finally:
             self._tg = None
-            if not self._nc.is_closed:  # drain: flush what we published, then close
+            server.close()
+            if self._nc is not None and not self._nc.is_closed:  # drain: flush what we published, then close
                 with contextlib.suppress(Exception):
                     await self._nc.drain()
 
@@ -167,9 +171,12 @@ class Edge:
     # --- HTTP before the upgrade -------------------------------------------------
 
     async def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
-        url = urlsplit(request.path)
-        query = parse_qs(url.query)
-        if url.path == "/ws":
+        # Not urlsplit: it would read "//ws" as a host name. The Mac builds
+        # "\(serverURL)/ws", so a base URL with a trailing slash gives "//ws".
+        raw_path, _, raw_query = request.path.partition("?")
+        query = parse_qs(raw_query)
+        path = "/" + "/".join(part for part in raw_path.split("/") if part)
+        if path == "/ws":
             if self._stopping.is_set() or not self.ready.is_set():
                 return _text(ws, http.HTTPStatus.SERVICE_UNAVAILABLE, "relay is not ready\n")
             room_id = (query.get("room_id") or [""])[0]
@@ -180,13 +187,13 @@ class Edge:
                 return _text(ws, http.HTTPStatus.BAD_REQUEST, "role must be mac or ios\n")
             ws.relay_target = WsTarget(room_id=room_id, role=role)  # type: ignore[attr-defined]
             return None
-        if url.path == "/healthz":
+        if path == "/healthz":
             return _text(ws, http.HTTPStatus.OK, "ok\n")
-        if url.path == "/readyz":
+        if path == "/readyz":
             if self.ready.is_set() and self._nc is not None and self._nc.is_connected:
                 return _text(ws, http.HTTPStatus.OK, "ready\n")
             return _text(ws, http.HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n")
-        if url.path == "/status":
+        if path == "/status":
             return await self._status(ws, request, (query.get("room_id") or [""])[0])
         return _text(ws, http.HTTPStatus.NOT_FOUND, "not found\n")
 
@@ -484,7 +491,7 @@ class Edge:
                 *(self._presence.put_last_seen(c.session.room_id, c.session.role, c.last_message_ms, self._seen_ttl_s) for c in due),
                 return_exceptions=True,
             )
-            for conn, result in zip(due, results):
+            for conn, result in zip(due, results, strict=True):
                 if isinstance(result, BaseException):
                     log.warning("lastSeen write failed for room %s: %s", conn.session.room_id, result)
                 else:

@@ -33,6 +33,18 @@ def b64_key() -> str:
     return base64.b64encode(secrets.token_bytes(32)).decode()
 
 
+async def http_get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    """A plain HTTP GET to 127.0.0.1:port; returns (status, body)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    lines = [f"GET {path} HTTP/1.1", "Host: relay"] + [f"{k}: {v}" for k, v in (headers or {}).items()]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    await writer.drain()
+    response = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, body = response.decode().partition("\r\n\r\n")
+    return int(head.split(" ", 2)[1]), body
+
+
 @asynccontextmanager
 async def running_edges(nats_url: str, count: int = 2, **overrides: Any) -> AsyncIterator[list[Edge]]:
     """`count` edges in this process, each with its own NATS connection and port."""
@@ -42,7 +54,7 @@ async def running_edges(nats_url: str, count: int = 2, **overrides: Any) -> Asyn
     ]
     tasks = [asyncio.create_task(edge.run()) for edge in edges]
     try:
-        for edge, task in zip(edges, tasks):
+        for edge, task in zip(edges, tasks, strict=True):
             ready = asyncio.create_task(edge.ready.wait())
             done, _ = await asyncio.wait({ready, task}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
             if task in done:
@@ -210,11 +222,7 @@ class EdgeProcess:
             if self.process.returncode is not None:
                 raise RuntimeError(f"relay-edge exited with {self.process.returncode}")
             try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-                writer.write(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
-                status = await reader.readline()
-                writer.close()
-                if b" 200 " in status:
+                if (await http_get(self.port, "/readyz"))[0] == 200:
                     return self
             except OSError:
                 pass

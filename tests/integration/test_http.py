@@ -6,18 +6,7 @@ import asyncio
 import json
 import time
 
-from tests.harness import MacIdentity, connect_mac, paired, running_edges
-
-
-async def http_get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    lines = [f"GET {path} HTTP/1.1", "Host: relay"] + [f"{k}: {v}" for k, v in (headers or {}).items()]
-    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
-    await writer.drain()
-    response = await asyncio.wait_for(reader.read(), 5)
-    writer.close()
-    head, _, body = response.decode().partition("\r\n\r\n")
-    return int(head.split(" ", 2)[1]), body
+from tests.harness import MacIdentity, connect_mac, http_get, paired, running_edges
 
 
 async def test_healthz_and_readyz_answer_200_once_connected_to_nats(nats_url):
@@ -66,3 +55,13 @@ async def test_status_requires_the_operator_token_when_one_is_set(nats_url):
         assert (await http_get(edge.port, path, {"Authorization": "Bearer wrong"}))[0] == 401
         status, body = await http_get(edge.port, path, {"Authorization": "Bearer op-token-123"})
         assert status == 200 and json.loads(body)["mac_connected"] is True
+
+
+async def test_base_url_with_a_trailing_slash_still_reaches_the_websocket(nats_url):
+    from websockets.asyncio.client import connect
+
+    async with running_edges(nats_url, count=1) as (edge,):
+        # The Mac agent appends "/ws" to its RELAY_SERVER_URL as written.
+        async with connect(f"ws://127.0.0.1:{edge.port}//ws?room_id=SLASHROOM1&role=mac", open_timeout=5) as ws:
+            await ws.send('{"type":"heartbeat"}')
+            assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "heartbeat_ack"

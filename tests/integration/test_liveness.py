@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-import time
 
 import nats
 
 from schemas.subjects import PRESENCE_BUCKET, edge_lease_key
-
-from tests.harness import Client, EdgeProcess, MacIdentity, connect_ios, connect_mac, paired, running_edges
+from tests.harness import EdgeProcess, MacIdentity, connect_ios, connect_mac, http_get, paired, running_edges
 
 
 async def test_heartbeat_dead_threshold_closes_silent_socket_4000_and_peer_hears_timeout(nats_url):
@@ -142,17 +140,20 @@ async def test_slow_reader_is_closed_1013_without_stalling_other_rooms(nats_url)
         assert (await fast_mac.expect("peer_disconnected", timeout=15))["reason"] == "timeout"
 
 
-async def test_sigterm_while_still_waiting_for_nats_exits_promptly():
+async def test_edge_waiting_for_nats_is_healthy_not_ready_and_stops_promptly_on_sigterm():
     from edge.embedded_nats import free_port
 
-    unreachable = f"nats://127.0.0.1:{free_port()}"
+    unreachable, port = f"nats://127.0.0.1:{free_port()}", free_port()
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "edge.cli", "--nats-url", unreachable, "--port", str(free_port()),
+        sys.executable, "-m", "edge.cli", "--nats-url", unreachable, "--port", str(port),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )
     try:
         await asyncio.sleep(1.0)  # it keeps retrying: an edge may start before its NATS
         assert process.returncode is None
+        assert (await http_get(port, "/healthz"))[0] == 200
+        assert (await http_get(port, "/readyz"))[0] == 503
+        assert (await http_get(port, "/ws?room_id=ROOM&role=mac"))[0] == 503
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 10) == 0
         assert "stopped before it was serving" in (await process.stderr.read()).decode()

@@ -12,7 +12,7 @@ import pytest
 from edge import rooms
 from edge.rooms import Outcome
 from edge.session import Close, Forward, Notify, RoomRequest, Send, Session, Subscribe
-from schemas.client import JoinRoom, PeerJoined, RegisterRoom, RoomRegistered, Error
+from schemas.client import Error, JoinRoom, PeerJoined, RegisterRoom, RoomRegistered
 from schemas.edge_events import PeerJoinedEvent, PeerLeftEvent, ReplacedEvent
 from schemas.records import RoomRecord, SlotHolder
 
