@@ -525,7 +525,14 @@ class Edge:
             log.warning("disconnected from NATS; reconnecting")
 
     async def _nats_reconnected(self) -> None:
-        log.info("reconnected to NATS")
+        # Core NATS delivers at most once: frames to or from our sockets may have been
+        # lost while we were away, and an encrypted session with a gap is broken. Close
+        # every socket with 1001 so both sides reconnect at once and start a fresh session.
+        log.warning("reconnected to NATS; closing %d sockets so their sessions restart", len(self.connections))
+        if self._tg is not None and self.connections:
+            self._tg.create_task(
+                self._close_all(CloseCode.GOING_AWAY, "relay reconnected to NATS", DisconnectReason.SERVER_RESTART)
+            )
 
 
 def _released(release: rooms.Release) -> tuple[RoomRecord | None, rooms.Release]:

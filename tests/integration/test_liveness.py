@@ -161,3 +161,21 @@ async def test_edge_waiting_for_nats_is_healthy_not_ready_and_stops_promptly_on_
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_after_a_nats_outage_sockets_are_closed_1001_so_sessions_restart(tmp_path):
+    from edge.embedded_nats import EmbeddedNatsServer
+
+    server = EmbeddedNatsServer(store_dir=tmp_path / "nats").start()
+    try:
+        async with running_edges(server.url, edge_lease_ttl_ms=5000) as (a, b):
+            mac_client, ios_client, mac = await paired(a, b)
+            server.kill()  # frames in flight now may be lost: the sessions cannot be trusted
+            await asyncio.sleep(0.5)
+            server.start()
+            assert (await mac_client.expect_close(timeout=15))[0] == 1001
+            assert (await ios_client.expect_close(timeout=15))[0] == 1001
+            # Both reconnect and pair again; the room survived in JetStream.
+            await paired(a, b, mac)
+    finally:
+        server.stop()
