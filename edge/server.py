@@ -63,10 +63,11 @@ class Connection:
 
 @dataclass(frozen=True)
 class WsTarget:
-    """What the upgrade request asked for, validated before the 101."""
+    """What the upgrade request asked for, validated and authenticated before the 101."""
 
     room_id: str
     role: str | None
+    user_id: str
 
 
 class Edge:
@@ -185,7 +186,8 @@ class Edge:
                 return _text(ws, http.HTTPStatus.BAD_REQUEST, "room_id must match ^[A-Za-z0-9_-]{1,128}$\n")
             if role not in (None, *ROLES):
                 return _text(ws, http.HTTPStatus.BAD_REQUEST, "role must be mac or ios\n")
-            ws.relay_target = WsTarget(room_id=room_id, role=role)  # type: ignore[attr-defined]
+            user_id = self._authenticate(request)
+            ws.relay_target = WsTarget(room_id=room_id, role=role, user_id=user_id)  # type: ignore[attr-defined]
             return None
         if path == "/healthz":
             return _text(ws, http.HTTPStatus.OK, "ok\n")
@@ -196,6 +198,12 @@ class Edge:
         if path == "/status":
             return await self._status(ws, request, (query.get("room_id") or [""])[0])
         return _text(ws, http.HTTPStatus.NOT_FOUND, "not found\n")
+
+    def _authenticate(self, request: Request) -> str:
+        """The user a WebSocket acts as. The seam for accounts: with `RELAY_AUTH=none`
+        (the only mode so far) every connection is the one local user, and the
+        `Authorization` and `X-Sandbox-Key` headers are ignored."""
+        return self.settings.local_user_id
 
     async def _status(self, ws: ServerConnection, request: Request, room_id: str) -> Response:
         """GET /status?room_id=R (protocol.md §8.1)."""
@@ -239,7 +247,7 @@ class Edge:
             socket_id=secrets.token_urlsafe(16),
             edge_id=self.settings.edge_id,
             boot_id=self.boot_id,
-            user_id=self.settings.local_user_id,
+            user_id=target.user_id,
             last_message_at=time.monotonic(),
         )
         conn = Connection(ws=ws, session=session)
