@@ -46,6 +46,7 @@ class Outcome:
     notify_peer: PeerJoinedEvent | None = None
     evict: SlotHolder | None = None  # previous holder of the acting role's slot: close it 4001
     close: tuple[int, str] | None = None
+    notice: str | None = None  # something an operator should see in the log (never key material)
 
 
 def _same(a: str, b: str) -> bool:
@@ -114,6 +115,7 @@ def register(
 
     # A register from a new socket (or a same-socket one with another key): the Mac's
     # current connection. A changed identity key with the right secret is accepted.
+    notice = None if _same(msg.public_key, record.mac_public_key) else "Mac identity key changed; secret matched"
     new.mac_public_key = msg.public_key
     new.mac_session_nonce = nonce
     new.mac_ephemeral_key = ephemeral
@@ -127,7 +129,7 @@ def register(
     evict = old if old is not None and old.socket_id != by.socket_id else None
     peer = _live(record.ios, is_alive)
     if same_socket or peer is None:
-        return Outcome(record=new, replies=(registered,), accepted=True, peer=peer, evict=evict)
+        return Outcome(record=new, replies=(registered,), accepted=True, peer=peer, evict=evict, notice=notice)
     return Outcome(
         record=new,
         replies=(registered, _ios_keys(new)),
@@ -137,6 +139,7 @@ def register(
             peer=by, public_key=new.mac_public_key, session_nonce=nonce, ephemeral_key=ephemeral
         ),
         evict=evict,
+        notice=notice,
     )
 
 

@@ -339,6 +339,8 @@ class Edge:
                     log.exception("room %s: request failed", session.room_id)
                     await self._carry_out(conn, session.request_failed())
                 else:
+                    if outcome.notice:
+                        log.info("room %s: %s", session.room_id, outcome.notice)
                     await self._carry_out(conn, session.apply(outcome))
             elif isinstance(action, Notify):
                 await self._publish_event(session, action.to, action.role, action.event)

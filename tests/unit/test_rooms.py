@@ -616,3 +616,11 @@ def test_last_activity_is_latest_of_record_change_and_last_seen():
     assert rooms.last_activity(record, (None, None)) == T0
     assert rooms.last_activity(record, (T0 - 5, None)) == T0
     assert rooms.last_activity(record, (T0 + 5, T0 + 3)) == T0 + 5
+
+
+def test_register_with_changed_public_key_is_logged_as_a_notice_without_key_material():
+    out = rooms.register(room(mac=None), reg(public_key="NEWKEY"), holder("m2"), T0 + 1, alive)
+    assert out.accepted and out.notice == "Mac identity key changed; secret matched"
+    assert "NEWKEY" not in out.notice and MAC_KEY not in out.notice
+    same_key = rooms.register(room(mac=None), reg(), holder("m2"), T0 + 1, alive)
+    assert same_key.notice is None
