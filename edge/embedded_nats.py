@@ -43,13 +43,16 @@ class EmbeddedNatsServer:
     `store_dir` keeps JetStream data (a temporary folder, removed on stop, if not given).
     """
 
-    def __init__(self, store_dir: str | Path | None = None, port: int | None = None) -> None:
+    def __init__(
+        self, store_dir: str | Path | None = None, port: int | None = None, extra_args: list[str] | None = None
+    ) -> None:
         self._own_dir = store_dir is None
         self.store_dir = Path(store_dir or tempfile.mkdtemp(prefix="termrelay-nats-"))
         self.port = port or free_port()
         self.url = f"nats://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = self.store_dir / "nats-server.log"
+        self.extra_args = extra_args or []
 
     def start(self, timeout: float = 10.0) -> "EmbeddedNatsServer":
         self.store_dir.mkdir(parents=True, exist_ok=True)
@@ -60,6 +63,7 @@ class EmbeddedNatsServer:
             "--addr", "127.0.0.1",
             "--port", str(self.port),
             "--log", str(self.log_path),
+            *self.extra_args,
         ]
         # Its own session: a Ctrl-C meant for the relay must not kill the server under it
         # before the edge has shut down cleanly; we stop it ourselves, last.
@@ -97,6 +101,48 @@ class EmbeddedNatsServer:
             shutil.rmtree(self.store_dir, ignore_errors=True)
 
     def __enter__(self) -> "EmbeddedNatsServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class EmbeddedNatsCluster:
+    """`size` clustered nats-servers with JetStream on 127.0.0.1, like production's three nodes.
+
+    `urls` lists each node's client URL; `url` joins them for a client that may use any.
+    """
+
+    def __init__(self, size: int = 3) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="termrelay-cluster-"))
+        cluster_ports = [free_port() for _ in range(size)]
+        routes = ",".join(f"nats://127.0.0.1:{p}" for p in cluster_ports)
+        self.nodes = [
+            EmbeddedNatsServer(
+                store_dir=self.root / f"n{i}",
+                extra_args=[
+                    "--server_name", f"n{i}",
+                    "--cluster_name", "termrelay",
+                    "--cluster", f"nats://127.0.0.1:{cluster_ports[i]}",
+                    "--routes", routes,
+                ],
+            )
+            for i in range(size)
+        ]
+        self.urls = [node.url for node in self.nodes]
+        self.url = ",".join(self.urls)
+
+    def start(self) -> "EmbeddedNatsCluster":
+        for node in self.nodes:
+            node.start()
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> "EmbeddedNatsCluster":
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -128,11 +128,7 @@ class Edge:
                 max_reconnect_attempts=-1,
                 connect_timeout=5,
             )
-            js = self._nc.jetstream()
-            rooms_kv, presence_kv = await open_buckets(js, s.kv_replicas)
-            self._rooms = RoomStore(rooms_kv)
-            self._presence = Presence(js, presence_kv)
-            await self._take_lease()
+            await self._open_storage()
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 watching = asyncio.Event()
@@ -157,6 +153,23 @@ class Edge:
             if self._nc is not None and not self._nc.is_closed:  # drain: flush what we published, then close
                 with contextlib.suppress(Exception):
                     await self._nc.drain()
+
+    async def _open_storage(self) -> None:
+        """Open the buckets and take our lease, waiting out a JetStream that is not ready yet
+        (a cluster elects its leaders for some seconds after it starts)."""
+        js = self._nc.jetstream()
+        backoff = 0.2
+        while True:
+            try:
+                rooms_kv, presence_kv = await open_buckets(js, self.settings.kv_replicas)
+                self._rooms = RoomStore(rooms_kv)
+                self._presence = Presence(js, presence_kv)
+                await self._take_lease()
+                return
+            except (nats.errors.Error, asyncio.TimeoutError) as exc:
+                log.warning("JetStream not ready (%s); retrying in %.1fs", exc or type(exc).__name__, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
 
     async def _shutdown(self, server: Server) -> None:
         """Stop accepting, release every slot (peers hear `server_restart`), close 1001."""

@@ -1,0 +1,52 @@
+"""A three-node JetStream cluster, as in production: edges on different NATS nodes, R3 buckets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from edge.embedded_nats import EmbeddedNatsCluster
+from tests.harness import Client, connect_mac, paired, running_edges
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[EmbeddedNatsCluster]:
+    with EmbeddedNatsCluster(size=3) as nats_cluster:
+        yield nats_cluster
+
+
+async def test_mac_and_ios_on_edges_of_different_nats_nodes_relay_in_order(cluster):
+    # Each edge knows one node only, so the frames must cross the cluster's routes.
+    async with running_edges(cluster.urls[0], count=1, kv_replicas=3) as (a,), running_edges(
+        cluster.urls[2], count=1, kv_replicas=3
+    ) as (b,):
+        mac_client, ios_client, mac = await paired(a, b)
+        for n in range(1000):
+            await mac_client.ws.send(f'{{"type":"relay","payload":"m{n}"}}')
+            await ios_client.ws.send(f'{{"type":"relay","payload":"i{n}"}}')
+        to_ios = [json.loads(await asyncio.wait_for(ios_client.ws.recv(), 10))["payload"] for _ in range(1000)]
+        to_mac = [json.loads(await asyncio.wait_for(mac_client.ws.recv(), 10))["payload"] for _ in range(1000)]
+        assert to_ios == [f"m{n}" for n in range(1000)] and to_mac == [f"i{n}" for n in range(1000)]
+        # A takeover across nodes: the new Mac on b, the old one on a is closed 4001.
+        new_mac, _ = await connect_mac(b, mac)
+        assert (await mac_client.expect_close())[0] == 4001
+        await new_mac.expect("peer_joined")
+        await ios_client.expect("peer_joined")
+
+
+async def test_losing_the_nats_node_of_an_edge_keeps_the_rooms_and_restarts_its_sessions(cluster):
+    async with running_edges(cluster.url, count=2, kv_replicas=3, edge_lease_ttl_ms=5000) as (a, b):
+        mac_client, ios_client, mac = await paired(a, b)
+        lost = next(node for node in cluster.nodes if node.url == a._nc.connected_url.geturl())
+        lost.kill()
+        try:
+            assert (await mac_client.expect_close(timeout=20))[0] == 1001
+            # The room (R3) survived the node: the Mac reconnects and pairs again.
+            mac_again = await Client.connect(a, mac.room_id, "mac")
+            await mac_again.send(**mac.register_message())
+            await mac_again.expect("room_registered", timeout=20)
+        finally:
+            lost.start()
