@@ -221,10 +221,12 @@ class Edge:
     async def _status(self, ws: ServerConnection, request: Request, room_id: str) -> Response:
         """GET /status?room_id=R (protocol.md §8.1)."""
         token = self.settings.admin_token
-        if token:
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                return _text(ws, http.HTTPStatus.UNAUTHORIZED, "a valid operator token is required\n")
+        if not token:
+            # Room presence is not for anyone who asks: no operator token, no status.
+            return _text(ws, http.HTTPStatus.FORBIDDEN, "GET /status is off: set RELAY_ADMIN_TOKEN to enable it\n")
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return _text(ws, http.HTTPStatus.UNAUTHORIZED, "a valid operator token is required\n")
         if not is_valid_room_id(room_id):
             return _text(ws, http.HTTPStatus.BAD_REQUEST, "room_id must match ^[A-Za-z0-9_-]{1,128}$\n")
         try:

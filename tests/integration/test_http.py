@@ -8,6 +8,9 @@ import time
 
 from tests.harness import MacIdentity, connect_mac, http_get, paired, running_edges
 
+TOKEN = "op-token-123"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
 
 async def test_healthz_and_readyz_answer_200_once_connected_to_nats(nats_url):
     async with running_edges(nats_url, count=1) as (edge,):
@@ -17,12 +20,12 @@ async def test_healthz_and_readyz_answer_200_once_connected_to_nats(nats_url):
 
 
 async def test_status_reports_connection_flags_last_seen_and_idle_seconds(nats_url):
-    async with running_edges(nats_url, last_seen_interval_ms=50) as (a, b):
+    async with running_edges(nats_url, last_seen_interval_ms=50, admin_token=TOKEN) as (a, b):
         mac_client, ios_client, mac = await paired(a, b)
         before = int(time.time() * 1000)
         await mac_client.heartbeat()
         await asyncio.sleep(0.2)  # a few lastSeen flush intervals
-        status, body = await http_get(b.port, f"/status?room_id={mac.room_id}")
+        status, body = await http_get(b.port, f"/status?room_id={mac.room_id}", AUTH)
         assert status == 200
         report = json.loads(body)
         assert report["exists"] is True
@@ -32,29 +35,35 @@ async def test_status_reports_connection_flags_last_seen_and_idle_seconds(nats_u
         assert report["idle_seconds"] == 0
         await ios_client.close()
         await mac_client.expect("peer_disconnected")
-        report = json.loads((await http_get(a.port, f"/status?room_id={mac.room_id}"))[1])
+        report = json.loads((await http_get(a.port, f"/status?room_id={mac.room_id}", AUTH))[1])
         assert report["mac_connected"] is True and report["ios_connected"] is False
 
 
 async def test_status_of_unknown_room_says_exists_false(nats_url):
-    async with running_edges(nats_url, count=1) as (edge,):
-        assert await http_get(edge.port, "/status?room_id=NOSUCHROOM") == (200, '{"exists":false}')
+    async with running_edges(nats_url, count=1, admin_token=TOKEN) as (edge,):
+        assert await http_get(edge.port, "/status?room_id=NOSUCHROOM", AUTH) == (200, '{"exists":false}')
 
 
 async def test_status_rejects_invalid_room_id_with_400(nats_url):
-    async with running_edges(nats_url, count=1) as (edge,):
-        assert (await http_get(edge.port, "/status?room_id=a.b"))[0] == 400
+    async with running_edges(nats_url, count=1, admin_token=TOKEN) as (edge,):
+        assert (await http_get(edge.port, "/status?room_id=a.b", AUTH))[0] == 400
 
 
-async def test_status_requires_the_operator_token_when_one_is_set(nats_url):
-    async with running_edges(nats_url, count=1, admin_token="op-token-123") as (edge,):
+async def test_status_requires_the_operator_token(nats_url):
+    async with running_edges(nats_url, count=1, admin_token=TOKEN) as (edge,):
         mac = MacIdentity.new()
         await connect_mac(edge, mac)
         path = f"/status?room_id={mac.room_id}"
         assert (await http_get(edge.port, path))[0] == 401
         assert (await http_get(edge.port, path, {"Authorization": "Bearer wrong"}))[0] == 401
-        status, body = await http_get(edge.port, path, {"Authorization": "Bearer op-token-123"})
+        status, body = await http_get(edge.port, path, AUTH)
         assert status == 200 and json.loads(body)["mac_connected"] is True
+
+
+async def test_status_is_off_without_an_operator_token(nats_url):
+    async with running_edges(nats_url, count=1) as (edge,):
+        status, body = await http_get(edge.port, "/status?room_id=ANYROOM", {"Authorization": "Bearer "})
+        assert status == 403 and "RELAY_ADMIN_TOKEN" in body
 
 
 async def test_base_url_with_a_trailing_slash_still_reaches_the_websocket(nats_url):
