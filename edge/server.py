@@ -89,6 +89,7 @@ class Edge:
         self._tg: asyncio.TaskGroup | None = None
         self._by_sid: dict[int, Connection] = {}
         self._accepted = False
+        self._lease_watcher: Any = None
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -462,16 +463,32 @@ class Edge:
         await self._take_lease()
 
     async def _watch_leases(self, watching: asyncio.Event) -> None:
+        """Keep `live_edges` current and tell our sockets when their peer's edge dies.
+
+        Each (re)start of the watcher rebuilds the whole view from the current leases, so
+        an edge that died while we were not watching (its expiry marker long gone) is
+        noticed too. The watcher is restarted after every NATS reconnect.
+        """
         backoff = 0.1
         while not self._stopping.is_set():
             try:
-                watcher = await self._presence.watch_leases()
+                self._lease_watcher = watcher = await self._presence.watch_leases()
+                fresh: dict[str, str] | None = {}  # the initial view, until it is complete
                 async for entry in watcher:
                     backoff = 0.1
                     if entry is None:  # the initial values are all in
+                        self._set_live_edges(fresh or {})
+                        fresh = None
                         watching.set()
                         continue
-                    self._on_lease(edge_id_of_lease_key(entry.key), Presence.decode_lease(entry))
+                    edge_id, lease = edge_id_of_lease_key(entry.key), Presence.decode_lease(entry)
+                    view = dict(self.live_edges) if fresh is None else fresh
+                    if lease is None:
+                        view.pop(edge_id, None)
+                    else:
+                        view[edge_id] = lease.boot_id
+                    if fresh is None:
+                        self._set_live_edges(view)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -479,20 +496,17 @@ class Edge:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    def _on_lease(self, edge_id: str, lease: EdgeLease | None) -> None:
-        if edge_id == self.settings.edge_id:
-            return  # our own lease is the renewal loop's business
-        previous = self.live_edges.get(edge_id)
-        if lease is None:
-            self.live_edges.pop(edge_id, None)
-        else:
-            self.live_edges[edge_id] = lease.boot_id
-        if previous is not None and (lease is None or lease.boot_id != previous):
-            log.warning("edge %s (%s) is gone; telling the peers of its sockets", edge_id, previous)
+    def _set_live_edges(self, view: dict[str, str]) -> None:
+        """Adopt `view` (edge_id → boot_id of live leases); the incarnations it lost are dead."""
+        own = self.settings.edge_id
+        view = {**view, own: self.live_edges.get(own, self.boot_id)}  # our own lease is the renewal loop's business
+        for edge_id, boot_id in edges_gone(self.live_edges, view):
+            log.warning("edge %s (%s) is gone; telling the peers of its sockets", edge_id, boot_id)
             for conn in list(self.connections.values()):
-                actions = conn.session.edge_died(edge_id, previous)
-                if actions:
+                actions = conn.session.edge_died(edge_id, boot_id)
+                if actions and self._tg is not None:
                     self._tg.create_task(self._carry_out(conn, actions))
+        self.live_edges = view
 
     async def _liveness_loop(self) -> None:
         threshold = self.settings.heartbeat_dead_threshold_ms / 1000
@@ -554,10 +568,20 @@ class Edge:
         # lost while we were away, and an encrypted session with a gap is broken. Close
         # every socket with 1001 so both sides reconnect at once and start a fresh session.
         log.warning("reconnected to NATS; closing %d sockets so their sessions restart", len(self.connections))
-        if self._tg is not None and self.connections:
+        if self._tg is None:
+            return
+        if self.connections:
             self._tg.create_task(
                 self._close_all(CloseCode.GOING_AWAY, "relay reconnected to NATS", DisconnectReason.SERVER_RESTART)
             )
+        if self._lease_watcher is not None:
+            # Leases may have come and gone unseen: rebuild the view from scratch.
+            self._tg.create_task(self._lease_watcher.stop())
+
+
+def edges_gone(before: dict[str, str], after: dict[str, str]) -> list[tuple[str, str]]:
+    """Edge incarnations (edge_id, boot_id) alive in `before` and not in `after`."""
+    return [(edge_id, boot_id) for edge_id, boot_id in before.items() if after.get(edge_id) != boot_id]
 
 
 def _released(release: rooms.Release) -> tuple[RoomRecord | None, rooms.Release]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+import time
 
 import nats
 
@@ -178,4 +179,33 @@ async def test_after_a_nats_outage_sockets_are_closed_1001_so_sessions_restart(t
             # Both reconnect and pair again; the room survived in JetStream.
             await paired(a, b, mac)
     finally:
+        server.stop()
+
+
+async def test_an_edge_that_died_during_a_nats_outage_is_known_dead_afterwards(tmp_path):
+    from edge.embedded_nats import EmbeddedNatsServer
+
+    server = EmbeddedNatsServer(store_dir=tmp_path / "nats").start()
+    doomed = await EdgeProcess(server.url, edge_lease_ttl_ms=1000).start()
+    try:
+        async with running_edges(server.url, count=1, edge_lease_ttl_ms=5000) as (survivor,):
+            mac_client, _, mac = await paired(survivor, doomed)
+            server.kill()
+            await doomed.stop(signal.SIGKILL)  # dies while nobody can hear it
+            await asyncio.sleep(1.5)
+            server.start()
+            assert (await mac_client.expect_close(timeout=15))[0] == 1001
+            # Once the survivor has rebuilt its view of the leases, the dead iPhone's slot
+            # no longer counts: a registering Mac gets no peer_joined for it.
+            deadline = time.monotonic() + 10
+            while True:
+                mac_again, _ = await connect_mac(survivor, mac)
+                try:
+                    await mac_again.expect_silence(within=0.3)
+                    break
+                except AssertionError:
+                    assert time.monotonic() < deadline, "the dead edge's socket still counts as connected"
+                    await mac_again.close()
+    finally:
+        await doomed.stop(signal.SIGKILL)
         server.stop()
