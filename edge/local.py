@@ -6,10 +6,11 @@ JetStream data lives in `.local/nats` (git ignores it), so rooms survive a resta
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-import os
 import socket
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge.cli import configure_logging, serve_until_signalled
@@ -57,16 +58,24 @@ def _reachable_host(host: str) -> str:
         return "127.0.0.1"
 
 
+@dataclass(frozen=True, kw_only=True)
+class LocalSettings:
+    """What `make run` adds to the edge's settings (environment only: flags go to the edge)."""
+
+    local_data: str = field(default=".local", metadata={"help": "folder for the embedded nats-server's data"})
+    local_nats_port: int = field(default=0, metadata={"help": "port of the embedded nats-server (0: a free one)"})
+
+
 def main() -> None:
     configure_logging()
-    data = Path(os.environ.get("RELAY_LOCAL_DATA", ".local")) / "nats"
-    nats_server = EmbeddedNatsServer(store_dir=data, port=int(os.environ.get("RELAY_LOCAL_NATS_PORT", "0")) or None)
+    local: LocalSettings = load_settings(LocalSettings, [], prog="relay-local")
+    edge_settings: EdgeSettings = load_settings(EdgeSettings, sys.argv[1:], prog="relay-local")
+    data = Path(local.local_data) / "nats"
+    nats_server = EmbeddedNatsServer(store_dir=data, port=local.local_nats_port or None)
     nats_server.start()
     logging.getLogger("edge").info("nats-server on %s (data in %s)", nats_server.url, data)
     try:
-        environ = {"RELAY_PORT": "8080", **os.environ, "RELAY_NATS_URL": nats_server.url}
-        settings = load_settings(EdgeSettings, sys.argv[1:], environ, prog="relay-local")
-        asyncio.run(_run(settings))
+        asyncio.run(_run(dataclasses.replace(edge_settings, nats_url=nats_server.url)))
     except KeyboardInterrupt:
         pass
     finally:
