@@ -304,10 +304,13 @@ class Edge:
             peer = released.peer if released.record is not None else None
         except (nats.errors.Error, asyncio.TimeoutError, StorageConflict):
             log.exception("room %s: could not free the %s slot; telling the known peer", session.room_id, role)
-        if peer is not None:
-            await self._publish_event(session, peer, other_role(role), PeerLeftEvent(reason=session.leave_reason))
-        with contextlib.suppress(Exception):
+        try:
+            if peer is not None:
+                await self._publish_event(session, peer, other_role(role), PeerLeftEvent(reason=session.leave_reason))
             await self._presence.put_last_seen(session.room_id, role, conn.last_message_ms or now, self._seen_ttl_s)
+        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            # The peer then learns of it from its own heartbeat threshold or our lease.
+            log.warning("room %s: could not announce that the %s left: %s", session.room_id, role, exc)
 
     async def _subscribe(self, conn: Connection, role: str) -> None:
         session = conn.session
