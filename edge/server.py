@@ -293,24 +293,38 @@ class Edge:
                 await conn.subscription.unsubscribe()
         if not session.in_room or session.replaced or session.role is None:
             return
+        last_seen = conn.last_message_ms or now_ms()
+        try:
+            await self._release_and_announce(session, last_seen)
+        except (nats.errors.Error, asyncio.TimeoutError, StorageConflict) as exc:
+            log.warning("room %s: could not release the %s slot (%s); retrying", session.room_id, session.role, exc)
+            if self._tg is not None:
+                self._tg.create_task(self._retry_release(session, last_seen))
+
+    async def _release_and_announce(self, session: Session, last_seen_ms: int) -> None:
+        """Free the session's slot if it still holds it, and tell the room's live peer why it left."""
         role, holder, now = session.role, session.holder, now_ms()
-        peer = session.peer
-        try:
-            released = await self._rooms.transact(
-                session.room_id,
-                lambda record, _seen: _released(rooms.release(record, holder, role, now, self._is_alive)),
-            )
-            # Nothing released means a newer socket holds the slot: its peer_joined tells the peer.
-            peer = released.peer if released.record is not None else None
-        except (nats.errors.Error, asyncio.TimeoutError, StorageConflict):
-            log.exception("room %s: could not free the %s slot; telling the known peer", session.room_id, role)
-        try:
-            if peer is not None:
-                await self._publish_event(session, peer, other_role(role), PeerLeftEvent(reason=session.leave_reason))
-            await self._presence.put_last_seen(session.room_id, role, conn.last_message_ms or now, self._seen_ttl_s)
-        except (nats.errors.Error, asyncio.TimeoutError) as exc:
-            # The peer then learns of it from its own heartbeat threshold or our lease.
-            log.warning("room %s: could not announce that the %s left: %s", session.room_id, role, exc)
+        released = await self._rooms.transact(
+            session.room_id,
+            lambda record, _seen: _released(rooms.release(record, holder, role, now, self._is_alive)),
+        )
+        # Nothing released means a newer socket holds the slot: its peer_joined tells the peer.
+        if released.record is not None and released.peer is not None:
+            event = PeerLeftEvent(reason=session.leave_reason)
+            await self._publish_event(session, released.peer, other_role(role), event)
+        await self._presence.put_last_seen(session.room_id, role, last_seen_ms, self._seen_ttl_s)
+
+    async def _retry_release(self, session: Session, last_seen_ms: int) -> None:
+        """Keep trying to release a departed socket's slot while NATS is away (up to a minute)."""
+        for _ in range(60):
+            if await self._sleep(1.0):
+                return
+            try:
+                await self._release_and_announce(session, last_seen_ms)
+                return
+            except (nats.errors.Error, asyncio.TimeoutError, StorageConflict):
+                continue
+        log.error("room %s: gave up releasing the %s slot of a departed socket", session.room_id, session.role)
 
     async def _subscribe(self, conn: Connection, role: str) -> None:
         session = conn.session

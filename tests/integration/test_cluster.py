@@ -64,3 +64,20 @@ async def test_losing_the_nats_node_of_an_edge_keeps_the_rooms_and_restarts_its_
                 raise AssertionError("the Mac never registered again")
         finally:
             lost.start()
+
+
+async def test_a_departure_while_its_edge_has_no_nats_is_announced_once_it_reconnects(cluster):
+    async with running_edges(cluster.urls[0] + "," + cluster.urls[1], count=1) as (a,), running_edges(
+        cluster.urls[2], count=1
+    ) as (b,):
+        mac_client, ios_client, _ = await paired(a, b)
+        lost = next(node for node in cluster.nodes if node.url == a._nc.connected_url.geturl())
+        lost.kill()
+        try:
+            await mac_client.close()  # the Mac leaves while its edge cannot reach NATS
+            assert await ios_client.expect("peer_disconnected", timeout=30) == {
+                "type": "peer_disconnected",
+                "reason": "client_left",
+            }
+        finally:
+            lost.start()
