@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import nats.errors
 
 from edge.server import Edge
-from edge.settings import EdgeSettings, load_settings
+from edge.settings import EdgeSettings, load_settings, redact_urls
 
 
 def configure_logging() -> None:
@@ -52,7 +52,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         asyncio.run(serve_until_signalled(Edge(settings)))
     except (OSError, nats.errors.NoServersError, nats.errors.TimeoutError) as exc:
-        logging.getLogger("edge").error("cannot start (NATS at %s, listening on %s:%s): %s", settings.nats_url, settings.host, settings.port, exc or type(exc).__name__)
+        logging.getLogger("edge").error(
+            "cannot start (NATS at %s, listening on %s:%s): %s",
+            redact_urls(settings.nats_url),
+            settings.host,
+            settings.port,
+            exc or type(exc).__name__,
+        )
         sys.exit(1)
 
 

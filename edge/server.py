@@ -33,7 +33,7 @@ from websockets.http11 import Request, Response
 
 from edge import rooms
 from edge.session import Action, Close, Forward, Notify, RoomRequest, Send, Session, Subscribe, other_role
-from edge.settings import EdgeSettings
+from edge.settings import EdgeSettings, redact_urls
 from edge.store import Presence, RoomStore, StorageConflict, now_ms, open_buckets
 from schemas.client import CloseCode, DisconnectReason, JoinRoom, RegisterRoom
 from schemas.edge_events import (
@@ -118,7 +118,7 @@ class Edge:
         )
         self.port = server.sockets[0].getsockname()[1]
         try:
-            log.info("edge %s connecting to NATS at %s", s.edge_id, s.nats_url)
+            log.info("edge %s connecting to NATS at %s", s.edge_id, redact_urls(s.nats_url))
             # Retries forever, also at start: an edge may well start before its NATS cluster.
             self._nc = await nats.connect(
                 servers=[u.strip() for u in s.nats_url.split(",")],

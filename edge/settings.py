@@ -28,7 +28,10 @@ def _default_edge_id() -> str:
 class EdgeSettings:
     """Everything an edge process can be told. See the README's settings table."""
 
-    nats_url: str = field(default="nats://127.0.0.1:4222", metadata={"help": "NATS server URL(s), comma-separated"})
+    nats_url: str = field(
+        default="nats://127.0.0.1:4222",
+        metadata={"help": "NATS server URL(s), comma-separated; may carry user:password@", "url": True},
+    )
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
     port: int = field(default=8080, metadata={"help": "port for WebSocket and HTTP"})
     edge_id: str = field(default_factory=_default_edge_id, metadata={"help": "this edge's name; unique per running edge"})
@@ -84,8 +87,26 @@ class EdgeSettings:
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            out[f.name] = ("***" if value else "") if f.metadata.get("secret") else value
+            if f.metadata.get("secret"):
+                value = "***" if value else ""
+            elif f.metadata.get("url"):
+                value = redact_urls(value)
+            out[f.name] = value
         return out
+
+
+def redact_urls(urls: str) -> str:
+    """`urls` (comma-separated) with any password or token in them masked, for logs."""
+    masked = []
+    for url in urls.split(","):
+        scheme, sep, rest = url.strip().partition("://")
+        userinfo, at, host = rest.rpartition("@")
+        if sep and at:
+            user, colon, _ = userinfo.partition(":")
+            userinfo = f"{user}:***" if colon else "***"
+            url = f"{scheme}://{userinfo}@{host}"
+        masked.append(url.strip())
+    return ",".join(masked)
 
 
 def load_settings(

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import base64
+import contextlib
 import hashlib
 import json
+import os
 import secrets
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -214,8 +218,11 @@ class EdgeProcess:
     async def start(self, timeout: float = 20.0) -> "EdgeProcess":
         import sys
 
+        # Logs go to a file: a pipe nobody reads would block the edge once it fills.
+        self.log_file = tempfile.NamedTemporaryFile(prefix="relay-edge-", suffix=".log", delete=False)
+        atexit.register(_remove, self.log_file.name)
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "edge.cli", *self.args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+            sys.executable, "-m", "edge.cli", *self.args, stdout=asyncio.subprocess.DEVNULL, stderr=self.log_file
         )
         deadline = asyncio.get_running_loop().time() + timeout
         while asyncio.get_running_loop().time() < deadline:
@@ -236,8 +243,14 @@ class EdgeProcess:
             self.process.send_signal(sig)
         return await asyncio.wait_for(self.process.wait(), 20)
 
-    async def stderr_text(self) -> str:
-        assert self.process is not None and self.process.stderr is not None
-        return (await self.process.stderr.read()).decode(errors="replace")
+    def log_text(self) -> str:
+        """Everything the edge has logged so far."""
+        with open(self.log_file.name, encoding="utf-8", errors="replace") as log:
+            return log.read()
 
     # The harness's Client.connect needs only `.port`.
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)

@@ -75,7 +75,7 @@ async def test_dead_edge_lease_expiry_tells_peer_timeout(nats_url):
 
 
 async def test_sigterm_closes_every_socket_1001_and_peers_hear_server_restart(nats_url):
-    edge_process = await EdgeProcess(nats_url).start()
+    edge_process = await EdgeProcess(nats_url, admin_token="op-secret-42").start()
     try:
         async with running_edges(nats_url, count=1) as (survivor,):
             pairs = [await paired(edge_process, survivor) for _ in range(3)]
@@ -89,6 +89,9 @@ async def test_sigterm_closes_every_socket_1001_and_peers_hear_server_restart(na
                 }
             for client in local[:2]:
                 assert (await client.expect_close())[0] == 1001
+            # The operator token never reached the log.
+            log = edge_process.log_text()
+            assert "edge" in log and "op-secret-42" not in log
             # The Macs reconnect at once to another edge and take their rooms back.
             for _, ios_client, mac in pairs:
                 mac_client, _ = await connect_mac(survivor, mac)
