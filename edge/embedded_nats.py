@@ -40,7 +40,11 @@ class EmbeddedNatsServer:
     """
 
     def __init__(
-        self, store_dir: str | Path | None = None, port: int | None = None, extra_args: list[str] | None = None
+        self,
+        store_dir: str | Path | None = None,
+        port: int | None = None,
+        extra_args: list[str] | None = None,
+        max_payload: int = 8 * 1024 * 1024,
     ) -> None:
         self._own_dir = store_dir is None
         self.store_dir = Path(store_dir or tempfile.mkdtemp(prefix="termrelay-nats-"))
@@ -49,11 +53,17 @@ class EmbeddedNatsServer:
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = self.store_dir / "nats-server.log"
         self.extra_args = extra_args or []
+        self.max_payload = max_payload
 
     def start(self, timeout: float = 10.0) -> "EmbeddedNatsServer":
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        # max_payload has no command-line flag. The relay forwards frames of up to 4 MiB,
+        # over the 1 MiB default; production servers need the same (deploy/nats.conf).
+        config = self.store_dir / "nats-server.conf"
+        config.write_text(f"max_payload: {self.max_payload}\n")
         cmd = [
             find_nats_server(),
+            "--config", str(config),
             "--jetstream",
             "--store_dir", str(self.store_dir),
             "--addr", "127.0.0.1",

@@ -130,6 +130,7 @@ class Edge:
                 connect_timeout=5,
             )
             await self._open_storage()
+            self._check_max_payload()
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 watching = asyncio.Event()
@@ -154,6 +155,20 @@ class Edge:
             if self._nc is not None and not self._nc.is_closed:  # drain: flush what we published, then close
                 with contextlib.suppress(Exception):
                     await self._nc.drain()
+
+    @property
+    def _max_forward_bytes(self) -> int:
+        # Room for the routing headers next to the frame.
+        return self._nc.max_payload - 1024
+
+    def _check_max_payload(self) -> None:
+        if self._max_forward_bytes < self.settings.max_frame_bytes:
+            log.error(
+                "NATS max_payload is %d bytes, below RELAY_MAX_FRAME_BYTES (%d): larger frames will be "
+                "closed 1009. Set max_payload: 8MB on the NATS servers (see deploy/nats.conf).",
+                self._nc.max_payload,
+                self.settings.max_frame_bytes,
+            )
 
     async def _open_storage(self) -> None:
         """Open the buckets and take our lease, waiting out a JetStream that is not ready yet
@@ -360,6 +375,13 @@ class Edge:
                 with contextlib.suppress(ConnectionClosed):
                     await conn.ws.send(action.data, text=True)
             elif isinstance(action, Forward):
+                if len(action.data) > self._max_forward_bytes:
+                    log.warning(
+                        "room %s: a %d-byte frame exceeds what NATS carries (max_payload %d); closing 1009",
+                        session.room_id, len(action.data), self._nc.max_payload,
+                    )
+                    await self._close(conn, CloseCode.TOO_BIG, "frame too large for this relay")
+                    return
                 await self._nc.publish(
                     room_subject(session.room_id, session.peer_role),
                     action.data,

@@ -152,3 +152,23 @@ async def test_unknown_role_is_refused_with_400(nats_url):
                 raise AssertionError("role android was accepted")
         except Exception as exc:
             assert getattr(getattr(exc, "response", None), "status_code", None) == 400
+
+
+async def test_frames_up_to_4_mib_are_forwarded(nats_url):
+    # A full relay_batch of terminal output is over 1 MiB, NATS's default max_payload.
+    async with running_edges(nats_url) as (a, b):
+        mac_client, ios_client, _ = await paired(a, b)
+        payloads = ["B" * 200_000] * 20  # about 4 MB as JSON
+        await mac_client.send(type="relay_batch", payloads=payloads)
+        assert (await ios_client.expect("relay_batch", timeout=10))["payloads"] == payloads
+
+
+async def test_frame_larger_than_the_nats_max_payload_closes_1009_not_1011(tmp_path):
+    from edge.embedded_nats import EmbeddedNatsServer
+
+    with EmbeddedNatsServer(store_dir=tmp_path / "nats", max_payload=64 * 1024) as small:
+        async with running_edges(small.url) as (a, b):
+            mac_client, ios_client, _ = await paired(a, b)
+            await mac_client.send(type="relay", payload="C" * 100_000)
+            assert (await mac_client.expect_close())[0] == 1009
+            assert (await ios_client.expect("peer_disconnected"))["reason"] == "client_left"
