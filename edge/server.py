@@ -59,6 +59,7 @@ class Connection:
     last_message_ms: int = 0  # wall clock of the last inbound frame, for lastSeen
     last_seen_written_ms: int = 0
     closing: bool = False
+    timed_out: bool = False
 
 
 @dataclass(frozen=True)
@@ -313,8 +314,7 @@ class Edge:
             await self._release_and_announce(session, last_seen)
         except (nats.errors.Error, asyncio.TimeoutError, StorageConflict) as exc:
             log.warning("room %s: could not release the %s slot (%s); retrying", session.room_id, session.role, exc)
-            if self._tg is not None:
-                self._tg.create_task(self._retry_release(session, last_seen))
+            self._spawn(self._retry_release(session, last_seen), "release a departed socket's slot")
 
     async def _release_and_announce(self, session: Session, last_seen_ms: int) -> None:
         """Free the session's slot if it still holds it, and tell the room's live peer why it left."""
@@ -402,13 +402,16 @@ class Edge:
             elif isinstance(action, Subscribe):
                 await self._subscribe(conn, action.role)
             elif isinstance(action, Close):
-                await self._close(conn, action.code, action.reason)
+                await self._close(conn, action.code, action.reason, action.farewell)
 
-    async def _close(self, conn: Connection, code: int, reason: str) -> None:
+    async def _close(self, conn: Connection, code: int, reason: str, farewell: bytes | None = None) -> None:
+        """Close a socket within the close timeout, whatever the client does."""
         if conn.closing:
             return
         conn.closing = True
         try:
+            if farewell is not None:
+                await asyncio.wait_for(conn.ws.send(farewell, text=True), self._close_timeout_s)
             await asyncio.wait_for(conn.ws.close(code, reason), self._close_timeout_s)
         except asyncio.TimeoutError:
             # A client that reads nothing cannot take a close frame either (websockets
@@ -416,6 +419,20 @@ class Edge:
             conn.ws.transport.abort()
         except Exception:
             log.debug("closing socket %s failed", conn.session.socket_id, exc_info=True)
+
+    def _spawn(self, work: Awaitable[None], what: str) -> None:
+        """Run `work` in the edge's TaskGroup; a failure is logged, never fatal to the edge."""
+
+        async def supervised() -> None:
+            try:
+                await work
+            except Exception:
+                log.exception("%s failed", what)
+
+        if self._tg is None:
+            work.close()  # type: ignore[attr-defined]  # shutting down: nothing runs any more
+            return
+        self._tg.create_task(supervised())
 
     async def _close_all(self, code: int, reason: str, leave_reason: str) -> None:
         """Close every socket at once; each one's peer will hear `leave_reason`."""
@@ -543,8 +560,8 @@ class Edge:
             log.warning("edge %s (%s) is gone; telling the peers of its sockets", edge_id, boot_id)
             for conn in list(self.connections.values()):
                 actions = conn.session.edge_died(edge_id, boot_id)
-                if actions and self._tg is not None:
-                    self._tg.create_task(self._carry_out(conn, actions))
+                if actions:
+                    self._spawn(self._carry_out(conn, actions), "tell a socket its peer's edge died")
         self.live_edges = view
 
     async def _liveness_loop(self) -> None:
@@ -552,8 +569,9 @@ class Edge:
         while not await self._sleep(self.settings.liveness_sweep_interval_s):
             now = time.monotonic()
             for conn in list(self.connections.values()):
-                if not conn.closing and conn.session.is_silent(now, threshold):
-                    self._tg.create_task(self._carry_out(conn, conn.session.time_out()))
+                if not conn.closing and not conn.timed_out and conn.session.is_silent(now, threshold):
+                    conn.timed_out = True  # one time-out per socket, however long its close takes
+                    self._spawn(self._carry_out(conn, conn.session.time_out()), "time out a silent socket")
 
     async def _last_seen_loop(self) -> None:
         """Write lastSeen of sockets that spoke since the last write: at most one write per socket per interval."""
@@ -594,7 +612,7 @@ class Edge:
                 log.warning("socket %s cannot keep up; closing it", conn.session.socket_id)
                 # Frames for it were dropped: its session is broken, and to its peer it timed out.
                 conn.session.leave_reason = DisconnectReason.TIMEOUT
-                self._tg and self._tg.create_task(self._close(conn, CloseCode.TRY_AGAIN_LATER, "too slow"))
+                self._spawn(self._close(conn, CloseCode.TRY_AGAIN_LATER, "too slow"), "close a slow socket")
                 return
         log.error("NATS error: %s", exc)
 
@@ -607,15 +625,14 @@ class Edge:
         # lost while we were away, and an encrypted session with a gap is broken. Close
         # every socket with 1001 so both sides reconnect at once and start a fresh session.
         log.warning("reconnected to NATS; closing %d sockets so their sessions restart", len(self.connections))
-        if self._tg is None:
-            return
         if self.connections:
-            self._tg.create_task(
-                self._close_all(CloseCode.GOING_AWAY, "relay reconnected to NATS", DisconnectReason.SERVER_RESTART)
+            self._spawn(
+                self._close_all(CloseCode.GOING_AWAY, "relay reconnected to NATS", DisconnectReason.SERVER_RESTART),
+                "restart sessions after a NATS reconnect",
             )
         if self._lease_watcher is not None:
             # Leases may have come and gone unseen: rebuild the view from scratch.
-            self._tg.create_task(self._lease_watcher.stop())
+            self._spawn(self._lease_watcher.stop(), "restart the lease watcher")
 
 
 def edges_gone(before: dict[str, str], after: dict[str, str]) -> list[tuple[str, str]]:

@@ -72,10 +72,11 @@ class Subscribe:
 
 @dataclass(frozen=True)
 class Close:
-    """Close the session's socket."""
+    """Close the session's socket, after sending `farewell` if the client still reads."""
 
     code: int
     reason: str
+    farewell: bytes | None = None
 
 
 Action = Send | Forward | RoomRequest | Notify | Subscribe | Close
@@ -235,7 +236,7 @@ class Session:
     def time_out(self) -> list[Action]:
         """Silence past the dead threshold: the socket is closed 4000, its peer hears `timeout`."""
         self.leave_reason = DisconnectReason.TIMEOUT
-        return [
-            _error(ErrorCode.HEARTBEAT_TIMEOUT, "No heartbeat received"),
-            Close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout"),
-        ]
+        # A farewell, not a plain Send: a dead client never drains its socket, and the
+        # close must happen all the same.
+        farewell = encode(Error(code=ErrorCode.HEARTBEAT_TIMEOUT, message="No heartbeat received"))
+        return [Close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout", farewell=farewell)]

@@ -10,7 +10,16 @@ import time
 import nats
 
 from schemas.subjects import PRESENCE_BUCKET, edge_lease_key
-from tests.harness import EdgeProcess, MacIdentity, connect_ios, connect_mac, http_get, paired, running_edges
+from tests.harness import (
+    Client,
+    EdgeProcess,
+    MacIdentity,
+    connect_ios,
+    connect_mac,
+    http_get,
+    paired,
+    running_edges,
+)
 
 
 async def test_heartbeat_dead_threshold_closes_silent_socket_4000_and_peer_hears_timeout(nats_url):
@@ -212,3 +221,40 @@ async def test_an_edge_that_died_during_a_nats_outage_is_known_dead_afterwards(t
     finally:
         await doomed.stop(signal.SIGKILL)
         server.stop()
+
+
+async def test_a_vanished_iphone_that_neither_reads_nor_sends_is_still_closed_and_its_peer_told(nats_url):
+    from websockets.asyncio.client import connect
+
+    from tests.harness import join_message, ws_url
+
+    async with running_edges(nats_url, heartbeat_dead_threshold_ms=500, close_timeout_ms=300) as (a, b):
+        mac = MacIdentity.new()
+        mac_client, _ = await connect_mac(a, mac)
+        ws = await connect(ws_url(b, mac.room_id, "ios"), max_size=None, max_queue=1, compression=None)
+        ios_client = Client(ws)
+        await ios_client.send(**join_message(mac))
+        await ios_client.expect("peer_joined")
+        await mac_client.expect("peer_joined")
+        ws.transport.pause_reading()  # the phone left the network: it reads nothing more
+        for _ in range(300):  # 15 MB of terminal output, under the socket's queue limits
+            await mac_client.send(type="relay", payload="B" * 50_000)
+
+        async def keep_talking() -> None:
+            while True:
+                await mac_client.send(type="heartbeat")
+                await asyncio.sleep(0.1)
+
+        async def first_news() -> dict:
+            while (message := await mac_client.recv())["type"] == "heartbeat_ack":
+                pass
+            return message
+
+        talker = asyncio.create_task(keep_talking())
+        try:
+            # Threshold 0.5 s + sweep + two close timeouts of 0.3 s: 5 s is a generous bound,
+            # and far below what the socket's queue limits alone would take.
+            assert await asyncio.wait_for(first_news(), 5) == {"type": "peer_disconnected", "reason": "timeout"}
+        finally:
+            talker.cancel()
+        assert b.connections == {}
