@@ -434,9 +434,9 @@ class Edge:
             return
         self._tg.create_task(supervised())
 
-    async def _close_all(self, code: int, reason: str, leave_reason: str) -> None:
-        """Close every socket at once; each one's peer will hear `leave_reason`."""
-        conns = list(self.connections.values())
+    async def _close_all(self, code: int, reason: str, leave_reason: str, unless_boot: str | None = None) -> None:
+        """Close every socket (but those of incarnation `unless_boot`) at once; peers hear `leave_reason`."""
+        conns = [c for c in self.connections.values() if c.session.boot_id != unless_boot]
         for conn in conns:
             conn.session.leave_reason = leave_reason
         async with asyncio.TaskGroup() as tg:
@@ -500,23 +500,36 @@ class Edge:
     async def _renew_lease_loop(self) -> None:
         interval = self.settings.edge_lease_renew_interval_s
         lease_ttl = self.settings.edge_lease_ttl_ms / 1000
+        lost = False
         while not await self._sleep(interval):
-            lease = EdgeLease(edge_id=self.settings.edge_id, boot_id=self.boot_id, started_at=now_ms())
             try:
-                self._lease_revision = await self._presence.renew_lease(lease, lease_ttl, self._lease_revision)
-            except nats.js.errors.KeyWrongLastSequenceError:
-                # Our lease expired (a stall or a partition): other edges have told our
-                # sockets' peers that we are gone. Start over under a new incarnation.
-                log.error("edge %s lost its lease; closing its sockets and starting over", self.settings.edge_id)
+                if not lost:
+                    lease = EdgeLease(edge_id=self.settings.edge_id, boot_id=self.boot_id, started_at=now_ms())
+                    try:
+                        self._lease_revision = await self._presence.renew_lease(lease, lease_ttl, self._lease_revision)
+                        continue
+                    except nats.js.errors.KeyWrongLastSequenceError:
+                        # Our lease expired (a stall or a partition): other edges have told
+                        # our sockets' peers that we are gone. Start over as a new incarnation,
+                        # accepting no socket until then (it would belong to the dead one).
+                        log.error("edge %s lost its lease; closing its sockets and starting over", self.settings.edge_id)
+                        lost = True
+                        self.ready.clear()
                 await self._reincarnate()
+                lost = False
             except (nats.errors.Error, asyncio.TimeoutError):
                 log.warning("lease renewal failed; retrying", exc_info=True)
 
     async def _reincarnate(self) -> None:
-        # 1001 makes clients reconnect at once; their peers already heard `timeout`.
-        await self._close_all(CloseCode.GOING_AWAY, "relay edge restarting", DisconnectReason.TIMEOUT)
+        """Take a lease under a new boot id, then close the sockets of every older one."""
         self.boot_id = secrets.token_hex(8)
         await self._take_lease()
+        if not self._stopping.is_set():
+            self.ready.set()
+        # 1001 makes clients reconnect at once; their peers already heard `timeout`.
+        await self._close_all(
+            CloseCode.GOING_AWAY, "relay edge restarting", DisconnectReason.TIMEOUT, unless_boot=self.boot_id
+        )
 
     async def _watch_leases(self, watching: asyncio.Event) -> None:
         """Keep `live_edges` current and tell our sockets when their peer's edge dies.

@@ -258,3 +258,24 @@ async def test_a_vanished_iphone_that_neither_reads_nor_sends_is_still_closed_an
         finally:
             talker.cancel()
         assert b.connections == {}
+
+
+async def test_a_mac_that_reconnects_while_its_edge_starts_over_is_paired_normally(nats_url):
+    async with running_edges(nats_url, close_timeout_ms=2000, edge_lease_ttl_ms=1500) as (a, b):
+        mac = MacIdentity.new()
+        mac_client, _ = await connect_mac(a, mac)
+        stuck, _ = await connect_mac(a, MacIdentity.new())
+        stuck.ws.transport.pause_reading()  # its close will take the full close timeout
+        nc = await nats.connect(nats_url)
+        try:
+            await (await nc.jetstream().key_value(PRESENCE_BUCKET)).delete(edge_lease_key(a.settings.edge_id))
+        finally:
+            await nc.close()
+        assert (await mac_client.expect_close())[0] == 1001
+        # The Mac reconnects at once, while the edge is still closing the stuck socket.
+        mac_again, _ = await connect_mac(a, mac)
+        ios_client, _ = await connect_ios(b, mac)
+        await ios_client.expect("peer_joined")
+        await mac_again.expect("peer_joined")
+        await mac_again.send(type="relay", payload="aGk=")
+        assert (await ios_client.expect("relay"))["payload"] == "aGk="
