@@ -197,24 +197,30 @@ def join(record: RoomRecord | None, msg: JoinRoom, by: SlotHolder, now_ms: int, 
 class Release:
     """The result of a socket leaving: the record to write, and whom to tell."""
 
-    record: RoomRecord | None  # None: the socket held no slot any more (it was replaced)
+    record: RoomRecord | None  # None: nothing to write (the slot is free already, or another's)
     peer: SlotHolder | None  # live holder of the other role, to receive `peer_disconnected`
 
 
 def release(record: RoomRecord | None, holder: SlotHolder, role: str, now_ms: int, is_alive: IsAlive) -> Release:
-    """A socket that held `role`'s slot left. Only the current holder clears the slot."""
+    """A socket that held `role`'s slot left. Only the current holder clears the slot.
+
+    A slot found free already was most likely freed by an earlier attempt of this same
+    release whose answer was lost: the peer is still named, so that it hears of it. (A
+    peer that does not know the leaving socket ignores the news.)
+    """
     if record is None:
         return Release(record=None, peer=None)
-    current = record.mac if role == "mac" else record.ios
-    if current is None or current.socket_id != holder.socket_id:
-        return Release(record=None, peer=None)
+    current, other = (record.mac, record.ios) if role == "mac" else (record.ios, record.mac)
+    if current is not None and current.socket_id != holder.socket_id:
+        return Release(record=None, peer=None)  # replaced: the newer socket's peer_joined tells the peer
+    peer = _live(other, is_alive)
+    if current is None:
+        return Release(record=None, peer=peer)
     new = msgspec.structs.replace(record, last_activity_at=now_ms)
     if role == "mac":
         new.mac = None
-        peer = _live(record.ios, is_alive)
     else:
         new.ios = None
-        peer = _live(record.mac, is_alive)
     return Release(record=new, peer=peer)
 
 

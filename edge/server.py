@@ -307,7 +307,7 @@ class Edge:
             self._by_sid.pop(conn.subscription._id, None)
             with contextlib.suppress(Exception):
                 await conn.subscription.unsubscribe()
-        if not session.in_room or session.replaced or session.role is None:
+        if not (session.in_room or session.uncertain) or session.replaced or session.role is None:
             return
         last_seen = conn.last_message_ms or now_ms()
         try:
@@ -323,23 +323,24 @@ class Edge:
             session.room_id,
             lambda record, _seen: _released(rooms.release(record, holder, role, now, self._is_alive)),
         )
-        # Nothing released means a newer socket holds the slot: its peer_joined tells the peer.
-        if released.record is not None and released.peer is not None:
+        if released.peer is not None:
             event = PeerLeftEvent(reason=session.leave_reason)
             await self._publish_event(session, released.peer, other_role(role), event)
         await self._presence.put_last_seen(session.room_id, role, last_seen_ms, self._seen_ttl_s)
 
     async def _retry_release(self, session: Session, last_seen_ms: int) -> None:
-        """Keep trying to release a departed socket's slot while NATS is away (up to a minute)."""
-        for _ in range(60):
-            if await self._sleep(1.0):
-                return
+        """Keep trying to release a departed socket's slot while NATS is away, until the edge stops.
+
+        Giving up would leave a slot naming a socket that is gone, on an edge that lives.
+        """
+        backoff = 1.0
+        while not await self._sleep(backoff):
             try:
                 await self._release_and_announce(session, last_seen_ms)
+                log.info("room %s: released the %s slot of a departed socket", session.room_id, session.role)
                 return
             except (nats.errors.Error, asyncio.TimeoutError, StorageConflict):
-                continue
-        log.error("room %s: gave up releasing the %s slot of a departed socket", session.room_id, session.role)
+                backoff = min(backoff * 2, 5.0)
 
     async def _subscribe(self, conn: Connection, role: str) -> None:
         session = conn.session
@@ -484,6 +485,8 @@ class Edge:
         return seen
 
     def _is_alive(self, holder: SlotHolder) -> bool:
+        if holder.edge_id == self.settings.edge_id and holder.boot_id == self.boot_id:
+            return holder.socket_id in self.connections  # ours: we know for sure
         return self.live_edges.get(holder.edge_id) == holder.boot_id
 
     # --- background work ---------------------------------------------------------

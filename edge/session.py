@@ -106,6 +106,9 @@ class Session:
     in_room: bool = False
     peer: SlotHolder | None = None
     replaced: bool = False
+    # A room request failed without an answer: its write may have landed all the same,
+    # so the slot must be released when the socket goes, as if it had been accepted.
+    uncertain: bool = False
     # Why the socket ends, as its peer will hear it (`peer_disconnected.reason`).
     leave_reason: str = DisconnectReason.CLIENT_LEFT
     _busy: bool = False  # a room request is in flight
@@ -179,6 +182,7 @@ class Session:
     def request_failed(self) -> list[Action]:
         """The room request could not be carried out (storage unavailable): the client retries."""
         self._busy = False
+        self.uncertain = True
         return [Close(CloseCode.INTERNAL, "Internal error")] + self._release_held_events()
 
     def _release_held_events(self) -> list[Action]:

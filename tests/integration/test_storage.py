@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import nats
+import nats.errors
 
 from schemas.subjects import PRESENCE_BUCKET, ROOMS_BUCKET
 from tests.harness import Client, MacIdentity, connect_ios, connect_mac, paired, running_edges, sha256_hex
@@ -79,3 +80,40 @@ async def test_idle_room_drops_connection_state_and_keeps_its_identity(nats_url)
         assert record.mac is None and record.ios is None
         # The owner's secret still registers.
         await connect_mac(a, mac)
+
+
+def lose_next_write_ack(edge) -> None:
+    """Fault: the edge's next room write commits in JetStream, but its answer never arrives."""
+    store = edge._rooms
+    real_write = store.write
+
+    async def write(room_id, record, revision):
+        await real_write(room_id, record, revision)
+        store.write = real_write
+        raise nats.errors.TimeoutError
+
+    store.write = write
+
+
+async def test_a_release_whose_answer_was_lost_still_tells_the_peer(nats_url):
+    async with running_edges(nats_url) as (a, b):
+        mac_client, ios_client, _ = await paired(a, b)
+        lose_next_write_ack(a)
+        await mac_client.close()
+        assert await ios_client.expect("peer_disconnected") == {"type": "peer_disconnected", "reason": "client_left"}
+        assert (await ios_client.heartbeat())["mac_connected"] is False
+
+
+async def test_a_join_whose_answer_was_lost_leaves_no_phantom_iphone(nats_url):
+    async with running_edges(nats_url) as (a, b):
+        mac = MacIdentity.new()
+        mac_client, _ = await connect_mac(a, mac)
+        lose_next_write_ack(b)
+        ios_client, _ = await connect_ios(b, mac)
+        assert (await ios_client.expect_close())[0] == 1011  # a transient failure, never AUTH_FAILED
+        await mac_client.close()
+        # The Mac comes back while the iPhone is still in its backoff: nobody is there.
+        mac_again, _ = await connect_mac(a, mac)
+        await mac_again.expect_silence()
+        await mac_again.send(type="relay", payload="eA==")
+        await mac_again.expect_error("NO_PEER")

@@ -529,6 +529,12 @@ def test_leaving_socket_without_peer_tells_nobody():
     assert out.peer is None
 
 
+def test_release_of_an_already_free_slot_writes_nothing_but_still_names_the_peer():
+    # An earlier attempt committed but its answer was lost: the peer must still hear of it.
+    out = rooms.release(with_ios(mac=None), holder("m1"), "mac", T0 + 7, alive)
+    assert out == rooms.Release(record=None, peer=holder("i1", edge="e2"))
+
+
 def test_release_of_missing_room_does_nothing():
     assert rooms.release(None, holder("m1"), "mac", T0, alive) == rooms.Release(record=None, peer=None)
 
