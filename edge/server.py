@@ -15,7 +15,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -60,6 +60,9 @@ class Connection:
     last_seen_written_ms: int = 0
     closing: bool = False
     timed_out: bool = False
+    # Held while writing what the session decided about its peer, and while writing a
+    # frame from NATS, so that the client never sees a peer's frame before its peer_joined.
+    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 @dataclass(frozen=True)
@@ -319,7 +322,7 @@ class Edge:
     async def _release_and_announce(self, session: Session, last_seen_ms: int) -> None:
         """Free the session's slot if it still holds it, and tell the room's live peer why it left."""
         role, holder, now = session.role, session.holder, now_ms()
-        released = await self._rooms.transact(
+        released, _ = await self._rooms.transact(
             session.room_id,
             lambda record, _seen: _released(rooms.release(record, holder, role, now, self._is_alive)),
         )
@@ -356,10 +359,13 @@ class Edge:
                 except msgspec.DecodeError:
                     log.error("undecodable control event on %s", msg.subject)
                     return
-                await self._carry_out(conn, session.receive_event(event, sender))
-            elif session.accepts_frame_from(sender):
-                with contextlib.suppress(ConnectionClosed):
-                    await conn.ws.send(msg.data, text=True)
+                async with conn.write_lock:
+                    await self._carry_out(conn, session.receive_event(event, sender))
+                return
+            async with conn.write_lock:  # uncontended but while the session changes peers
+                if session.accepts_frame_from(sender):
+                    with contextlib.suppress(ConnectionClosed):
+                        await conn.ws.send(msg.data, text=True)
 
         conn.subscription = await self._nc.subscribe(
             room_subject(session.room_id, role),
@@ -390,20 +396,26 @@ class Edge:
                 )
             elif isinstance(action, RoomRequest):
                 try:
-                    outcome = await self._room_request(session, action.message)
+                    outcome, revision = await self._room_request(session, action.message)
                 except (nats.errors.Error, asyncio.TimeoutError, StorageConflict):
                     log.exception("room %s: request failed", session.room_id)
-                    await self._carry_out(conn, session.request_failed())
+                    await self._carry_out_in_order(conn, session.request_failed())
                 else:
                     if outcome.notice:
                         log.info("room %s: %s", session.room_id, outcome.notice)
-                    await self._carry_out(conn, session.apply(outcome))
+                    await self._carry_out_in_order(conn, session.apply(outcome, revision))
             elif isinstance(action, Notify):
                 await self._publish_event(session, action.to, action.role, action.event)
             elif isinstance(action, Subscribe):
                 await self._subscribe(conn, action.role)
             elif isinstance(action, Close):
                 await self._close(conn, action.code, action.reason, action.farewell)
+
+    async def _carry_out_in_order(self, conn: Connection, actions: list[Action]) -> None:
+        """Carry out actions that tell the client about its peer, never interleaved with frames
+        or other such news, so the client sees them in the order the session decided."""
+        async with conn.write_lock:
+            await self._carry_out(conn, actions)
 
     async def _close(self, conn: Connection, code: int, reason: str, farewell: bytes | None = None) -> None:
         """Close a socket within the close timeout, whatever the client does."""
@@ -455,7 +467,7 @@ class Edge:
             headers={HEADER_TO: to.socket_id, HEADER_FROM: session.socket_id, HEADER_EVENT: "1"},
         )
 
-    async def _room_request(self, session: Session, message: RegisterRoom | JoinRoom) -> rooms.Outcome:
+    async def _room_request(self, session: Session, message: RegisterRoom | JoinRoom) -> tuple[rooms.Outcome, int]:
         holder, now, settings = session.holder, now_ms(), self.settings
 
         def decide(stored: RoomRecord | None, seen: tuple[int | None, ...]) -> tuple[RoomRecord | None, rooms.Outcome]:
@@ -577,7 +589,7 @@ class Edge:
             for conn in list(self.connections.values()):
                 actions = conn.session.edge_died(edge_id, boot_id)
                 if actions:
-                    self._spawn(self._carry_out(conn, actions), "tell a socket its peer's edge died")
+                    self._spawn(self._carry_out_in_order(conn, actions), "tell a socket its peer's edge died")
         self.live_edges = view
 
     async def _liveness_loop(self) -> None:

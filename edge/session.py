@@ -81,6 +81,14 @@ class Close:
 
 Action = Send | Forward | RoomRequest | Notify | Subscribe | Close
 
+
+@dataclass(frozen=True)
+class _EdgeDied:
+    """An edge death held back while a room request is in flight."""
+
+    edge_id: str
+    boot_id: str
+
 ROLE_OF_REQUEST = {RegisterRoom: "mac", JoinRoom: "ios"}
 
 
@@ -112,7 +120,8 @@ class Session:
     # Why the socket ends, as its peer will hear it (`peer_disconnected.reason`).
     leave_reason: str = DisconnectReason.CLIENT_LEFT
     _busy: bool = False  # a room request is in flight
-    _held_events: list[tuple[EdgeEvent, str]] = field(default_factory=list)
+    _held_events: list[tuple[EdgeEvent | _EdgeDied, str]] = field(default_factory=list)
+    _peer_revision: int = 0  # room revision of the peer the client was last told of
 
     @property
     def holder(self) -> SlotHolder:
@@ -164,15 +173,18 @@ class Session:
 
     # --- from the room logic -----------------------------------------------------
 
-    def apply(self, outcome: Outcome) -> list[Action]:
-        """The room logic's decision on this session's request."""
+    def apply(self, outcome: Outcome, revision: int = 0) -> list[Action]:
+        """The room logic's decision on this session's request, written at room `revision`."""
         self._busy = False
         if outcome.accepted:
             self.in_room = True
             self.peer = outcome.peer
+            if any(isinstance(reply, PeerJoined) for reply in outcome.replies):
+                self._peer_revision = revision  # the client now knows the peer as of this revision
         actions: list[Action] = [Send(encode(reply)) for reply in outcome.replies]
         if outcome.notify_peer is not None and outcome.peer is not None:
-            actions.append(Notify(outcome.peer, self.peer_role, outcome.notify_peer))
+            event = msgspec.structs.replace(outcome.notify_peer, revision=revision)
+            actions.append(Notify(outcome.peer, self.peer_role, event))
         if outcome.evict is not None:
             actions.append(Notify(outcome.evict, self.role or "", ReplacedEvent(by_socket_id=self.socket_id)))
         if outcome.close is not None:
@@ -189,7 +201,10 @@ class Session:
         held, self._held_events = self._held_events, []
         actions: list[Action] = []
         for event, sender in held:
-            actions += self.receive_event(event, sender)
+            if isinstance(event, _EdgeDied):
+                actions += self.edge_died(event.edge_id, event.boot_id)
+            else:
+                actions += self.receive_event(event, sender)
         return actions
 
     # --- from other edges --------------------------------------------------------
@@ -204,7 +219,12 @@ class Session:
         if isinstance(event, PeerJoinedEvent):
             if not self.in_room:
                 return []
+            if event.revision and event.revision <= self._peer_revision:
+                # Events from different edges are not ordered among themselves: a late one
+                # about a peer that has been replaced since must not undo the newer one.
+                return []
             self.peer = event.peer
+            self._peer_revision = event.revision
             return [Send(encode(PeerJoined(event.public_key, event.session_nonce, event.ephemeral_key)))]
         if isinstance(event, PeerLeftEvent):
             if self.peer is None or self.peer.socket_id != sender:
@@ -226,6 +246,10 @@ class Session:
 
     def edge_died(self, edge_id: str, boot_id: str) -> list[Action]:
         """An edge incarnation's lease expired; if our peer lived there, it is gone."""
+        if self._busy:
+            # The request in flight may name that peer: judge after it, in the client's order.
+            self._held_events.append((_EdgeDied(edge_id, boot_id), ""))
+            return []
         peer = self.peer
         if peer is None or peer.edge_id != edge_id or peer.boot_id != boot_id:
             return []

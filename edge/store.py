@@ -102,22 +102,22 @@ class RoomStore:
         room_id: str,
         decide: Callable[[RoomRecord | None, tuple[int | None, ...]], tuple[RoomRecord | None, T]],
         extra: Callable[[RoomRecord], Awaitable[tuple[int | None, ...]]] | None = None,
-    ) -> T:
+    ) -> tuple[T, int]:
         """Read, decide, compare-and-set; on a lost race read again and decide again.
 
         `decide(record, extra)` returns the record to write (None: write nothing) and a
-        result, returned once the write (if any) has won. `extra(record)`, if given, is
-        awaited first to fetch what else the decision needs (lastSeen times).
+        result. Returns the result and the revision it holds for (the written one, or the
+        one read), once the write (if any) has won. `extra(record)`, if given, is awaited
+        first to fetch what else the decision needs (lastSeen times).
         """
         for attempt in range(_MAX_CAS_ATTEMPTS):
             record, revision = await self.get(room_id)
             more = await extra(record) if extra is not None and record is not None else ()
             new, result = decide(record, more)
             if new is None:
-                return result
+                return result, revision
             try:
-                await self.write(room_id, new, revision)
-                return result
+                return result, await self.write(room_id, new, revision)
             except nats.js.errors.KeyWrongLastSequenceError:
                 await asyncio.sleep(min(0.001 * 2**attempt, 0.05))
         raise StorageConflict(f"room {room_id}: {_MAX_CAS_ATTEMPTS} compare-and-set attempts lost")

@@ -21,12 +21,17 @@ HEADER_EVENT = "Relay-Event"  # present (value "1") on control events only
 
 
 class PeerJoinedEvent(Struct, tag="peer_joined", tag_field="event", kw_only=True):
-    """The sender now holds the other slot of the room; forward its keys as `peer_joined`."""
+    """The sender now holds the other slot of the room; forward its keys as `peer_joined`.
+
+    `revision` is the room record's revision that made it so: of two such events, the
+    later revision wins, whatever order they arrive in.
+    """
 
     peer: SlotHolder
     public_key: str
     session_nonce: str = ""
     ephemeral_key: str = ""
+    revision: int = 0
 
 
 class PeerLeftEvent(Struct, tag="peer_left", tag_field="event"):

@@ -343,3 +343,33 @@ async def test_racing_first_registers_with_different_secrets_have_exactly_one_wi
         await asyncio.gather(clients[0].send(**mine.register_message()), clients[1].send(**theirs.register_message()))
         replies = sorted([(await c.recv())["type"] for c in clients])
         assert replies == ["error", "room_registered"]
+
+
+async def test_a_late_peer_joined_about_a_replaced_iphone_does_not_undo_the_newer_one(nats_url):
+    from schemas.edge_events import PeerJoinedEvent
+
+    async with running_edges(nats_url, count=3) as (a, b, c):
+        mac = MacIdentity.new()
+        mac_client, _ = await connect_mac(a, mac)
+        publish = b._publish_event
+
+        async def slow_publish(session, to, role, event):
+            if isinstance(event, PeerJoinedEvent):
+                await asyncio.sleep(0.1)  # fault: edge b is slow to tell the Mac about its iPhone
+            await publish(session, to, role, event)
+
+        b._publish_event = slow_publish
+        first, second = await Client.connect(b, mac.room_id, "ios"), await Client.connect(c, mac.room_id, "ios")
+        await first.send(**join_message(mac))
+        await asyncio.sleep(0.02)
+        second_join = join_message(mac)
+        await second.send(**second_join)
+        assert (await first.expect_close())[0] == 4001
+        await second.expect("peer_joined")
+        # The Mac hears of the second iPhone; the late news of the first is dropped.
+        assert (await mac_client.expect("peer_joined"))["public_key"] == second_join["public_key"]
+        await mac_client.expect_silence(within=0.3)
+        await second.send(type="relay", payload="from-second")
+        assert (await mac_client.expect("relay"))["payload"] == "from-second"
+        await mac_client.send(type="relay", payload="from-mac")
+        assert (await second.expect("relay"))["payload"] == "from-mac"

@@ -483,3 +483,55 @@ def test_socket_is_silent_from_the_dead_threshold_on():
     assert s.is_silent(145.0, 45.0) is True
     s.receive(frame("heartbeat"), now=140.0)
     assert s.is_silent(145.0, 45.0) is False
+
+
+# --- ordering across edges: revisions and held edge deaths ------------------------------
+
+
+def joined_event(socket_id: str, revision: int) -> PeerJoinedEvent:
+    return PeerJoinedEvent(peer=holder(socket_id, edge="e3", boot="b3"), public_key=f"key-{socket_id}", revision=revision)
+
+
+def test_a_peer_joined_event_older_than_the_peer_the_client_knows_is_ignored():
+    s = in_room("mac")
+    assert wire_all(s.receive_event(joined_event("i2", revision=20), "i2"))[0]["public_key"] == "key-i2"
+    assert s.receive_event(joined_event("i1", revision=10), "i1") == []  # late news of a replaced iPhone
+    assert s.peer.socket_id == "i2"
+
+
+def test_a_newer_peer_joined_event_replaces_the_peer():
+    s = in_room("mac")
+    s.receive_event(joined_event("i1", revision=10), "i1")
+    assert wire_all(s.receive_event(joined_event("i2", revision=11), "i2"))[0]["public_key"] == "key-i2"
+    assert s.peer.socket_id == "i2"
+
+
+def test_notify_carries_the_revision_of_the_write_that_made_us_the_holder():
+    s = session("ios")
+    s.receive(join_frame(), now=1.0)
+    event = PeerJoinedEvent(peer=s.holder, public_key=IOS_KEY)
+    outcome = Outcome(accepted=True, peer=MAC_PEER, replies=(PeerJoined(MAC_KEY),), notify_peer=event)
+    notify = [a for a in s.apply(outcome, revision=42) if isinstance(a, Notify)]
+    assert notify[0].event.revision == 42
+
+
+def test_a_rotation_does_not_hide_an_iphone_the_mac_was_not_told_of_yet():
+    s = session("mac")
+    s.receive(reg_frame(), now=1.0)
+    s.apply(Outcome(accepted=True, replies=(RoomRegistered(room_id=ROOM),)), revision=5)
+    s.receive(reg_frame(secret_hash="b" * 64, ephemeral_key=""), now=2.0)  # rotation in flight
+    assert s.receive_event(joined_event("i1", revision=6), "i1") == []  # held
+    # The rotation (revision 7) saw the iPhone in the record but sends no peer_joined:
+    actions = s.apply(Outcome(accepted=True, peer=holder("i1", edge="e3", boot="b3"), replies=(RoomRegistered(room_id=ROOM),)), revision=7)
+    assert [m["type"] for m in wire_all(actions)] == ["room_registered", "peer_joined"]
+
+
+def test_an_edge_death_during_a_room_request_is_judged_after_it():
+    s = session("mac")
+    s.receive(reg_frame(), now=1.0)
+    assert s.edge_died("e3", "b3") == []  # held: the outcome may name a peer there
+    actions = s.apply(
+        Outcome(accepted=True, peer=IOS_PEER, replies=(RoomRegistered(room_id=ROOM), PeerJoined(IOS_KEY))), revision=3
+    )
+    assert [m["type"] for m in wire_all(actions)] == ["room_registered", "peer_joined", "peer_disconnected"]
+    assert s.peer is None
