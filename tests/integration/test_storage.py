@@ -111,6 +111,11 @@ async def test_a_join_whose_answer_was_lost_leaves_no_phantom_iphone(nats_url):
         lose_next_write_ack(b)
         ios_client, _ = await connect_ios(b, mac)
         assert (await ios_client.expect_close())[0] == 1011  # a transient failure, never AUTH_FAILED
+        # The join did land; the edge releases the slot as the socket goes.
+        deadline = time.monotonic() + 5
+        while (await a._rooms.get(mac.room_id))[0].ios is not None:
+            assert time.monotonic() < deadline, "the failed join's slot was never released"
+            await asyncio.sleep(0.02)
         await mac_client.close()
         # The Mac comes back while the iPhone is still in its backoff: nobody is there.
         mac_again, _ = await connect_mac(a, mac)
