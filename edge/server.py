@@ -48,6 +48,10 @@ from schemas.subjects import ROLES, edge_id_of_lease_key, is_valid_room_id, room
 
 log = logging.getLogger("edge")
 
+# Control events are acknowledged by the addressee's edge; these bound the waiting.
+_EVENT_ACK_TIMEOUT_S = 1.0
+_EVENT_ATTEMPTS = 3
+
 
 @dataclass(eq=False)
 class Connection:
@@ -354,6 +358,10 @@ class Edge:
                 return  # meant for another socket of this room and role (a takeover is under way)
             sender = headers.get(HEADER_FROM, "")
             if HEADER_EVENT in headers:
+                if msg.reply:
+                    # Acknowledge receipt at once, not after processing: the sender may be
+                    # holding its own socket's write lock while it waits for this.
+                    await msg.respond(b"")
                 try:
                     event = edge_event_decoder.decode(msg.data)
                 except msgspec.DecodeError:
@@ -461,11 +469,27 @@ class Edge:
         return max(self.settings.close_timeout_ms / 1000, 0.05)
 
     async def _publish_event(self, session: Session, to: SlotHolder, role: str, event: Any) -> None:
-        await self._nc.publish(
-            room_subject(session.room_id, role),
-            msgspec.json.encode(event),
-            headers={HEADER_TO: to.socket_id, HEADER_FROM: session.socket_id, HEADER_EVENT: "1"},
-        )
+        """Send a control event to the socket `to`, until its edge has it.
+
+        Core NATS delivers at most once, and a lost `peer_left` or `peer_joined` would leave
+        a client believing in a peer that is gone (or never hearing of one that came). So
+        control events are requests that the addressee's edge acknowledges on receipt; a
+        repeat is harmless (sessions ignore news they already have). Frames are not: a
+        lost frame is handled by restarting the session (see `_nats_reconnected`).
+        """
+        subject, data = room_subject(session.room_id, role), msgspec.json.encode(event)
+        headers = {HEADER_TO: to.socket_id, HEADER_FROM: session.socket_id, HEADER_EVENT: "1"}
+        for _ in range(_EVENT_ATTEMPTS):
+            try:
+                await self._nc.request(subject, data, timeout=_EVENT_ACK_TIMEOUT_S, headers=headers)
+                return
+            except nats.errors.NoRespondersError:
+                # Nobody holds that socket any more: there is no one to tell.
+                log.info("room %s: no %s socket to take a %s event", session.room_id, role, type(event).__name__)
+                return
+            except nats.errors.TimeoutError:
+                continue
+        log.warning("room %s: a %s event to a %s socket went unacknowledged", session.room_id, type(event).__name__, role)
 
     async def _room_request(self, session: Session, message: RegisterRoom | JoinRoom) -> tuple[rooms.Outcome, int]:
         holder, now, settings = session.holder, now_ms(), self.settings

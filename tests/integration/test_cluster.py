@@ -6,10 +6,13 @@ import asyncio
 import json
 from collections.abc import Iterator
 
+import nats
+import nats.errors
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from edge.embedded_nats import EmbeddedNatsCluster
+from schemas.subjects import PRESENCE_BUCKET, ROOMS_BUCKET
 from tests.harness import Client, connect_mac, paired, running_edges
 
 
@@ -17,6 +20,32 @@ from tests.harness import Client, connect_mac, paired, running_edges
 def cluster() -> Iterator[EmbeddedNatsCluster]:
     with EmbeddedNatsCluster(size=3) as nats_cluster:
         yield nats_cluster
+
+
+async def restart_and_wait_healthy(cluster: EmbeddedNatsCluster, node) -> None:
+    """Bring a killed node back and wait until every bucket has a leader and all replicas
+    are current again, so that the next test starts on a whole cluster."""
+    node.start()
+    nc = await nats.connect(servers=cluster.urls)
+    try:
+        js = nc.jetstream()
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            try:
+                infos = [await js.stream_info(f"KV_{bucket}") for bucket in (ROOMS_BUCKET, PRESENCE_BUCKET)]
+                if all(
+                    info.cluster
+                    and info.cluster.leader
+                    and all(peer.current and not peer.offline for peer in info.cluster.replicas or [])
+                    for info in infos
+                ):
+                    return
+            except (nats.errors.Error, asyncio.TimeoutError):
+                pass
+            assert asyncio.get_running_loop().time() < deadline, "the cluster did not recover"
+            await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
 
 
 async def test_mac_and_ios_on_edges_of_different_nats_nodes_relay_in_order(cluster):
@@ -67,7 +96,7 @@ async def test_losing_the_nats_node_of_an_edge_keeps_the_rooms_and_restarts_its_
             else:
                 raise AssertionError("the Mac never registered again")
         finally:
-            lost.start()
+            await restart_and_wait_healthy(cluster, lost)
 
 
 async def test_a_departure_while_its_edge_has_no_nats_is_announced_once_it_reconnects(cluster):
@@ -84,4 +113,4 @@ async def test_a_departure_while_its_edge_has_no_nats_is_announced_once_it_recon
                 "reason": "client_left",
             }
         finally:
-            lost.start()
+            await restart_and_wait_healthy(cluster, lost)
