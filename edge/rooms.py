@@ -69,8 +69,14 @@ def register(
     now_ms: int,
     is_alive: IsAlive,
     max_sessions: int | None = None,
+    registered_before: bool = True,
 ) -> Outcome:
-    """A Mac socket's `register_room` (protocol.md §4.3, §4.5, §12 items 8–10, 12, 14)."""
+    """A Mac socket's `register_room` (protocol.md §4.3, §4.5, §12 items 8–10, 12, 14).
+
+    `registered_before`: whether this socket had registered before this request. A record
+    that names a socket which had not can only come from this same request, retried after
+    its write landed unseen: it is then treated as the first register it is.
+    """
     nonce = msg.session_nonce or ""
     ephemeral = msg.ephemeral_key or ""
     registered = RoomRegistered(room_id=msg.room_id, max_sessions=max_sessions)
@@ -94,7 +100,7 @@ def register(
         return _fail(ErrorCode.ACCOUNT_MISMATCH, "This room is owned by a different account")
 
     new = msgspec.structs.replace(record, last_activity_at=now_ms)
-    same_socket = record.mac is not None and record.mac.socket_id == by.socket_id
+    same_socket = registered_before and record.mac is not None and record.mac.socket_id == by.socket_id
 
     if same_socket and _same(msg.public_key, record.mac_public_key):
         # Secret rotation (or a legacy pairing refresh) on the registered socket: the
@@ -160,7 +166,8 @@ def join(record: RoomRecord | None, msg: JoinRoom, by: SlotHolder, now_ms: int, 
         if not token_matches:
             reason = "Invalid pairing token" if msg.pairing_token_hash else "Room secret mismatch"
             return _fail(ErrorCode.AUTH_FAILED, reason, close=(CloseCode.AUTH_FAILED, "auth failed"))
-        if record.pairing_token_used:
+        used_by_us = record.ios is not None and record.ios.socket_id == by.socket_id
+        if record.pairing_token_used and not used_by_us:  # (a retried join finds its own use)
             return _fail(ErrorCode.AUTH_FAILED, "Pairing token already used", close=denied)
         expires = record.pairing_token_expires_at
         if expires is not None and now_ms >= expires * 1000:

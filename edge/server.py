@@ -48,6 +48,8 @@ from schemas.subjects import ROLES, edge_id_of_lease_key, is_valid_room_id, room
 
 log = logging.getLogger("edge")
 
+# How long one JetStream request may take; short, so that the budget allows retries.
+_JETSTREAM_TIMEOUT_S = 2.0
 # Control events are acknowledged by the addressee's edge; these bound the waiting.
 _EVENT_ACK_TIMEOUT_S = 1.0
 _EVENT_ATTEMPTS = 3
@@ -181,7 +183,7 @@ class Edge:
     async def _open_storage(self) -> None:
         """Open the buckets and take our lease, waiting out a JetStream that is not ready yet
         (a cluster elects its leaders for some seconds after it starts)."""
-        js = self._nc.jetstream()
+        js = self._nc.jetstream(timeout=_JETSTREAM_TIMEOUT_S)
         backoff = 0.2
         while True:
             try:
@@ -404,7 +406,7 @@ class Edge:
                 )
             elif isinstance(action, RoomRequest):
                 try:
-                    outcome, revision = await self._room_request(session, action.message)
+                    outcome, revision = await self._room_request_with_retries(session, action.message)
                 except (nats.errors.Error, asyncio.TimeoutError, StorageConflict):
                     log.exception("room %s: request failed", session.room_id)
                     await self._carry_out_in_order(conn, session.request_failed())
@@ -491,15 +493,37 @@ class Edge:
                 continue
         log.warning("room %s: a %s event to a %s socket went unacknowledged", session.room_id, type(event).__name__, role)
 
+    async def _room_request_with_retries(
+        self, session: Session, message: RegisterRoom | JoinRoom
+    ) -> tuple[rooms.Outcome, int]:
+        """A room request, retried through brief storage trouble (a leader election) for up to
+        `storage_retry_budget_ms`, inside the Mac's 10 s register timer. Failing costs more
+        than waiting: the client reconnects, and a rotation that never landed would turn
+        into an AUTH_FAILED on its next register."""
+        deadline = asyncio.get_running_loop().time() + self.settings.storage_retry_budget_ms / 1000
+        delay = 0.1
+        while True:
+            try:
+                return await self._room_request(session, message)
+            except (nats.errors.TimeoutError, asyncio.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
+                if asyncio.get_running_loop().time() + delay >= deadline:
+                    raise
+                log.warning("room %s: storage did not answer (%s); retrying", session.room_id, type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
     async def _room_request(self, session: Session, message: RegisterRoom | JoinRoom) -> tuple[rooms.Outcome, int]:
         holder, now, settings = session.holder, now_ms(), self.settings
+        registered_before = session.in_room
 
         def decide(stored: RoomRecord | None, seen: tuple[int | None, ...]) -> tuple[RoomRecord | None, rooms.Outcome]:
             record = stored
             if stored is not None:
                 record = rooms.expire_idle(stored, now, settings.room_idle_timeout_ms, self._is_alive, seen)
             if isinstance(message, RegisterRoom):
-                outcome = rooms.register(record, message, holder, now, self._is_alive, settings.max_sessions)
+                outcome = rooms.register(
+                    record, message, holder, now, self._is_alive, settings.max_sessions, registered_before
+                )
             else:
                 outcome = rooms.join(record, message, holder, now, self._is_alive)
             if outcome.record is None and record is not stored:

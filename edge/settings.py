@@ -57,6 +57,10 @@ class EdgeSettings:
 
     # Storage.
     kv_replicas: int = field(default=1, metadata={"help": "replicas of the KV buckets (3 in a production cluster)"})
+    storage_retry_budget_ms: int = field(
+        default=8_000,
+        metadata={"help": "how long a register/join waits out storage trouble before closing 1011 (under the Mac's 10 s)"},
+    )
 
     # Closing.
     close_timeout_ms: int = field(default=5_000, metadata={"help": "time a closing handshake may take before the connection is dropped"})

@@ -82,14 +82,17 @@ async def test_idle_room_drops_connection_state_and_keeps_its_identity(nats_url)
         await connect_mac(a, mac)
 
 
-def lose_next_write_ack(edge) -> None:
-    """Fault: the edge's next room write commits in JetStream, but its answer never arrives."""
+def lose_write_acks(edge, count: int = 1) -> None:
+    """Fault: the edge's next `count` room writes commit in JetStream, but their answers never arrive."""
     store = edge._rooms
     real_write = store.write
+    left = [count]
 
     async def write(room_id, record, revision):
-        await real_write(room_id, record, revision)
-        store.write = real_write
+        revision = await real_write(room_id, record, revision)
+        left[0] -= 1
+        if left[0] <= 0:
+            store.write = real_write
         raise nats.errors.TimeoutError
 
     store.write = write
@@ -98,19 +101,53 @@ def lose_next_write_ack(edge) -> None:
 async def test_a_release_whose_answer_was_lost_still_tells_the_peer(nats_url):
     async with running_edges(nats_url) as (a, b):
         mac_client, ios_client, _ = await paired(a, b)
-        lose_next_write_ack(a)
+        lose_write_acks(a)
         await mac_client.close()
         assert await ios_client.expect("peer_disconnected") == {"type": "peer_disconnected", "reason": "client_left"}
         assert (await ios_client.heartbeat())["mac_connected"] is False
 
 
-async def test_a_join_whose_answer_was_lost_leaves_no_phantom_iphone(nats_url):
+async def test_a_join_whose_answer_was_lost_is_retried_and_pairs_once(nats_url):
     async with running_edges(nats_url) as (a, b):
         mac = MacIdentity.new()
         mac_client, _ = await connect_mac(a, mac)
-        lose_next_write_ack(b)
+        lose_write_acks(b)
+        ios_client, join = await connect_ios(b, mac)
+        assert (await ios_client.expect("peer_joined"))["public_key"] == mac.public_key
+        assert (await mac_client.expect("peer_joined"))["public_key"] == join["public_key"]
+        await ios_client.expect_silence()
+
+
+async def test_a_pairing_join_whose_answer_was_lost_does_not_burn_its_own_token(nats_url):
+    async with running_edges(nats_url) as (a, b):
+        mac = MacIdentity.new()
+        token_hash = sha256_hex("lost-ack-pairing-token")
+        mac_client, _ = await connect_mac(a, mac, pairing_token_hash=token_hash, pairing_token_expires_at=int(time.time()) + 300)
+        lose_write_acks(b)
+        ios_client, _ = await connect_ios(b, mac, secret_hash=None, pairing_token_hash=token_hash)
+        await ios_client.expect("peer_joined")  # not "Pairing token already used"
+        await mac_client.expect("peer_joined")
+
+
+async def test_a_register_whose_answer_was_lost_still_tells_both_sides(nats_url):
+    async with running_edges(nats_url) as (a, b):
+        mac_client, ios_client, mac = await paired(a, b)
+        await mac_client.close()
+        await ios_client.expect("peer_disconnected")
+        lose_write_acks(a)
+        mac_again, register = await connect_mac(a, mac)
+        await mac_again.expect("peer_joined")  # the retry is a first register, not a rotation
+        assert (await ios_client.expect("peer_joined"))["ephemeral_key"] == register["ephemeral_key"]
+
+
+async def test_a_join_that_cannot_be_confirmed_gets_1011_and_leaves_no_phantom_iphone(nats_url):
+    async with running_edges(nats_url, storage_retry_budget_ms=300) as (a, b):
+        mac = MacIdentity.new()
+        mac_client, _ = await connect_mac(a, mac)
+        lose_write_acks(b, count=100)  # every answer lost, past the retry budget
         ios_client, _ = await connect_ios(b, mac)
         assert (await ios_client.expect_close())[0] == 1011  # a transient failure, never AUTH_FAILED
+        b._rooms.write = type(b._rooms).write.__get__(b._rooms)  # storage answers again
         # The join did land; the edge releases the slot as the socket goes.
         deadline = time.monotonic() + 5
         while (await a._rooms.get(mac.room_id))[0].ios is not None:

@@ -630,3 +630,23 @@ def test_register_with_changed_public_key_is_logged_as_a_notice_without_key_mate
     assert "NEWKEY" not in out.notice and MAC_KEY not in out.notice
     same_key = rooms.register(room(mac=None), reg(), holder("m2"), T0 + 1, alive)
     assert same_key.notice is None
+
+
+# --- retries of requests whose write landed unseen -------------------------------------
+
+
+def test_register_retried_after_an_unseen_write_is_a_first_register_not_a_rotation():
+    # The record names this socket only because the first attempt landed.
+    record = with_ios(mac=holder("m2"))
+    out = rooms.register(record, reg(), holder("m2"), T0 + 1, alive, registered_before=False)
+    assert out.accepted
+    assert [type(r).__name__ for r in out.replies] == ["RoomRegistered", "PeerJoined"]
+    assert out.notify_peer is not None and out.evict is None
+
+
+def test_pairing_join_retried_after_an_unseen_write_finds_its_own_use_of_the_token():
+    record = room(pairing_token_hash=TOKEN, pairing_token_used=True, ios=holder("i1", edge="e2"))
+    mine = rooms.join(record, joinmsg(secret_hash=None, pairing_token_hash=TOKEN), holder("i1", edge="e2"), T0 + 1, alive)
+    assert mine.accepted
+    someone_else = rooms.join(record, joinmsg(secret_hash=None, pairing_token_hash=TOKEN), holder("i9"), T0 + 1, alive)
+    assert not someone_else.accepted and someone_else.close[0] == 4003
