@@ -50,6 +50,8 @@ log = logging.getLogger("edge")
 
 # How long one JetStream request may take; short, so that the budget allows retries.
 _JETSTREAM_TIMEOUT_S = 2.0
+# How long shutdown waits, after the closes, for departed sockets' slots to be released.
+_SHUTDOWN_RELEASE_S = 10.0
 # Control events are acknowledged by the addressee's edge; these bound the waiting.
 _EVENT_ACK_TIMEOUT_S = 1.0
 _EVENT_ATTEMPTS = 3
@@ -201,8 +203,10 @@ class Edge:
         """Stop accepting, release every slot (peers hear `server_restart`), close 1001."""
         server.close(close_connections=False)
         await self._close_all(CloseCode.GOING_AWAY, "server restarting", DisconnectReason.SERVER_RESTART)
+        # The handlers are releasing slots and telling peers `server_restart`: the lease must
+        # outlive that, or peers would hear `timeout` instead.
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(server.wait_closed(), self._close_timeout_s)
+            await asyncio.wait_for(server.wait_closed(), self._close_timeout_s + _SHUTDOWN_RELEASE_S)
         with contextlib.suppress(Exception):
             await self._nc.flush(timeout=2)
             await self._presence.drop_lease(self.settings.edge_id)
