@@ -48,6 +48,8 @@ from schemas.subjects import ROLES, edge_id_of_lease_key, is_valid_room_id, room
 
 log = logging.getLogger("edge")
 
+_BAD_ROOM_ID = "room_id must match ^[A-Za-z0-9_-]{1,128}$\n"
+
 # How long one JetStream request may take; short, so that the budget allows retries.
 _JETSTREAM_TIMEOUT_S = 2.0
 # How long shutdown waits, after the closes, for departed sockets' slots to be released.
@@ -63,6 +65,9 @@ class Connection:
 
     ws: ServerConnection
     session: Session
+    # role → the room subject of that role, built once (the room id was validated at the
+    # upgrade; re-validating it per forwarded frame would be work on the hot path).
+    subjects: dict[str, str] = field(default_factory=dict)
     subscription: Subscription | None = None
     last_message_ms: int = 0  # wall clock of the last inbound frame, for lastSeen
     last_seen_written_ms: int = 0
@@ -226,7 +231,7 @@ class Edge:
             room_id = (query.get("room_id") or [""])[0]
             role = (query.get("role") or [None])[0]
             if not is_valid_room_id(room_id):
-                return _text(ws, http.HTTPStatus.BAD_REQUEST, "room_id must match ^[A-Za-z0-9_-]{1,128}$\n")
+                return _text(ws, http.HTTPStatus.BAD_REQUEST, _BAD_ROOM_ID)
             if role not in (None, *ROLES):
                 return _text(ws, http.HTTPStatus.BAD_REQUEST, "role must be mac or ios\n")
             user_id = self._authenticate(request)
@@ -258,27 +263,26 @@ class Edge:
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             return _text(ws, http.HTTPStatus.UNAUTHORIZED, "a valid operator token is required\n")
         if not is_valid_room_id(room_id):
-            return _text(ws, http.HTTPStatus.BAD_REQUEST, "room_id must match ^[A-Za-z0-9_-]{1,128}$\n")
+            return _text(ws, http.HTTPStatus.BAD_REQUEST, _BAD_ROOM_ID)
         try:
             record, _ = await self._rooms.get(room_id)
             if record is None:
                 return _json(ws, {"exists": False})
-            mac_seen = await self._presence.get_last_seen(room_id, "mac")
-            ios_seen = await self._presence.get_last_seen(room_id, "ios")
+            seen = await self._presence.get_room_last_seen(room_id)
         except (nats.errors.Error, asyncio.TimeoutError):
             log.exception("status of room %s: storage unavailable", room_id)
             return _text(ws, http.HTTPStatus.SERVICE_UNAVAILABLE, "storage unavailable\n")
         now = now_ms()
-        record = rooms.expire_idle(record, now, self.settings.room_idle_timeout_ms, self._is_alive, (mac_seen, ios_seen))
+        record = rooms.expire_idle(record, now, self.settings.room_idle_timeout_ms, self._is_alive, seen)
         return _json(
             ws,
             {
                 "exists": True,
                 "mac_connected": record.mac is not None and self._is_alive(record.mac),
                 "ios_connected": record.ios is not None and self._is_alive(record.ios),
-                "mac_last_seen": mac_seen,
-                "ios_last_seen": ios_seen,
-                "idle_seconds": max(0, (now - rooms.last_activity(record, (mac_seen, ios_seen))) // 1000),
+                "mac_last_seen": seen[0],
+                "ios_last_seen": seen[1],
+                "idle_seconds": max(0, (now - rooms.last_activity(record, seen)) // 1000),
             },
         )
 
@@ -295,7 +299,7 @@ class Edge:
             user_id=target.user_id,
             last_message_at=time.monotonic(),
         )
-        conn = Connection(ws=ws, session=session)
+        conn = Connection(ws=ws, session=session, subjects={role: room_subject(target.room_id, role) for role in ROLES})
         self.connections[session.socket_id] = conn
         try:
             if target.role is not None:
@@ -382,7 +386,7 @@ class Edge:
                         await conn.ws.send(msg.data, text=True)
 
         conn.subscription = await self._nc.subscribe(
-            room_subject(session.room_id, role),
+            conn.subjects[role],
             cb=deliver,
             pending_msgs_limit=self.settings.socket_queue_max_msgs,
             pending_bytes_limit=self.settings.socket_queue_max_bytes,
@@ -404,7 +408,7 @@ class Edge:
                     await self._close(conn, CloseCode.TOO_BIG, "frame too large for this relay")
                     return
                 await self._nc.publish(
-                    room_subject(session.room_id, session.peer_role),
+                    conn.subjects[session.peer_role],
                     action.data,
                     headers={HEADER_TO: action.to.socket_id, HEADER_FROM: session.socket_id},
                 )
@@ -541,10 +545,7 @@ class Edge:
             # lastSeen only matters to a room that looks idle by its record alone.
             if rooms.expire_idle(record, now, self.settings.room_idle_timeout_ms, self._is_alive) is record:
                 return ()
-            return (
-                await self._presence.get_last_seen(record.room_id, "mac"),
-                await self._presence.get_last_seen(record.room_id, "ios"),
-            )
+            return await self._presence.get_room_last_seen(record.room_id)
 
         return seen
 

@@ -24,6 +24,7 @@ from nats.js.kv import KeyValue
 
 from schemas.records import EdgeLease, RoomRecord, edge_lease_decoder, room_record_decoder
 from schemas.subjects import (
+    EDGE_LEASE_FILTER,
     PRESENCE_BUCKET,
     ROOMS_BUCKET,
     edge_lease_key,
@@ -161,7 +162,7 @@ class Presence:
 
     async def watch_leases(self) -> KeyValue.KeyWatcher:
         """A watcher over all edge leases (one per edge: each watcher is a server-side consumer)."""
-        return await self._kv.watch("edge.*")
+        return await self._kv.watch(EDGE_LEASE_FILTER)
 
     @staticmethod
     def decode_lease(entry: KeyValue.Entry) -> EdgeLease | None:
@@ -176,6 +177,11 @@ class Presence:
     async def put_last_seen(self, room_id: str, role: str, at_ms: int, ttl_s: float) -> None:
         """Record when a room's `role` socket last sent anything. Expires with the room's idleness."""
         await self._js.publish(self._subject_prefix + last_seen_key(room_id, role), str(at_ms).encode(), msg_ttl=ttl_s)
+
+    async def get_room_last_seen(self, room_id: str) -> tuple[int | None, int | None]:
+        """lastSeen of a room's Mac and iOS sockets (epoch ms, or None)."""
+        mac, ios = await asyncio.gather(self.get_last_seen(room_id, "mac"), self.get_last_seen(room_id, "ios"))
+        return mac, ios
 
     async def get_last_seen(self, room_id: str, role: str) -> int | None:
         try:

@@ -16,6 +16,7 @@ ROLES = ("mac", "ios")
 ROOMS_BUCKET = "relay_rooms"
 PRESENCE_BUCKET = "relay_presence"
 _SUBJECT_ROOT = "relay.room"
+_EDGE_PREFIX = "edge."
 
 
 def is_valid_room_id(room_id: str) -> bool:
@@ -59,12 +60,12 @@ def edge_lease_key(edge_id: str) -> str:
     """Key of an edge's lease in the presence bucket."""
     if not is_valid_edge_id(edge_id):
         raise ValueError(f"invalid edge id: {edge_id!r}")
-    return f"edge.{edge_id}"
+    return _EDGE_PREFIX + edge_id
 
 
-EDGE_LEASE_FILTER = "edge.*"
+EDGE_LEASE_FILTER = _EDGE_PREFIX + "*"
 
 
 def edge_id_of_lease_key(key: str) -> str:
     """Inverse of `edge_lease_key`."""
-    return key.removeprefix("edge.")
+    return key.removeprefix(_EDGE_PREFIX)
