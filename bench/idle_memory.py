@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import resource
-import signal
 import sys
 
 from edge.embedded_nats import EmbeddedNatsServer
@@ -28,8 +27,7 @@ async def measure(pairs: int) -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     with EmbeddedNatsServer() as nats_server:
-        edge = await EdgeProcess(nats_server.url).start()
-        try:
+        async with EdgeProcess(nats_server.url) as edge:
             await asyncio.sleep(0.5)
             before = rss_kib(edge.process.pid)
             clients = []
@@ -44,9 +42,6 @@ async def measure(pairs: int) -> None:
             after = rss_kib(edge.process.pid)
             per = (after - before) / (2 * pairs)
             print(f"{pairs} idle pairs: edge RSS {before} -> {after} KiB, {per:.1f} KiB per connection")
-        finally:
-            await edge.stop(signal.SIGKILL)
-
 
 if __name__ == "__main__":
     asyncio.run(measure(int(sys.argv[1]) if len(sys.argv) > 1 else 1000))

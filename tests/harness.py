@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import secrets
+import signal
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -242,6 +243,12 @@ class EdgeProcess:
         if self.process.returncode is None:
             self.process.send_signal(sig)
         return await asyncio.wait_for(self.process.wait(), 20)
+
+    async def __aenter__(self) -> "EdgeProcess":
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop(signal.SIGKILL)  # only if it is still running: by PID, ours alone
 
     def log_text(self) -> str:
         """Everything the edge has logged so far."""

@@ -57,8 +57,7 @@ async def test_heartbeats_keep_a_socket_alive_past_the_dead_threshold(nats_url):
 
 
 async def test_dead_edge_lease_expiry_tells_peer_timeout(nats_url):
-    edge_process = await EdgeProcess(nats_url, edge_lease_ttl_ms=1000).start()
-    try:
+    async with EdgeProcess(nats_url, edge_lease_ttl_ms=1000) as edge_process:
         async with running_edges(nats_url, count=1) as (survivor,):
             mac = MacIdentity.new()
             mac_client, _ = await connect_mac(survivor, mac)
@@ -79,13 +78,10 @@ async def test_dead_edge_lease_expiry_tells_peer_timeout(nats_url):
             ios_again, _ = await connect_ios(survivor, mac)
             await ios_again.expect("peer_joined")
             await mac_client.expect("peer_joined")
-    finally:
-        await edge_process.stop(signal.SIGKILL)
 
 
 async def test_sigterm_closes_every_socket_1001_and_peers_hear_server_restart(nats_url):
-    edge_process = await EdgeProcess(nats_url, admin_token="op-secret-42").start()
-    try:
+    async with EdgeProcess(nats_url, admin_token="op-secret-42") as edge_process:
         async with running_edges(nats_url, count=1) as (survivor,):
             pairs = [await paired(edge_process, survivor) for _ in range(3)]
             local = await paired(edge_process, edge_process)  # both sides on the stopping edge
@@ -106,21 +102,16 @@ async def test_sigterm_closes_every_socket_1001_and_peers_hear_server_restart(na
                 mac_client, _ = await connect_mac(survivor, mac)
                 await mac_client.expect("peer_joined")
                 await ios_client.expect("peer_joined")
-    finally:
-        await edge_process.stop(signal.SIGKILL)
 
 
 async def test_sigterm_frees_the_slots_so_status_shows_them_disconnected(nats_url):
-    edge_process = await EdgeProcess(nats_url).start()
-    try:
+    async with EdgeProcess(nats_url) as edge_process:
         async with running_edges(nats_url, count=1) as (other,):
             mac_client, ios_client, mac = await paired(edge_process, other)
             await edge_process.stop(signal.SIGTERM)
             await ios_client.expect("peer_disconnected")
             record, _ = await other._rooms.get(mac.room_id)
             assert record is not None and record.mac is None and record.ios is not None
-    finally:
-        await edge_process.stop(signal.SIGKILL)
 
 
 async def test_edge_that_lost_its_lease_closes_its_sockets_1001_and_starts_over(nats_url):
@@ -198,9 +189,10 @@ async def test_an_edge_that_died_during_a_nats_outage_is_known_dead_afterwards(t
     from edge.embedded_nats import EmbeddedNatsServer
 
     server = EmbeddedNatsServer(store_dir=tmp_path / "nats").start()
-    doomed = await EdgeProcess(server.url, edge_lease_ttl_ms=1000).start()
     try:
-        async with running_edges(server.url, count=1, edge_lease_ttl_ms=5000) as (survivor,):
+        async with EdgeProcess(server.url, edge_lease_ttl_ms=1000) as doomed, running_edges(
+            server.url, count=1, edge_lease_ttl_ms=5000
+        ) as (survivor,):
             mac_client, _, mac = await paired(survivor, doomed)
             server.kill()
             await doomed.stop(signal.SIGKILL)  # dies while nobody can hear it
@@ -219,7 +211,6 @@ async def test_an_edge_that_died_during_a_nats_outage_is_known_dead_afterwards(t
                     assert time.monotonic() < deadline, "the dead edge's socket still counts as connected"
                     await mac_again.close()
     finally:
-        await doomed.stop(signal.SIGKILL)
         server.stop()
 
 
