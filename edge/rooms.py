@@ -47,6 +47,7 @@ class Outcome:
     evict: SlotHolder | None = None  # previous holder of the acting role's slot: close it 4001
     close: tuple[int, str] | None = None
     notice: str | None = None  # something an operator should see in the log (never key material)
+    owner_user_id: str | None = None  # the room's owner, on an accepted request
 
 
 def _same(a: str, b: str) -> bool:
@@ -94,7 +95,7 @@ def register(
             mac=by,
         )
         _store_pairing(new, msg, keep_used=False)
-        return Outcome(record=new, replies=(registered,), accepted=True)
+        return Outcome(record=new, replies=(registered,), accepted=True, owner_user_id=by.user_id)
 
     if not _same(record.owner_user_id, by.user_id):
         return _fail(ErrorCode.ACCOUNT_MISMATCH, "This room is owned by a different account")
@@ -114,7 +115,7 @@ def register(
         if msg.pairing_token_hash:
             _store_pairing(new, msg, keep_used=True)
         peer = _live(record.ios, is_alive)
-        return Outcome(record=new, replies=(registered,), accepted=True, peer=peer)
+        return Outcome(record=new, replies=(registered,), accepted=True, peer=peer, owner_user_id=record.owner_user_id)
 
     if not _same(msg.secret_hash, record.secret_hash):
         return _fail(ErrorCode.AUTH_FAILED, "Room secret mismatch")
@@ -134,8 +135,11 @@ def register(
     old = _live(record.mac, is_alive)
     evict = old if old is not None and old.socket_id != by.socket_id else None
     peer = _live(record.ios, is_alive)
+    owner = record.owner_user_id
     if same_socket or peer is None:
-        return Outcome(record=new, replies=(registered,), accepted=True, peer=peer, evict=evict, notice=notice)
+        return Outcome(
+            record=new, replies=(registered,), accepted=True, peer=peer, evict=evict, notice=notice, owner_user_id=owner
+        )
     return Outcome(
         record=new,
         replies=(registered, _ios_keys(new)),
@@ -146,13 +150,32 @@ def register(
         ),
         evict=evict,
         notice=notice,
+        owner_user_id=owner,
     )
 
 
-def join(record: RoomRecord | None, msg: JoinRoom, by: SlotHolder, now_ms: int, is_alive: IsAlive) -> Outcome:
-    """An iOS socket's `join_room` (protocol.md §4.4, §4.5, §12 items 10–12, 14)."""
+def join(
+    record: RoomRecord | None,
+    msg: JoinRoom,
+    by: SlotHolder,
+    now_ms: int,
+    is_alive: IsAlive,
+    refuse_cross_account: bool = False,
+) -> Outcome:
+    """An iOS socket's `join_room` (protocol.md §4.4, §4.5, §12 items 10–12, 14, 15).
+
+    A join by another account than the room's owner is allowed (the room secret is the
+    credential) and the outcome names the owner so that the edge can flag it; with
+    `refuse_cross_account` it is refused and changes nothing.
+    """
     if record is None:
         return _fail(ErrorCode.ROOM_NOT_FOUND, "Room not found")
+    if refuse_cross_account and not _same(record.owner_user_id, by.user_id):
+        return _fail(
+            ErrorCode.ACCOUNT_MISMATCH,
+            "This room is owned by a different account",
+            close=(CloseCode.AUTH_FAILED, "account mismatch"),
+        )
 
     new = msgspec.structs.replace(record, last_activity_at=now_ms)
     secret_ok = bool(msg.secret_hash) and _same(msg.secret_hash or "", record.secret_hash)
@@ -182,9 +205,10 @@ def join(record: RoomRecord | None, msg: JoinRoom, by: SlotHolder, now_ms: int, 
     old = _live(record.ios, is_alive)
     evict = old if old is not None and old.socket_id != by.socket_id else None
     peer = _live(record.mac, is_alive)
+    owner = record.owner_user_id
     if peer is None:
         # The Mac is away: both sides hear of each other when it registers.
-        return Outcome(record=new, accepted=True, evict=evict)
+        return Outcome(record=new, accepted=True, evict=evict, owner_user_id=owner)
     return Outcome(
         record=new,
         replies=(_mac_keys(new),),
@@ -197,6 +221,7 @@ def join(record: RoomRecord | None, msg: JoinRoom, by: SlotHolder, now_ms: int, 
             ephemeral_key=new.ios_ephemeral_key,
         ),
         evict=evict,
+        owner_user_id=owner,
     )
 
 

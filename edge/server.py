@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import http
 import logging
 import secrets
@@ -26,16 +25,24 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.api import DeliverPolicy
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from accounts.store import AccountStore
+from accounts.tiers import load_tiers
 from edge import rooms
+from edge.access import STORAGE_ERRORS, Access, Principal, Refusal
+from edge.api import BAD_ROOM_ID, ApiRequest, HttpApi, HttpReply
+from edge.front import HttpConnection
+from edge.limits import TokenBucket
 from edge.session import Action, Close, Forward, Notify, RoomRequest, Send, Session, Subscribe, other_role
 from edge.settings import EdgeSettings, redact_urls
 from edge.store import Presence, RoomStore, StorageConflict, now_ms, open_buckets
-from schemas.client import CloseCode, DisconnectReason, JoinRoom, RegisterRoom
+from metering.usage import UsageReader, open_usage_bucket
+from schemas.client import CloseCode, DisconnectReason, Error, ErrorCode, JoinRoom, RegisterRoom, encode
 from schemas.edge_events import (
     HEADER_EVENT,
     HEADER_FROM,
@@ -43,12 +50,10 @@ from schemas.edge_events import (
     PeerLeftEvent,
     edge_event_decoder,
 )
-from schemas.records import EdgeLease, RoomRecord, SlotHolder
-from schemas.subjects import ROLES, edge_id_of_lease_key, is_valid_room_id, room_subject
+from schemas.records import EdgeLease, RoomRecord, SlotHolder, user_decoder
+from schemas.subjects import ACCOUNTS_BUCKET, ROLES, USER_FILTER, edge_id_of_lease_key, is_valid_room_id, room_subject
 
 log = logging.getLogger("edge")
-
-_BAD_ROOM_ID = "room_id must match ^[A-Za-z0-9_-]{1,128}$\n"
 
 # How long one JetStream request may take; short, so that the budget allows retries.
 _JETSTREAM_TIMEOUT_S = 2.0
@@ -65,6 +70,7 @@ class Connection:
 
     ws: ServerConnection
     session: Session
+    target: "WsTarget"
     # role → the room subject of that role, built once (the room id was validated at the
     # upgrade; re-validating it per forwarded frame would be work on the hot path).
     subjects: dict[str, str] = field(default_factory=dict)
@@ -73,6 +79,7 @@ class Connection:
     last_seen_written_ms: int = 0
     closing: bool = False
     timed_out: bool = False
+    registered_at: int | None = None  # epoch ms of this Mac socket's first room registration
     # Held while writing what the session decided about its peer, and while writing a
     # frame from NATS, so that the client never sees a peer's frame before its peer_joined.
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -84,7 +91,11 @@ class WsTarget:
 
     room_id: str
     role: str | None
-    user_id: str
+    principal: Principal
+
+    @property
+    def user_id(self) -> str:
+        return self.principal.user_id
 
 
 class Edge:
@@ -92,6 +103,7 @@ class Edge:
 
     def __init__(self, settings: EdgeSettings) -> None:
         self.settings = settings
+        self.tiers = load_tiers(settings.tiers_file)  # a bad file stops the start, with the reason
         self.boot_id = secrets.token_hex(8)
         self.port: int | None = None
         self.ready = asyncio.Event()
@@ -107,6 +119,9 @@ class Edge:
         self._by_sid: dict[int, Connection] = {}
         self._accepted = False
         self._lease_watcher: Any = None
+        self._access: Access | None = None
+        self._api: HttpApi | None = None
+        self._account_events: Subscription | None = None
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -132,6 +147,7 @@ class Edge:
             ping_interval=None,  # liveness is the protocol's heartbeat, as in the official relay
             close_timeout=self._close_timeout_s,
             server_header="termrelay",
+            create_connection=HttpConnection,  # POST and DELETE for the HTTP API
         )
         self.port = server.sockets[0].getsockname()[1]
         try:
@@ -156,6 +172,8 @@ class Edge:
                     tg.create_task(self._renew_lease_loop()),
                     tg.create_task(self._liveness_loop()),
                     tg.create_task(self._last_seen_loop()),
+                    tg.create_task(self._registration_loop()),
+                    tg.create_task(self._watch_accounts()),
                 ]
                 await watching.wait()
                 self._accepted = True
@@ -197,6 +215,12 @@ class Edge:
                 rooms_kv, presence_kv = await open_buckets(js, self.settings.kv_replicas)
                 self._rooms = RoomStore(rooms_kv)
                 self._presence = Presence(js, presence_kv)
+                accounts = await AccountStore.open(js, self.settings.kv_replicas)
+                usage = UsageReader(await open_usage_bucket(js, self.settings.kv_replicas))
+                self._access = Access(self.settings, accounts, self.tiers)
+                self._api = HttpApi(self._access, self._rooms, self._presence, usage, self._is_alive)
+                if self.settings.auth == "none":
+                    await self._access.ensure_local_user()
                 await self._take_lease()
                 return
             except (nats.errors.Error, asyncio.TimeoutError) as exc:
@@ -223,68 +247,55 @@ class Edge:
         # Not urlsplit: it would read "//ws" as a host name. The Mac builds
         # "\(serverURL)/ws", so a base URL with a trailing slash gives "//ws".
         raw_path, _, raw_query = request.path.partition("?")
-        query = parse_qs(raw_query)
+        query = {name: values[0] for name, values in parse_qs(raw_query).items()}
         path = "/" + "/".join(part for part in raw_path.split("/") if part)
+        method = getattr(ws, "http_method", "GET")
         if path == "/ws":
-            if self._stopping.is_set() or not self.ready.is_set():
-                return _text(ws, http.HTTPStatus.SERVICE_UNAVAILABLE, "relay is not ready\n")
-            room_id = (query.get("room_id") or [""])[0]
-            role = (query.get("role") or [None])[0]
-            if not is_valid_room_id(room_id):
-                return _text(ws, http.HTTPStatus.BAD_REQUEST, _BAD_ROOM_ID)
-            if role not in (None, *ROLES):
-                return _text(ws, http.HTTPStatus.BAD_REQUEST, "role must be mac or ios\n")
-            user_id = self._authenticate(request)
-            ws.relay_target = WsTarget(room_id=room_id, role=role, user_id=user_id)  # type: ignore[attr-defined]
-            return None
+            if method != "GET":
+                return _reply(HttpReply.text(405, "use GET with a WebSocket upgrade"))
+            return await self._admit(ws, request, query)
         if path == "/healthz":
-            return _text(ws, http.HTTPStatus.OK, "ok\n")
+            return _reply(HttpReply.text(200, "ok"))
         if path == "/readyz":
             if self.ready.is_set() and self._nc is not None and self._nc.is_connected:
-                return _text(ws, http.HTTPStatus.OK, "ready\n")
-            return _text(ws, http.HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n")
-        if path == "/status":
-            return await self._status(ws, request, (query.get("room_id") or [""])[0])
-        return _text(ws, http.HTTPStatus.NOT_FOUND, "not found\n")
-
-    def _authenticate(self, request: Request) -> str:
-        """The user a WebSocket acts as. The seam for accounts: with `RELAY_AUTH=none`
-        (the only mode so far) every connection is the one local user, and the
-        `Authorization` and `X-Sandbox-Key` headers are ignored."""
-        return self.settings.local_user_id
-
-    async def _status(self, ws: ServerConnection, request: Request, room_id: str) -> Response:
-        """GET /status?room_id=R (protocol.md §8.1)."""
-        token = self.settings.admin_token
-        if not token:
-            # Room presence is not for anyone who asks: no operator token, no status.
-            return _text(ws, http.HTTPStatus.FORBIDDEN, "GET /status is off: set RELAY_ADMIN_TOKEN to enable it\n")
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            return _text(ws, http.HTTPStatus.UNAUTHORIZED, "a valid operator token is required\n")
-        if not is_valid_room_id(room_id):
-            return _text(ws, http.HTTPStatus.BAD_REQUEST, _BAD_ROOM_ID)
-        try:
-            record, _ = await self._rooms.get(room_id)
-            if record is None:
-                return _json(ws, {"exists": False})
-            seen = await self._presence.get_room_last_seen(room_id)
-        except (nats.errors.Error, asyncio.TimeoutError):
-            log.exception("status of room %s: storage unavailable", room_id)
-            return _text(ws, http.HTTPStatus.SERVICE_UNAVAILABLE, "storage unavailable\n")
-        now = now_ms()
-        record = rooms.expire_idle(record, now, self.settings.room_idle_timeout_ms, self._is_alive, seen)
-        return _json(
-            ws,
-            {
-                "exists": True,
-                "mac_connected": record.mac is not None and self._is_alive(record.mac),
-                "ios_connected": record.ios is not None and self._is_alive(record.ios),
-                "mac_last_seen": seen[0],
-                "ios_last_seen": seen[1],
-                "idle_seconds": max(0, (now - rooms.last_activity(record, seen)) // 1000),
-            },
+                return _reply(HttpReply.text(200, "ready"))
+            return _reply(HttpReply.text(503, "not ready"))
+        route = self._api.route(method, path) if self._api is not None else None
+        if route is None:
+            return _reply(HttpReply.text(404, "not found"))
+        if isinstance(route, HttpReply):
+            return _reply(route)
+        if not self.ready.is_set():
+            return _reply(HttpReply.text(503, "relay is not ready"))
+        api_request = ApiRequest(
+            method=method,
+            path=path,
+            query=query,
+            headers=request.headers,
+            body=getattr(ws, "http_body", b""),
+            address=self._access.client_address(ws.remote_address[0], request.headers),
         )
+        return _reply(await self._api.handle(route, api_request))
+
+    async def _admit(self, ws: ServerConnection, request: Request, query: dict[str, str]) -> Response | None:
+        """The checks before the 101 (protocol.md §2.3, §4.2): the request, the key, the room limit."""
+        if self._stopping.is_set() or not self.ready.is_set():
+            return _reply(HttpReply.text(503, "relay is not ready"))
+        room_id, role = query.get("room_id", ""), query.get("role")
+        if not is_valid_room_id(room_id):
+            return _reply(HttpReply.text(400, BAD_ROOM_ID))
+        if role not in (None, *ROLES):
+            return _reply(HttpReply.text(400, "role must be mac or ios"))
+        address = self._access.client_address(ws.remote_address[0], request.headers)
+        try:
+            principal = await self._access.authenticate(request.headers, query.get("user_id"), address)
+            principal.user_id  # the operator token must name the user it acts for
+            if role == "mac":
+                await self._access.check_room_limit(principal, room_id)
+        except Refusal as refusal:
+            return _reply(HttpReply.text(refusal.status, refusal.message, refusal.headers))
+        ws.relay_target = WsTarget(room_id=room_id, role=role, principal=principal)  # type: ignore[attr-defined]
+        return None
 
     # --- a socket's life ---------------------------------------------------------
 
@@ -298,8 +309,12 @@ class Edge:
             boot_id=self.boot_id,
             user_id=target.user_id,
             last_message_at=time.monotonic(),
+            rate=TokenBucket(self.settings.socket_rate_limit_per_s, self.settings.socket_rate_burst)
+            if self.settings.socket_rate_limit_per_s > 0
+            else None,
         )
-        conn = Connection(ws=ws, session=session, subjects={role: room_subject(target.room_id, role) for role in ROLES})
+        subjects = {role: room_subject(target.room_id, role) for role in ROLES}
+        conn = Connection(ws=ws, session=session, target=target, subjects=subjects)
         self.connections[session.socket_id] = conn
         try:
             if target.role is not None:
@@ -413,21 +428,66 @@ class Edge:
                     headers={HEADER_TO: action.to.socket_id, HEADER_FROM: session.socket_id},
                 )
             elif isinstance(action, RoomRequest):
-                try:
-                    outcome, revision = await self._room_request_with_retries(session, action.message)
-                except (nats.errors.Error, asyncio.TimeoutError, StorageConflict):
-                    log.exception("room %s: request failed", session.room_id)
-                    await self._carry_out_in_order(conn, session.request_failed())
-                else:
-                    if outcome.notice:
-                        log.info("room %s: %s", session.room_id, outcome.notice)
-                    await self._carry_out_in_order(conn, session.apply(outcome, revision))
+                await self._carry_out_room_request(conn, action.message)
             elif isinstance(action, Notify):
                 await self._publish_event(session, action.to, action.role, action.event)
             elif isinstance(action, Subscribe):
                 await self._subscribe(conn, action.role)
             elif isinstance(action, Close):
                 await self._close(conn, action.code, action.reason, action.farewell)
+
+    async def _carry_out_room_request(self, conn: Connection, message: RegisterRoom | JoinRoom) -> None:
+        """Run a register/join against the room's record, then what the session makes of it."""
+        session = conn.session
+        if isinstance(message, RegisterRoom) and conn.target.role is None and not session.in_room:
+            # A socket that did not say role=mac escaped the room limit at the upgrade.
+            try:
+                await self._access.check_room_limit(conn.target.principal, session.room_id)
+            except Refusal as refusal:
+                farewell = encode(Error(code=ErrorCode.ROOM_LIMIT, message=refusal.message))
+                await self._carry_out_in_order(conn, [Close(CloseCode.POLICY, "room limit reached", farewell)])
+                return
+        try:
+            outcome, revision = await self._room_request_with_retries(conn, message)
+        except (nats.errors.Error, asyncio.TimeoutError, StorageConflict):
+            log.exception("room %s: request failed", session.room_id)
+            await self._carry_out_in_order(conn, session.request_failed())
+            return
+        if outcome.notice:
+            log.info("room %s: %s", session.room_id, outcome.notice)
+        actions = session.apply(outcome, revision)
+        if outcome.accepted and isinstance(message, JoinRoom) and outcome.owner_user_id != session.user_id:
+            actions.insert(len(outcome.replies), await self._account_mismatch_error(outcome.owner_user_id, conn))
+        await self._carry_out_in_order(conn, actions)
+        if outcome.accepted and isinstance(message, RegisterRoom):
+            if conn.registered_at is None:
+                conn.registered_at = now_ms()
+            await self._refresh_registration(conn)
+
+    async def _account_mismatch_error(self, owner_user_id: str | None, conn: Connection) -> Send:
+        """`error ACCOUNT_MISMATCH` for an iPhone of another account than the Mac's (§12 item 15)."""
+        ios_user = conn.target.principal.user
+        mac_email, ios_email = None, ios_user.email if ios_user is not None else None
+        with contextlib.suppress(*STORAGE_ERRORS):  # the flag matters more than the addresses in it
+            owner = await self._access.store.get_user(owner_user_id) if owner_user_id else None
+            mac_email = owner.email if owner is not None else None
+        return Send(
+            encode(
+                Error(
+                    code=ErrorCode.ACCOUNT_MISMATCH,
+                    message="This iPhone and the Mac are signed in to different accounts",
+                    mac_email=mac_email,
+                    ios_email=ios_email,
+                )
+            )
+        )
+
+    async def _refresh_registration(self, conn: Connection) -> None:
+        """Keep a registered Mac's room registration alive (ROOM_REG_TTL); a failure is retried by the loop."""
+        try:
+            await self._access.register_room(conn.session.user_id, conn.session.room_id, conn.registered_at)
+        except STORAGE_ERRORS as exc:
+            log.warning("room %s: registration not written (%s); the refresh loop retries", conn.session.room_id, exc)
 
     async def _carry_out_in_order(self, conn: Connection, actions: list[Action]) -> None:
         """Carry out actions that tell the client about its peer, never interleaved with frames
@@ -502,17 +562,17 @@ class Edge:
         log.warning("room %s: a %s event to a %s socket went unacknowledged", session.room_id, type(event).__name__, role)
 
     async def _room_request_with_retries(
-        self, session: Session, message: RegisterRoom | JoinRoom
+        self, conn: Connection, message: RegisterRoom | JoinRoom
     ) -> tuple[rooms.Outcome, int]:
         """A room request, retried through brief storage trouble (a leader election) for up to
         `storage_retry_budget_ms`, inside the Mac's 10 s register timer. Failing costs more
         than waiting: the client reconnects, and a rotation that never landed would turn
         into an AUTH_FAILED on its next register."""
         deadline = asyncio.get_running_loop().time() + self.settings.storage_retry_budget_ms / 1000
-        delay = 0.1
+        delay, session = 0.1, conn.session
         while True:
             try:
-                return await self._room_request(session, message)
+                return await self._room_request(conn, message)
             except (nats.errors.TimeoutError, asyncio.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
                 if asyncio.get_running_loop().time() + delay >= deadline:
                     raise
@@ -520,8 +580,9 @@ class Edge:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    async def _room_request(self, session: Session, message: RegisterRoom | JoinRoom) -> tuple[rooms.Outcome, int]:
-        holder, now, settings = session.holder, now_ms(), self.settings
+    async def _room_request(self, conn: Connection, message: RegisterRoom | JoinRoom) -> tuple[rooms.Outcome, int]:
+        session, settings = conn.session, self.settings
+        holder, now, max_sessions = session.holder, now_ms(), conn.target.principal.tier.max_sessions
         registered_before = session.in_room
 
         def decide(stored: RoomRecord | None, seen: tuple[int | None, ...]) -> tuple[RoomRecord | None, rooms.Outcome]:
@@ -529,11 +590,9 @@ class Edge:
             if stored is not None:
                 record = rooms.expire_idle(stored, now, settings.room_idle_timeout_ms, self._is_alive, seen)
             if isinstance(message, RegisterRoom):
-                outcome = rooms.register(
-                    record, message, holder, now, self._is_alive, settings.max_sessions, registered_before
-                )
+                outcome = rooms.register(record, message, holder, now, self._is_alive, max_sessions, registered_before)
             else:
-                outcome = rooms.join(record, message, holder, now, self._is_alive)
+                outcome = rooms.join(record, message, holder, now, self._is_alive, settings.refuse_cross_account)
             if outcome.record is None and record is not stored:
                 return record, outcome  # a refused request still stores the idle cleanup it saw
             return outcome.record, outcome
@@ -674,6 +733,57 @@ class Edge:
                 else:
                     conn.last_seen_written_ms = conn.last_message_ms
 
+    async def _registration_loop(self) -> None:
+        """Refresh the room registrations of our registered Mac sockets well inside ROOM_REG_TTL."""
+        while not await self._sleep(self.settings.room_reg_refresh_interval_s):
+            due = [
+                c
+                for c in self.connections.values()
+                if c.session.role == "mac" and c.session.in_room and not c.session.replaced and not c.closing
+            ]
+            await asyncio.gather(*(self._refresh_registration(c) for c in due))
+
+    async def _watch_accounts(self) -> None:
+        """Close the sockets of accounts deleted while they are connected (§12 item 16).
+
+        Follows changes of account records from now on (the stream's new messages only):
+        a socket whose account was deleted earlier could not have been admitted.
+        """
+        backoff = 0.1
+        while not self._stopping.is_set():
+            try:
+                js = self._nc.jetstream(timeout=_JETSTREAM_TIMEOUT_S)
+                self._account_events = await js.subscribe(
+                    f"$KV.{ACCOUNTS_BUCKET}.{USER_FILTER}",
+                    cb=self._account_changed,
+                    ordered_consumer=True,
+                    deliver_policy=DeliverPolicy.NEW,
+                )
+                # An ordered consumer recreates itself after gaps and reconnects.
+                await self._stopping.wait()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("account watcher failed; recreating it in %.1fs", backoff, exc_info=True)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _account_changed(self, msg: Msg) -> None:
+        if not msg.data:
+            return
+        try:
+            user = user_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            log.error("undecodable account record on %s", msg.subject)
+            return
+        if not user.deleted:
+            return
+        for conn in list(self.connections.values()):
+            if conn.session.user_id == user.user_id and not conn.closing:
+                conn.session.leave_reason = DisconnectReason.CLIENT_LEFT
+                self._spawn(self._carry_out_in_order(conn, conn.session.account_deleted()), "close a deleted account's socket")
+
     async def _sleep(self, seconds: float) -> bool:
         """Sleep, or return True at once when the edge is stopping."""
         try:
@@ -725,11 +835,14 @@ def _released(release: rooms.Release) -> tuple[RoomRecord | None, rooms.Release]
     return release.record, release
 
 
-def _text(ws: ServerConnection, status: http.HTTPStatus, body: str) -> Response:
-    return ws.respond(status, body)
-
-
-def _json(ws: ServerConnection, body: dict[str, Any]) -> Response:
-    data = msgspec.json.encode(body)
-    headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
-    return Response(200, "OK", headers, data)
+def _reply(reply: HttpReply) -> Response:
+    """The handshake's HTTP response for `reply`; the connection closes after it."""
+    headers = Headers(
+        [
+            ("Content-Type", reply.content_type),
+            ("Content-Length", str(len(reply.body))),
+            ("Connection", "close"),
+            *reply.headers.items(),
+        ]
+    )
+    return Response(reply.status, http.HTTPStatus(reply.status).phrase, headers, reply.body)

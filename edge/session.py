@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from edge.limits import TokenBucket
 from edge.rooms import Outcome
 from schemas.client import (
     CloseCode,
@@ -119,6 +120,10 @@ class Session:
     uncertain: bool = False
     # Why the socket ends, as its peer will hear it (`peer_disconnected.reason`).
     leave_reason: str = DisconnectReason.CLIENT_LEFT
+    # The room's owner, once in the room: heartbeat acks say whether this socket's account matches.
+    owner_user_id: str | None = None
+    # Inbound message rate (§12 item 6); None: unlimited.
+    rate: TokenBucket | None = None
     _busy: bool = False  # a room request is in flight
     _held_events: list[tuple[EdgeEvent | _EdgeDied, str]] = field(default_factory=list)
     _peer_revision: int = 0  # room revision of the peer the client was last told of
@@ -137,6 +142,11 @@ class Session:
     def receive(self, data: bytes | str, now: float) -> list[Action]:
         """A frame from the client. Any frame, even a bad one, counts as a sign of life."""
         self.last_message_at = now
+        if self.rate is not None and not self.rate.take(now):
+            # Sustained excess only: the bucket allows the Mac's bursts many times over.
+            self.leave_reason = DisconnectReason.CLIENT_LEFT
+            farewell = encode(Error(code=ErrorCode.RATE_LIMITED, message="Too many messages; slow down"))
+            return [Close(CloseCode.POLICY, "rate limit exceeded", farewell=farewell)]
         try:
             msg = client_decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -151,7 +161,7 @@ class Session:
             return [Forward(encode(msg), self.peer)]
 
         if isinstance(msg, Heartbeat):
-            return [Send(encode(HeartbeatAck(mac_connected=self._mac_connected())))]
+            return [Send(encode(HeartbeatAck(mac_connected=self._mac_connected(), account_match=self._account_match())))]
 
         wanted = ROLE_OF_REQUEST[type(msg)]
         actions: list[Action] = []
@@ -171,6 +181,22 @@ class Session:
             return self.in_room
         return self.in_room and self.peer is not None
 
+    def _account_match(self) -> str | None:
+        """`match` or `mismatch` (§12 item 15): whether the iPhone and the Mac use one account."""
+        if not self.in_room or self.owner_user_id is None:
+            return None
+        # The Mac is always the owner (a register by anyone else is refused): it learns of
+        # a mismatch through its peer; the iPhone compares itself with the owner.
+        other = self.peer.user_id if self.role == "mac" and self.peer is not None else self.owner_user_id
+        return "match" if other == self.user_id else "mismatch"
+
+    def account_deleted(self) -> list[Action]:
+        """This socket's account was deleted (§12 item 16): a last ack saying so, then close."""
+        if self.replaced:
+            return []
+        farewell = encode(HeartbeatAck(mac_connected=self._mac_connected(), account_deleted=True))
+        return [Close(CloseCode.POLICY, "account deleted", farewell=farewell)]
+
     # --- from the room logic -----------------------------------------------------
 
     def apply(self, outcome: Outcome, revision: int = 0) -> list[Action]:
@@ -179,6 +205,7 @@ class Session:
         if outcome.accepted:
             self.in_room = True
             self.peer = outcome.peer
+            self.owner_user_id = outcome.owner_user_id
             if any(isinstance(reply, PeerJoined) for reply in outcome.replies):
                 self._peer_revision = revision  # the client now knows the peer as of this revision
         actions: list[Action] = [Send(encode(reply)) for reply in outcome.replies]

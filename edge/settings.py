@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from schemas.subjects import is_valid_edge_id
+from schemas.subjects import is_valid_edge_id, is_valid_user_id
 
 
 def _default_edge_id() -> str:
@@ -35,15 +35,34 @@ class EdgeSettings:
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
     port: int = field(default=8080, metadata={"help": "port for WebSocket and HTTP"})
     edge_id: str = field(default_factory=_default_edge_id, metadata={"help": "this edge's name; unique per running edge"})
-    auth: str = field(default="none", metadata={"help": "authentication mode: none (one local user)"})
+    # Accounts (protocol.md §2.2, §2.3, §12 items 2–6).
+    auth: str = field(
+        default="required",
+        metadata={"help": "required: every connection needs an API key; none: every connection is the one local user"},
+    )
     local_user_id: str = field(default="local", metadata={"help": "the user every connection acts as when auth=none"})
-    admin_token: str = field(default="", metadata={"help": "operator token for GET /status", "secret": True})
-    max_sessions: int = field(default=-1, metadata={"help": "max_sessions sent in room_registered; negative = unlimited"})
+    local_user_tier: str = field(default="premium", metadata={"help": "tier of the local user when auth=none"})
+    admin_token: str = field(
+        default="", metadata={"help": "operator token: acts for any user (named by ?user_id=), reads any /status", "secret": True}
+    )
+    tiers_file: str = field(default="", metadata={"help": "TOML file overriding the tiers' limits (see the README)"})
+    refuse_cross_account: bool = field(
+        default=False, metadata={"help": "refuse iOS joins from another account than the room owner's (close 4003)"}
+    )
+    api_key_ttl_s: int = field(default=30 * 86_400, metadata={"help": "API_KEY_TTL_SECONDS: an unused API key expires after this (sliding)"})
+    refresh_token_ttl_s: int = field(default=180 * 86_400, metadata={"help": "REFRESH_TOKEN_TTL_SECONDS: lifetime of a refresh token"})
+    auth_failure_limit: int = field(default=10, metadata={"help": "failed authentications per client address per window before HTTP 429; 0: no limit"})
+    auth_failure_window_s: int = field(default=60, metadata={"help": "the window of auth_failure_limit, in seconds"})
+    client_ip_header: str = field(
+        default="", metadata={"help": "header naming the client address behind a proxy (X-Forwarded-For: its last entry); empty: the peer address"}
+    )
+    socket_rate_limit_per_s: int = field(default=200, metadata={"help": "inbound messages per second per socket, sustained; beyond it closes 1008; 0: no limit"})
+    socket_rate_burst: int = field(default=2000, metadata={"help": "inbound messages per socket allowed in a burst above the rate"})
 
     # The seed's timing constants (relay_server/src/room.ts).
     heartbeat_dead_threshold_ms: int = field(default=45_000, metadata={"help": "silence after which a socket is closed 4000"})
     room_idle_timeout_ms: int = field(default=600_000, metadata={"help": "idle time after which a room drops its per-connection state"})
-    room_reg_ttl_s: int = field(default=900, metadata={"help": "TTL of a room registration (accounts)"})
+    room_reg_ttl_s: int = field(default=900, metadata={"help": "ROOM_REG_TTL: a room registration lapses this long after its Mac left"})
     usage_flush_interval_ms: int = field(default=1_000, metadata={"help": "how often usage is published (metering)"})
 
     # Limits.
@@ -68,8 +87,12 @@ class EdgeSettings:
     def __post_init__(self) -> None:
         if not is_valid_edge_id(self.edge_id):
             raise ValueError(f"edge_id must match [A-Za-z0-9_-]{{1,64}}, got {self.edge_id!r}")
-        if self.auth != "none":
-            raise ValueError(f"auth must be 'none' (accounts are not built yet), got {self.auth!r}")
+        if self.auth not in ("required", "none"):
+            raise ValueError(f"auth must be 'required' or 'none', got {self.auth!r}")
+        if not is_valid_user_id(self.local_user_id):
+            raise ValueError(f"local_user_id must match [A-Za-z0-9_-]{{1,64}}, got {self.local_user_id!r}")
+        if self.room_reg_ttl_s < 1:
+            raise ValueError("room_reg_ttl_s must be at least 1 (NATS rejects TTLs under one second)")
         if self.edge_lease_ttl_ms < 1_000:
             raise ValueError("edge_lease_ttl_ms must be at least 1000 (NATS rejects TTLs under one second)")
         for name in ("heartbeat_dead_threshold_ms", "room_idle_timeout_ms", "last_seen_interval_ms", "max_frame_bytes"):
@@ -81,6 +104,11 @@ class EdgeSettings:
     def liveness_sweep_interval_s(self) -> float:
         """How often sockets are checked for silence; closes happen within threshold + this."""
         return max(0.02, min(self.heartbeat_dead_threshold_ms / 8, 5_000) / 1000)
+
+    @property
+    def room_reg_refresh_interval_s(self) -> float:
+        """How often a connected Mac's registration is refreshed: well inside ROOM_REG_TTL."""
+        return min(self.room_reg_ttl_s / 3, 300.0)
 
     @property
     def edge_lease_renew_interval_s(self) -> float:
@@ -117,19 +145,29 @@ def load_settings(
     cls: type[Any], argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None, prog: str | None = None
 ) -> Any:
     """Build a settings dataclass `cls` from flags (`argv`) over environment (`environ`) over defaults."""
-    environ = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
-    fields = dataclasses.fields(cls)
-    for f in fields:
+    add_setting_flags(parser, cls)
+    return settings_from_args(cls, parser, parser.parse_args(argv), environ)
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
+    """Add a `--name-with-dashes` flag for each field of `cls` (for tools with their own parser)."""
+    for f in dataclasses.fields(cls):
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             default=None,
             help=f"{f.metadata.get('help', '')} (env RELAY_{f.name.upper()})",
         )
-    args = parser.parse_args(argv)
+
+
+def settings_from_args(
+    cls: type[Any], parser: argparse.ArgumentParser, args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> Any:
+    """`cls` from parsed flags over `RELAY_*` variables over defaults; a bad value exits via `parser.error`."""
+    environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
-    for f in fields:
+    for f in dataclasses.fields(cls):
         raw = getattr(args, f.name)
         if raw is None:
             raw = environ.get(f"RELAY_{f.name.upper()}")

@@ -98,6 +98,15 @@ class RoomStore:
             return await self._kv.create(key, data)
         return await self._kv.update(key, data, last=revision)
 
+    async def delete(self, room_id: str, revision: int) -> None:
+        """Delete the room's record if it is still at `revision` (KeyWrongLastSequenceError if not)."""
+        try:
+            await self._kv.delete(room_key(room_id), last=revision)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in (10071, 10164):  # wrong last sequence
+                raise nats.js.errors.KeyWrongLastSequenceError(description=exc.description) from exc
+            raise
+
     async def transact(
         self,
         room_id: str,

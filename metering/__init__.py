@@ -1,5 +1,6 @@
-"""The metering service (usage per user and window, quota checks). Not built yet.
+"""Metering: usage per user and 5-hour window, quota checks.
 
-Edges will publish usage to a JetStream stream; this package will consume it. See the
-README's roadmap and the metering issue.
+`windows` holds the window arithmetic and `usage` reads usage records and reports them
+(for the edge's HTTP API and `relay-admin usage`). The consumer that counts usage is
+the metering issue's work.
 """

@@ -141,6 +141,8 @@ class ErrorCode:
     BAD_ROLE = "BAD_ROLE"
     NOT_IN_ROOM = "NOT_IN_ROOM"
     ROOM_NOT_FOUND = "ROOM_NOT_FOUND"
+    RATE_LIMITED = "RATE_LIMITED"
+    ROOM_LIMIT = "ROOM_LIMIT"
 
 
 class CloseCode:

@@ -55,3 +55,86 @@ class EdgeLease(Struct, kw_only=True):
 
 room_record_decoder = msgspec.json.Decoder(RoomRecord)
 edge_lease_decoder = msgspec.json.Decoder(EdgeLease)
+
+
+# --- accounts ----------------------------------------------------------------------
+
+
+class WelcomeBonus(Struct, frozen=True, kw_only=True):
+    """Credits granted once, when the account is created, used before the window quota (§6.5)."""
+
+    credits: int
+    created_at: int  # epoch ms; a usage counter for another grant's created_at is stale
+    expires_at: int  # epoch ms
+
+
+class User(Struct, kw_only=True):
+    """An account. Deleted accounts are kept (flagged) so that their keys answer 410, not 401."""
+
+    user_id: str
+    email: str
+    tier: str
+    created_at: int  # epoch ms
+    name: str = ""
+    deleted: bool = False
+    deleted_at: int | None = None
+    credits_per_window: int | None = None  # per-user override of the tier's limit
+    welcome_bonus: WelcomeBonus | None = None
+
+
+class ApiKeyRecord(Struct, kw_only=True):
+    """An API key, stored under the SHA-256 of the key; the key itself is never stored."""
+
+    user_id: str
+    key_hash: str
+    created_at: int  # epoch ms
+    expires_at: int  # epoch ms; slides forward while the key is used
+    refresh_hash: str = ""  # the refresh token issued with this key (revoked with it)
+
+
+class RefreshTokenRecord(Struct, kw_only=True):
+    """A refresh token, stored under its SHA-256. Using it rotates it and its API key."""
+
+    user_id: str
+    token_hash: str
+    api_key_hash: str
+    created_at: int  # epoch ms
+    expires_at: int  # epoch ms
+
+
+class Registration(Struct, kw_only=True):
+    """A user's registration of a room; it counts against the tier's `max_rooms` while it lives."""
+
+    user_id: str
+    room_id: str
+    created_at: int  # epoch ms
+    last_seen: int  # epoch ms of the last refresh
+
+
+# --- usage (written by metering) ----------------------------------------------------
+
+
+class UsageWindow(Struct, kw_only=True):
+    """A user's credits in one 5-hour window (protocol.md §6.1, §6.2)."""
+
+    user_id: str
+    period: str  # "5h-N"
+    message_tokens: int = 0
+    duration_tokens: int = 0
+    total_tokens: int = 0
+    last_updated: int = 0  # epoch ms
+
+
+class BonusUsage(Struct, kw_only=True):
+    """Welcome-bonus credits used, for the grant created at `grant_created_at`."""
+
+    used: int = 0
+    grant_created_at: int = 0
+
+
+user_decoder = msgspec.json.Decoder(User)
+api_key_record_decoder = msgspec.json.Decoder(ApiKeyRecord)
+refresh_token_record_decoder = msgspec.json.Decoder(RefreshTokenRecord)
+registration_decoder = msgspec.json.Decoder(Registration)
+usage_window_decoder = msgspec.json.Decoder(UsageWindow)
+bonus_usage_decoder = msgspec.json.Decoder(BonusUsage)

@@ -11,10 +11,15 @@ import re
 
 ROOM_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 EDGE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+USER_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+TOKEN_HASH_PATTERN = re.compile(r"[0-9a-f]{64}")
 ROLES = ("mac", "ios")
 
 ROOMS_BUCKET = "relay_rooms"
 PRESENCE_BUCKET = "relay_presence"
+ACCOUNTS_BUCKET = "relay_accounts"
+REGISTRATIONS_BUCKET = "relay_registrations"
+USAGE_BUCKET = "relay_usage"
 _SUBJECT_ROOT = "relay.room"
 _EDGE_PREFIX = "edge."
 
@@ -22,6 +27,11 @@ _EDGE_PREFIX = "edge."
 def is_valid_room_id(room_id: str) -> bool:
     """Whether `room_id` may name a room (`^[A-Za-z0-9_-]{1,128}$`)."""
     return ROOM_ID_PATTERN.fullmatch(room_id) is not None
+
+
+def is_valid_user_id(user_id: str) -> bool:
+    """Whether `user_id` may name an account (`^[A-Za-z0-9_-]{1,64}$`)."""
+    return USER_ID_PATTERN.fullmatch(user_id) is not None
 
 
 def is_valid_edge_id(edge_id: str) -> bool:
@@ -69,3 +79,83 @@ EDGE_LEASE_FILTER = _EDGE_PREFIX + "*"
 def edge_id_of_lease_key(key: str) -> str:
     """Inverse of `edge_lease_key`."""
     return key.removeprefix(_EDGE_PREFIX)
+
+
+# --- accounts (bucket `relay_accounts`) ---------------------------------------------
+
+_USER_PREFIX = "user."
+
+
+def _user(user_id: str) -> str:
+    if not is_valid_user_id(user_id):
+        raise ValueError(f"invalid user id: {user_id!r}")
+    return user_id
+
+
+def _token_hash(digest: str) -> str:
+    if TOKEN_HASH_PATTERN.fullmatch(digest) is None:
+        raise ValueError("invalid token hash")
+    return digest
+
+
+def user_key(user_id: str) -> str:
+    """Key of an account's `User` record."""
+    return _USER_PREFIX + _user(user_id)
+
+
+USER_FILTER = _USER_PREFIX + "*"
+
+
+def user_id_of_key(key: str) -> str:
+    """Inverse of `user_key`."""
+    return key.removeprefix(_USER_PREFIX)
+
+
+def api_key_key(key_hash: str) -> str:
+    """Key of an API key's record, by the SHA-256 (hex) of the key: the key itself is never stored."""
+    return "apikey." + _token_hash(key_hash)
+
+
+def refresh_token_key(token_hash: str) -> str:
+    """Key of a refresh token's record, by the SHA-256 (hex) of the token."""
+    return "refresh." + _token_hash(token_hash)
+
+
+# --- room registrations (bucket `relay_registrations`, per-message TTL) -------------
+
+
+def registration_key(user_id: str, room_id: str) -> str:
+    """Key of a user's registration of a room (protocol.md §7)."""
+    return f"{_user(user_id)}.{_room(room_id)}"
+
+
+def registrations_filter(user_id: str) -> str:
+    """Filter over all of a user's room registrations."""
+    return f"{_user(user_id)}.*"
+
+
+def room_id_of_registration_key(key: str) -> str:
+    """Inverse of `registration_key`, for the room part."""
+    return key.rpartition(".")[2]
+
+
+# --- usage (bucket `relay_usage`) ----------------------------------------------------
+
+PERIOD_PATTERN = re.compile(r"5h-[0-9]{1,12}")
+
+
+def usage_key(user_id: str, period: str) -> str:
+    """Key of a user's usage in one window (`period` is `5h-N`, protocol.md §6.2)."""
+    if PERIOD_PATTERN.fullmatch(period) is None:
+        raise ValueError(f"invalid period: {period!r}")
+    return f"window.{_user(user_id)}.{period}"
+
+
+def usage_filter(user_id: str) -> str:
+    """Filter over all of a user's usage windows."""
+    return f"window.{_user(user_id)}.*"
+
+
+def bonus_usage_key(user_id: str) -> str:
+    """Key of the welcome-bonus credits a user has used."""
+    return "bonus." + _user(user_id)

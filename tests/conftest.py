@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 from edge.embedded_nats import EmbeddedNatsServer
+from tests.harness import TEST_USER, new_test_user
 
 log = logging.getLogger("tests")
 
@@ -32,6 +33,7 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     if not inspect.iscoroutinefunction(pyfuncitem.obj):
         return None
     kwargs = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
+    TEST_USER.set(new_test_user())  # copied into the test's event loop
     asyncio.run(asyncio.wait_for(pyfuncitem.obj(**kwargs), ASYNC_TEST_TIMEOUT_S))
     return True
 

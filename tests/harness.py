@@ -14,6 +14,7 @@ import signal
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,14 @@ from edge.server import Edge
 from edge.settings import EdgeSettings
 
 RECV_TIMEOUT_S = 5.0
+
+# The local user of auth=none edges: one per test (set by conftest), shared by all the
+# test's edges, so that tests do not share room registrations or room limits.
+TEST_USER: ContextVar[str] = ContextVar("TEST_USER", default="local")
+
+
+def new_test_user() -> str:
+    return f"local-{secrets.token_hex(4)}"
 
 
 def new_room_id() -> str:
@@ -52,7 +61,13 @@ async def http_get(port: int, path: str, headers: dict[str, str] | None = None) 
 
 @asynccontextmanager
 async def running_edges(nats_url: str, count: int = 2, **overrides: Any) -> AsyncIterator[list[Edge]]:
-    """`count` edges in this process, each with its own NATS connection and port."""
+    """`count` edges in this process, each with its own NATS connection and port.
+
+    Unless told otherwise they run with `auth=none` as the test's own local user.
+    """
+    if overrides.get("auth", "none") == "none":
+        overrides.setdefault("auth", "none")
+        overrides.setdefault("local_user_id", TEST_USER.get())
     edges = [
         Edge(EdgeSettings(nats_url=nats_url, host="127.0.0.1", port=0, edge_id=f"t{i}-{secrets.token_hex(3)}", **overrides))
         for i in range(count)
@@ -212,6 +227,9 @@ class EdgeProcess:
         self.port = free_port()
         self.edge_id = f"proc-{secrets.token_hex(3)}"
         self.args = ["--nats-url", nats_url, "--port", str(self.port), "--edge-id", self.edge_id]
+        if settings.get("auth", "none") == "none":
+            settings.setdefault("auth", "none")
+            settings.setdefault("local_user_id", TEST_USER.get())
         for name, value in settings.items():
             self.args += ["--" + name.replace("_", "-"), str(value)]
         self.process: asyncio.subprocess.Process | None = None

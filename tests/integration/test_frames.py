@@ -113,7 +113,8 @@ async def test_frame_over_max_frame_bytes_closes_1009(nats_url):
 
 async def test_ten_thousand_frames_each_way_across_edges_arrive_in_order_exactly_once(nats_url):
     count = 10_000
-    async with running_edges(nats_url) as (a, b):
+    # Far past any real client's rate: the inbound rate limit (tested on its own) is off here.
+    async with running_edges(nats_url, socket_rate_limit_per_s=0) as (a, b):
         mac_client, ios_client, _ = await paired(a, b)
 
         async def pump(sender: Client, tag: str) -> None:

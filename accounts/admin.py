@@ -1,0 +1,235 @@
+"""`relay-admin`: manage accounts and API keys in the relay's JetStream KV.
+
+    relay-admin [--nats-url URL] users add USER --email EMAIL --tier TIER
+    relay-admin users delete USER | users set-tier USER TIER | users set-quota USER CREDITS|default | users list
+    relay-admin keys create USER | keys revoke KEY
+    relay-admin usage USER
+
+Results go to standard output (JSON where there is data), errors to standard error as
+one line `relay-admin: error: ...`. Exit codes a script can rely on:
+0 done · 1 NATS or storage unavailable · 2 bad command line · 3 no such user or key ·
+4 the user exists already · 5 the tiers file is unusable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+import msgspec
+import nats
+import nats.errors
+
+from accounts.store import AccountStore, UnknownUser, UserExists
+from accounts.tiers import Tier, TierFileError, load_tiers
+from edge.settings import add_setting_flags, redact_urls, settings_from_args
+from metering.usage import UsageReader, open_usage_bucket, usage_report
+from metering.windows import period_of
+from schemas.records import User, WelcomeBonus
+from schemas.subjects import is_valid_user_id
+
+EXIT_OK = 0
+EXIT_UNAVAILABLE = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_EXISTS = 4
+EXIT_TIERS = 5
+
+_DAY_MS = 86_400_000
+
+
+class AdminError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdminSettings:
+    """What relay-admin can be told: flags before the command, else `RELAY_*` variables."""
+
+    nats_url: str = field(default="nats://127.0.0.1:4222", metadata={"help": "NATS server URL(s), comma-separated"})
+    tiers_file: str = field(default="", metadata={"help": "TOML file overriding the tiers (as the edges use)"})
+    kv_replicas: int = field(default=1, metadata={"help": "replicas of the KV buckets, if they must be created"})
+    api_key_ttl_s: int = field(default=30 * 86_400, metadata={"help": "API_KEY_TTL_SECONDS of new keys"})
+    refresh_token_ttl_s: int = field(default=180 * 86_400, metadata={"help": "REFRESH_TOKEN_TTL_SECONDS of new refresh tokens"})
+    welcome_bonus_credits: int = field(default=10_000, metadata={"help": "welcome-bonus credits granted to a new user (0: none)"})
+    welcome_bonus_days: int = field(default=7, metadata={"help": "days the welcome bonus stays valid"})
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relay-admin", description="Manage termrelay accounts and API keys.")
+    add_setting_flags(parser, AdminSettings)
+    groups = parser.add_subparsers(dest="group", required=True)
+
+    users = groups.add_parser("users", help="accounts").add_subparsers(dest="action", required=True)
+    add = users.add_parser("add", help="create an account (with the welcome bonus)")
+    add.add_argument("user")
+    add.add_argument("--email", required=True)
+    add.add_argument("--tier", required=True)
+    add.add_argument("--name", default="")
+    users.add_parser("delete", help="delete an account: its sockets close, its keys answer 410").add_argument("user")
+    set_tier = users.add_parser("set-tier", help="change an account's tier")
+    set_tier.add_argument("user")
+    set_tier.add_argument("tier")
+    set_quota = users.add_parser("set-quota", help="override the credits per window ('default' removes it)")
+    set_quota.add_argument("user")
+    set_quota.add_argument("credits")
+    users.add_parser("list", help="every account, one JSON object per line")
+
+    keys = groups.add_parser("keys", help="API keys").add_subparsers(dest="action", required=True)
+    keys.add_parser("create", help="a new API key (last line) and refresh token, shown once").add_argument("user")
+    keys.add_parser("revoke", help="revoke an API key and its refresh token").add_argument("key")
+
+    groups.add_parser("usage", help="the user's usage in the current window, as JSON").add_argument("user")
+    return parser
+
+
+def _fail(code: int, message: str) -> NoReturn:
+    print(f"relay-admin: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _user_json(user: User) -> dict[str, Any]:
+    return {
+        "user_id": user.user_id,
+        "email": user.email,
+        "tier": user.tier,
+        "deleted": user.deleted,
+        "credits_per_window": user.credits_per_window,
+    }
+
+
+async def _ignore(exc: Exception) -> None:
+    pass
+
+
+async def _run(args: argparse.Namespace, settings: AdminSettings, tiers: dict[str, Tier]) -> None:
+    try:
+        nc = await nats.connect(
+            servers=[u.strip() for u in settings.nats_url.split(",")],
+            name="relay-admin",
+            connect_timeout=5,
+            allow_reconnect=False,
+            max_reconnect_attempts=1,  # 0 would mean "forever" in nats-py
+            reconnect_time_wait=0.5,
+            error_cb=_ignore,  # reported once, below, not as a traceback per attempt
+        )
+    except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:
+        raise AdminError(EXIT_UNAVAILABLE, f"cannot reach NATS at {redact_urls(settings.nats_url)}: {exc or type(exc).__name__}")
+    try:
+        js = nc.jetstream(timeout=5)
+        store = await AccountStore.open(js, settings.kv_replicas)
+        await _command(args, settings, tiers, store, js)
+        await nc.flush()
+    finally:
+        await nc.close()
+
+
+async def _command(
+    args: argparse.Namespace, settings: AdminSettings, tiers: dict[str, Tier], store: AccountStore, js: Any
+) -> None:
+    now = time.time_ns() // 1_000_000
+    group, action = args.group, getattr(args, "action", None)
+    user_id = getattr(args, "user", None)
+    if user_id is not None and not is_valid_user_id(user_id):
+        raise AdminError(EXIT_USAGE, f"USER must match [A-Za-z0-9_-]{{1,64}}, got {user_id!r}")
+
+    def tier(name: str) -> str:
+        if name not in tiers:
+            raise AdminError(EXIT_USAGE, f"unknown tier {name!r}; tiers: {', '.join(tiers)}")
+        return name
+
+    if group == "users" and action == "add":
+        if "@" not in args.email:
+            raise AdminError(EXIT_USAGE, f"--email must be an e-mail address, got {args.email!r}")
+        bonus = None
+        if settings.welcome_bonus_credits > 0:
+            bonus = WelcomeBonus(
+                credits=settings.welcome_bonus_credits,
+                created_at=now,
+                expires_at=now + settings.welcome_bonus_days * _DAY_MS,
+            )
+        user = User(user_id=user_id, email=args.email, tier=tier(args.tier), created_at=now, name=args.name, welcome_bonus=bonus)
+        try:
+            await store.create_user(user)
+        except UserExists:
+            raise AdminError(EXIT_EXISTS, f"user {user_id} exists already") from None
+        print(json.dumps(_user_json(user)))
+    elif group == "users" and action == "delete":
+        user = await _update(store, user_id, lambda u: msgspec.structs.replace(u, deleted=True, deleted_at=u.deleted_at or now))
+        print(json.dumps(_user_json(user)))
+    elif group == "users" and action == "set-tier":
+        name = tier(args.tier)
+        user = await _update(store, user_id, lambda u: msgspec.structs.replace(u, tier=name))
+        print(json.dumps(_user_json(user)))
+    elif group == "users" and action == "set-quota":
+        if args.credits == "default":
+            credits = None
+        else:
+            try:
+                credits = int(args.credits)
+            except ValueError:
+                raise AdminError(EXIT_USAGE, f"CREDITS must be an integer >= -1 or 'default', got {args.credits!r}") from None
+            if credits < -1:
+                raise AdminError(EXIT_USAGE, f"CREDITS must be an integer >= -1 or 'default', got {credits}")
+        user = await _update(store, user_id, lambda u: msgspec.structs.replace(u, credits_per_window=credits))
+        print(json.dumps(_user_json(user)))
+    elif group == "users" and action == "list":
+        for user in await store.list_users():
+            print(json.dumps(_user_json(user)))
+    elif group == "keys" and action == "create":
+        user = await store.get_user(user_id)
+        if user is None:
+            raise AdminError(EXIT_NOT_FOUND, f"no such user: {user_id}")
+        if user.deleted:
+            raise AdminError(EXIT_NOT_FOUND, f"user {user_id} is deleted")
+        api_key, refresh_token = await store.issue_key(user_id, now, settings.api_key_ttl_s, settings.refresh_token_ttl_s)
+        print(f"# API key for {user_id} (shown once; stored only as a hash). Refresh token:")
+        print(refresh_token)
+        print(api_key)
+    elif group == "keys" and action == "revoke":
+        if not await store.revoke_key(args.key.strip()):
+            raise AdminError(EXIT_NOT_FOUND, "no such API key")
+        print("revoked")
+    elif group == "usage":
+        user = await store.get_user(user_id)
+        if user is None:
+            raise AdminError(EXIT_NOT_FOUND, f"no such user: {user_id}")
+        reader = UsageReader(await open_usage_bucket(js, settings.kv_replicas))
+        window, bonus = await reader.window(user_id, period_of(now)), await reader.bonus_used(user_id)
+        tier_of_user = tiers.get(user.tier) or tiers["free"]
+        print(json.dumps(usage_report(user, tier_of_user, window, bonus, now)))
+
+
+async def _update(store: AccountStore, user_id: str, change: Any) -> User:
+    try:
+        return await store.update_user(user_id, change)
+    except UnknownUser:
+        raise AdminError(EXIT_NOT_FOUND, f"no such user: {user_id}") from None
+
+
+def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    settings: AdminSettings = settings_from_args(AdminSettings, parser, args, environ)
+    try:
+        tiers = load_tiers(settings.tiers_file or None)
+    except TierFileError as exc:
+        _fail(EXIT_TIERS, str(exc))
+    try:
+        asyncio.run(_run(args, settings, tiers))
+    except AdminError as exc:
+        _fail(exc.code, str(exc))
+    except (nats.errors.Error, asyncio.TimeoutError) as exc:
+        _fail(EXIT_UNAVAILABLE, f"storage unavailable: {exc or type(exc).__name__}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+"""Accounts in JetStream KV: users, API keys, refresh tokens, room registrations.
+
+Buckets:
+- `relay_accounts`: `user.<id>` (no TTL; a deleted account is flagged, not removed),
+  `apikey.<sha256>` and `refresh.<sha256>` (per-message TTL = their lifetime, slid
+  forward on use). Keys and tokens are looked up by hash; the plain text is never stored.
+- `relay_registrations`: `<user>.<room>` with a per-message TTL of `ROOM_REG_TTL`,
+  refreshed while the room's Mac is connected (protocol.md §7). An expired
+  registration simply disappears: no markers, no cleanup job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import msgspec
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig
+from nats.js.kv import KeyValue
+
+from accounts import tokens
+from schemas.records import (
+    ApiKeyRecord,
+    RefreshTokenRecord,
+    Registration,
+    User,
+    api_key_record_decoder,
+    refresh_token_record_decoder,
+    registration_decoder,
+    user_decoder,
+)
+from schemas.subjects import (
+    ACCOUNTS_BUCKET,
+    REGISTRATIONS_BUCKET,
+    USER_FILTER,
+    api_key_key,
+    refresh_token_key,
+    registration_key,
+    registrations_filter,
+    user_key,
+)
+
+log = logging.getLogger(__name__)
+
+_NOT_FOUND = (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError, nats.js.errors.NotFoundError)
+_MAX_CAS_ATTEMPTS = 20
+# A key's expiry slides forward at most this often: a KV write per connection would be waste.
+KEY_TOUCH_INTERVAL_MS = 24 * 3600 * 1000
+# Removed entries leave a purge marker that must itself go, or the bucket grows forever.
+_PURGE_MARKER_TTL_S = 1
+
+
+class UnknownUser(LookupError):
+    """No account with this id."""
+
+
+class UserExists(Exception):
+    """An account with this id exists already."""
+
+
+async def open_account_buckets(js: JetStreamContext, replicas: int) -> tuple[KeyValue, KeyValue]:
+    """Create (or open) the accounts and registrations buckets."""
+    buckets = []
+    for name in (ACCOUNTS_BUCKET, REGISTRATIONS_BUCKET):
+        config = KeyValueConfig(bucket=name, history=1, replicas=replicas)
+        try:
+            buckets.append(await js.create_key_value(config))
+        except nats.js.errors.BadRequestError:
+            log.warning("bucket %s exists with another configuration; using it as is", name)
+            buckets.append(await js.key_value(name))
+    return buckets[0], buckets[1]
+
+
+def _present(entry: KeyValue.Entry | None) -> bool:
+    # An expiry or purge marker can come back from get() as an empty value: absent.
+    return entry is not None and bool(entry.value) and entry.operation is None
+
+
+class AccountStore:
+    """Users, keys and registrations. Every method is one or a few KV operations."""
+
+    def __init__(self, js: JetStreamContext, accounts: KeyValue, registrations: KeyValue) -> None:
+        self._js = js
+        self._accounts = accounts
+        self._registrations = registrations
+
+    @classmethod
+    async def open(cls, js: JetStreamContext, replicas: int = 1) -> "AccountStore":
+        accounts, registrations = await open_account_buckets(js, replicas)
+        return cls(js, accounts, registrations)
+
+    # --- low level -----------------------------------------------------------------
+
+    async def _get(self, kv: KeyValue, key: str) -> KeyValue.Entry | None:
+        try:
+            entry = await kv.get(key)
+        except _NOT_FOUND:
+            return None
+        return entry if _present(entry) else None
+
+    async def _put_with_ttl(self, bucket: str, key: str, value: bytes, ttl_s: float, last: int | None = None) -> int:
+        """Write `key` with a per-message TTL (nats-py's put() cannot); `last` makes it a compare-and-set."""
+        headers = {"Nats-Expected-Last-Subject-Sequence": str(last)} if last is not None else None
+        try:
+            ack = await self._js.publish(f"$KV.{bucket}.{key}", value, msg_ttl=max(1.0, ttl_s), headers=headers)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in (10071, 10164):
+                raise nats.js.errors.KeyWrongLastSequenceError(description=exc.description) from exc
+            raise
+        return ack.seq
+
+    async def _remove(self, bucket: str, key: str, last: int | None = None) -> None:
+        """Remove `key` (compare-and-set on `last`), leaving a purge marker that expires itself."""
+        headers = {"KV-Operation": "PURGE", "Nats-Rollup": "sub"}
+        if last is not None:
+            headers["Nats-Expected-Last-Subject-Sequence"] = str(last)
+        try:
+            await self._js.publish(f"$KV.{bucket}.{key}", b"", headers=headers, msg_ttl=_PURGE_MARKER_TTL_S)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in (10071, 10164):
+                raise nats.js.errors.KeyWrongLastSequenceError(description=exc.description) from exc
+            raise
+
+    # --- users ---------------------------------------------------------------------
+
+    async def get_user(self, user_id: str) -> User | None:
+        entry = await self._get(self._accounts, user_key(user_id))
+        return None if entry is None else user_decoder.decode(entry.value)
+
+    async def create_user(self, user: User) -> None:
+        """Store a new account; raises UserExists if the id is taken (also by a deleted account)."""
+        key = user_key(user.user_id)
+        try:
+            await self._accounts.create(key, msgspec.json.encode(user))
+        except nats.js.errors.KeyWrongLastSequenceError as exc:
+            raise UserExists(user.user_id) from exc
+
+    async def update_user(self, user_id: str, change: Callable[[User], User]) -> User:
+        """Apply `change` to the account by compare-and-set; returns the stored result."""
+        key = user_key(user_id)
+        for attempt in range(_MAX_CAS_ATTEMPTS):
+            try:
+                entry = await self._accounts.get(key)
+            except _NOT_FOUND:
+                entry = None
+            if not _present(entry):
+                raise UnknownUser(user_id)
+            new = change(user_decoder.decode(entry.value))
+            try:
+                await self._accounts.update(key, msgspec.json.encode(new), last=entry.revision)
+                return new
+            except nats.js.errors.KeyWrongLastSequenceError:
+                await asyncio.sleep(min(0.001 * 2**attempt, 0.05))
+        raise RuntimeError(f"account {user_id}: too many concurrent changes")
+
+    async def list_users(self) -> list[User]:
+        """Every account, deleted ones included, ordered by id."""
+        users = []
+        watcher = await self._accounts.watch(USER_FILTER, ignore_deletes=True)
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    break
+                if _present(entry):
+                    users.append(user_decoder.decode(entry.value))
+        finally:
+            await watcher.stop()
+        return sorted(users, key=lambda u: u.user_id)
+
+    # --- API keys and refresh tokens -------------------------------------------------
+
+    async def issue_key(self, user_id: str, now_ms: int, key_ttl_s: float, refresh_ttl_s: float) -> tuple[str, str]:
+        """A new API key and its refresh token for `user_id`. Returns both in plain text, once."""
+        api_key, refresh = tokens.new_api_key(), tokens.new_refresh_token()
+        key_hash, refresh_hash = tokens.token_hash(api_key), tokens.token_hash(refresh)
+        key_record = ApiKeyRecord(
+            user_id=user_id,
+            key_hash=key_hash,
+            created_at=now_ms,
+            expires_at=now_ms + int(key_ttl_s * 1000),
+            refresh_hash=refresh_hash,
+        )
+        refresh_record = RefreshTokenRecord(
+            user_id=user_id,
+            token_hash=refresh_hash,
+            api_key_hash=key_hash,
+            created_at=now_ms,
+            expires_at=now_ms + int(refresh_ttl_s * 1000),
+        )
+        await self._put_with_ttl(ACCOUNTS_BUCKET, refresh_token_key(refresh_hash), msgspec.json.encode(refresh_record), refresh_ttl_s)
+        await self._put_with_ttl(ACCOUNTS_BUCKET, api_key_key(key_hash), msgspec.json.encode(key_record), key_ttl_s)
+        return api_key, refresh
+
+    async def find_key(self, api_key: str, now_ms: int, key_ttl_s: float) -> ApiKeyRecord | None:
+        """The record of a live API key (its expiry slid forward if due), or None."""
+        if not tokens.is_api_key(api_key):
+            return None
+        key_hash = tokens.token_hash(api_key)
+        entry = await self._get(self._accounts, api_key_key(key_hash))
+        if entry is None:
+            return None
+        record = api_key_record_decoder.decode(entry.value)
+        # The lookup was by hash already; comparing again costs nothing and stays constant-time.
+        if not tokens.same_secret(record.key_hash, key_hash) or record.expires_at <= now_ms:
+            return None
+        ttl_ms = int(key_ttl_s * 1000)
+        if record.expires_at - now_ms < ttl_ms - KEY_TOUCH_INTERVAL_MS:
+            slid = msgspec.structs.replace(record, expires_at=now_ms + ttl_ms)
+            try:
+                await self._put_with_ttl(
+                    ACCOUNTS_BUCKET, api_key_key(key_hash), msgspec.json.encode(slid), key_ttl_s, last=entry.revision
+                )
+                record = slid
+            except nats.js.errors.KeyWrongLastSequenceError:
+                pass  # someone else slid it (or revoked it) meanwhile
+        return record
+
+    async def revoke_key(self, api_key: str) -> bool:
+        """Revoke an API key and the refresh token issued with it. False if the key is unknown."""
+        if not tokens.is_api_key(api_key):
+            return False
+        return await self.revoke_key_hash(tokens.token_hash(api_key))
+
+    async def revoke_key_hash(self, key_hash: str) -> bool:
+        entry = await self._get(self._accounts, api_key_key(key_hash))
+        if entry is None:
+            return False
+        record = api_key_record_decoder.decode(entry.value)
+        await self._remove(ACCOUNTS_BUCKET, api_key_key(key_hash))
+        if record.refresh_hash:
+            await self._remove(ACCOUNTS_BUCKET, refresh_token_key(record.refresh_hash))
+        return True
+
+    async def rotate(
+        self, refresh_token: str, now_ms: int, key_ttl_s: float, refresh_ttl_s: float
+    ) -> tuple[str, str, str] | None:
+        """Use a refresh token: returns (user_id, new API key, new refresh token), or None if
+        the token is unknown, expired or used. The old token and its API key stop working."""
+        if not tokens.is_refresh_token(refresh_token):
+            return None
+        old_hash = tokens.token_hash(refresh_token)
+        entry = await self._get(self._accounts, refresh_token_key(old_hash))
+        if entry is None:
+            return None
+        record = refresh_token_record_decoder.decode(entry.value)
+        if not tokens.same_secret(record.token_hash, old_hash) or record.expires_at <= now_ms:
+            return None
+        # New tokens first, then the old one is taken by compare-and-set: two concurrent
+        # uses cannot both win, and a storage failure in between loses nothing usable.
+        api_key, refresh = await self.issue_key(record.user_id, now_ms, key_ttl_s, refresh_ttl_s)
+        try:
+            await self._remove(ACCOUNTS_BUCKET, refresh_token_key(old_hash), last=entry.revision)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            await self.revoke_key(api_key)
+            return None
+        await self._remove(ACCOUNTS_BUCKET, api_key_key(record.api_key_hash))
+        return record.user_id, api_key, refresh
+
+    # --- room registrations ------------------------------------------------------------
+
+    async def put_registration(self, user_id: str, room_id: str, now_ms: int, ttl_s: float, created_at: int | None = None) -> None:
+        """Register (or refresh) a user's room for `ttl_s` seconds."""
+        record = Registration(user_id=user_id, room_id=room_id, created_at=created_at or now_ms, last_seen=now_ms)
+        await self._put_with_ttl(REGISTRATIONS_BUCKET, registration_key(user_id, room_id), msgspec.json.encode(record), ttl_s)
+
+    async def get_registration(self, user_id: str, room_id: str) -> Registration | None:
+        entry = await self._get(self._registrations, registration_key(user_id, room_id))
+        return None if entry is None else registration_decoder.decode(entry.value)
+
+    async def delete_registration(self, user_id: str, room_id: str) -> None:
+        await self._remove(REGISTRATIONS_BUCKET, registration_key(user_id, room_id))
+
+    async def registrations(self, user_id: str) -> list[Registration]:
+        """A user's live registrations, ordered by room id."""
+        found = []
+        watcher = await self._registrations.watch(registrations_filter(user_id), ignore_deletes=True)
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    break
+                if _present(entry):
+                    found.append(registration_decoder.decode(entry.value))
+        finally:
+            await watcher.stop()
+        return sorted(found, key=lambda r: r.room_id)
+
+    async def count_registrations(self, user_id: str) -> int:
+        """How many rooms a user has registered: one stream-info request, exact listing only
+        near the limit's edge is the caller's business (a just-removed registration's
+        purge marker counts for a second)."""
+        info = await self._js.stream_info(
+            f"KV_{REGISTRATIONS_BUCKET}", subjects_filter=f"$KV.{REGISTRATIONS_BUCKET}.{registrations_filter(user_id)}"
+        )
+        return len(info.state.subjects or {})

@@ -1,0 +1,169 @@
+"""Who a request acts as, and whether a Mac may open one more room (protocol.md §2.2, §2.3, §4.2, §7).
+
+`Access.authenticate` turns a request's headers into a `Principal` or raises `Refusal`
+with the HTTP status a TermOnMac client acts on: 401 (no or unknown key), 410 (deleted
+account), 429 (too many failed attempts from this address), 503 (storage unavailable:
+never 401, which would start the Mac's token-refresh flow for a passing fault).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import nats.errors
+
+from accounts import tokens
+from accounts.store import AccountStore, UserExists
+from accounts.tiers import DEFAULT_TIERS, Tier
+from edge.limits import FailedAuthLimiter
+from edge.settings import EdgeSettings
+from edge.store import now_ms
+from schemas.records import User
+from schemas.subjects import is_valid_user_id
+
+log = logging.getLogger("edge.access")
+
+STORAGE_ERRORS = (nats.errors.Error, asyncio.TimeoutError)
+
+
+class Refusal(Exception):
+    """The request is refused with this HTTP status and plain-text message."""
+
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request acts as. `user` is None only for the operator token without `?user_id=`."""
+
+    user: User | None
+    tier: Tier
+    via: str  # "key", "operator" or "local"
+    key_hash: str = field(default="", repr=False)
+
+    @property
+    def user_id(self) -> str:
+        if self.user is None:
+            raise Refusal(400, "the operator token acts for a user: add ?user_id=USER")
+        return self.user.user_id
+
+    @property
+    def operator(self) -> bool:
+        return self.via == "operator"
+
+
+class Access:
+    """Authentication and room limits for one edge, over the accounts store."""
+
+    def __init__(self, settings: EdgeSettings, store: AccountStore, tiers: Mapping[str, Tier]) -> None:
+        self.settings = settings
+        self.store = store
+        self.tiers = tiers
+        self.limiter = FailedAuthLimiter(settings.auth_failure_limit, settings.auth_failure_window_s)
+
+    def tier_of(self, user: User) -> Tier:
+        tier = self.tiers.get(user.tier)
+        if tier is None:
+            log.warning("user %s has tier %r, which the tiers file lacks; using free", user.user_id, user.tier)
+            return self.tiers.get("free", DEFAULT_TIERS["free"])
+        return tier
+
+    async def ensure_local_user(self) -> None:
+        """With auth=none, the one local user must exist (with its tier) before anyone connects."""
+        s = self.settings
+        if await self.store.get_user(s.local_user_id) is not None:
+            return
+        if s.local_user_tier not in self.tiers:
+            raise ValueError(f"local_user_tier {s.local_user_tier!r} is not a tier ({', '.join(self.tiers)})")
+        user = User(user_id=s.local_user_id, email=f"{s.local_user_id}@localhost", tier=s.local_user_tier, created_at=now_ms())
+        try:
+            await self.store.create_user(user)
+            log.info("created the local user %s (tier %s)", user.user_id, user.tier)
+        except UserExists:
+            pass  # another edge made it first
+
+    def client_address(self, peer: str, headers: Mapping[str, str]) -> str:
+        """The client's address: the peer's, or behind a proxy the configured header's last entry."""
+        header = self.settings.client_ip_header
+        if header:
+            value = headers.get(header, "")
+            if value:
+                return value.rsplit(",", 1)[-1].strip()
+        return peer
+
+    async def authenticate(self, headers: Mapping[str, str], user_id_param: str | None, address: str) -> Principal:
+        """The principal of a request, or a `Refusal` (401, 410, 429, 503)."""
+        s = self.settings
+        if s.auth == "none":
+            return await self._acting_as(s.local_user_id, via="local")
+        now = time.monotonic()
+        wait = self.limiter.retry_after(address, now)
+        if wait > 0:
+            raise Refusal(429, "too many failed authentications; try again later", {"Retry-After": str(int(wait) + 1)})
+        token = tokens.bearer_token(headers.get("Authorization"))
+        if token is None:
+            self.limiter.failed(address, now)
+            raise Refusal(401, "an API key is required: Authorization: Bearer rdkey_...")
+        if s.admin_token and tokens.same_secret(token, s.admin_token):
+            if user_id_param is None:
+                return Principal(user=None, tier=DEFAULT_TIERS["free"], via="operator")
+            if not is_valid_user_id(user_id_param):
+                raise Refusal(400, "user_id must match [A-Za-z0-9_-]{1,64}")
+            return await self._acting_as(user_id_param, via="operator")
+        try:
+            record = await self.store.find_key(token, now_ms(), s.api_key_ttl_s)
+            user = await self.store.get_user(record.user_id) if record is not None else None
+        except STORAGE_ERRORS as exc:
+            log.warning("authentication: storage unavailable (%s)", type(exc).__name__)
+            raise Refusal(503, "storage unavailable; try again") from exc
+        if record is None or user is None:
+            self.limiter.failed(address, now)
+            raise Refusal(401, "unknown or expired API key")
+        if user.deleted:
+            raise Refusal(410, "account deleted")
+        return Principal(user=user, tier=self.tier_of(user), via="key", key_hash=record.key_hash)
+
+    async def _acting_as(self, user_id: str, via: str) -> Principal:
+        try:
+            user = await self.store.get_user(user_id)
+        except STORAGE_ERRORS as exc:
+            raise Refusal(503, "storage unavailable; try again") from exc
+        if user is None:
+            raise Refusal(401 if via == "local" else 404, f"no such user: {user_id}")
+        if user.deleted:
+            raise Refusal(410, "account deleted")
+        return Principal(user=user, tier=self.tier_of(user), via=via)
+
+    async def check_room_limit(self, principal: Principal, room_id: str) -> None:
+        """Refuse (403) a Mac that would register one room more than its tier allows (§7).
+
+        A room the user has registered already is always allowed (a reconnection), and the
+        count is a single request; only a count at or past the limit is checked exactly.
+        """
+        tier, user_id = principal.tier, principal.user_id
+        if tier.max_rooms < 0:
+            return
+        try:
+            if await self.store.get_registration(user_id, room_id) is not None:
+                return
+            if tier.allows_another_room(await self.store.count_registrations(user_id)):
+                return
+            registered = len(await self.store.registrations(user_id))
+        except STORAGE_ERRORS as exc:
+            raise Refusal(503, "storage unavailable; try again") from exc
+        if not tier.allows_another_room(registered):
+            raise Refusal(
+                403, f"room limit reached: the {tier.name} tier allows {tier.max_rooms} rooms; delete one or upgrade"
+            )
+
+    async def register_room(self, user_id: str, room_id: str, created_at: int | None = None) -> None:
+        """Record (or refresh) the user's registration of a room for ROOM_REG_TTL."""
+        await self.store.put_registration(user_id, room_id, now_ms(), self.settings.room_reg_ttl_s, created_at)

@@ -1,0 +1,251 @@
+"""The HTTP API on the edge's port (protocol.md §8): rooms, profile, tokens, usage, status.
+
+Every route takes the request's method, query and body and returns an `HttpReply`;
+the edge turns it into the handshake's HTTP response. Bearer keys are checked by
+`edge.access`; a refusal is answered with its status and a plain-text message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import nats.js.errors
+
+from edge import rooms
+from edge.access import STORAGE_ERRORS, Access, Principal, Refusal
+from edge.store import Presence, RoomStore, now_ms
+from metering.usage import UsageReader, history_report, usage_report
+from metering.windows import period_of
+from schemas.records import RoomRecord, SlotHolder
+from schemas.subjects import is_valid_room_id
+
+log = logging.getLogger("edge.api")
+
+BAD_ROOM_ID = "room_id must match ^[A-Za-z0-9_-]{1,128}$"
+
+
+@dataclass(frozen=True)
+class HttpReply:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def json(cls, body: Any, status: int = 200) -> "HttpReply":
+        return cls(status, msgspec.json.encode(body))
+
+    @classmethod
+    def text(cls, status: int, message: str, headers: Mapping[str, str] | None = None) -> "HttpReply":
+        return cls(status, (message.rstrip("\n") + "\n").encode(), "text/plain; charset=utf-8", headers or {})
+
+
+class _RefreshRequest(msgspec.Struct):
+    refresh_token: str
+
+
+@dataclass(frozen=True)
+class ApiRequest:
+    method: str
+    path: str
+    query: Mapping[str, str]
+    headers: Mapping[str, str]
+    body: bytes
+    address: str
+
+
+Route = Callable[["HttpApi", ApiRequest], Awaitable[HttpReply]]
+
+
+class HttpApi:
+    """The routes of protocol.md §8 for one edge."""
+
+    def __init__(
+        self,
+        access: Access,
+        room_store: RoomStore,
+        presence: Presence,
+        usage: UsageReader,
+        is_alive: Callable[[SlotHolder], bool],
+    ) -> None:
+        self.access = access
+        self.rooms = room_store
+        self.presence = presence
+        self.usage = usage
+        self.is_alive = is_alive
+        self.settings = access.settings
+
+    def route(self, method: str, path: str) -> Route | HttpReply | None:
+        """The handler for `method path`; a 405 reply for a known path and another method; None if unknown."""
+        if path.startswith("/api/rooms/"):
+            return HttpApi.delete_room if method == "DELETE" else HttpReply.text(405, "use DELETE")
+        allowed = _ROUTES.get(path)
+        if allowed is None:
+            return None
+        handler = allowed.get(method)
+        if handler is None:
+            return HttpReply.text(405, f"use {' or '.join(allowed)}", {"Allow": ", ".join(allowed)})
+        return handler
+
+    async def handle(self, handler: Route, request: ApiRequest) -> HttpReply:
+        try:
+            return await handler(self, request)
+        except Refusal as refusal:
+            return HttpReply.text(refusal.status, refusal.message, refusal.headers)
+        except STORAGE_ERRORS:
+            log.exception("%s %s: storage unavailable", request.method, request.path)
+            return HttpReply.text(503, "storage unavailable; try again")
+
+    async def _principal(self, request: ApiRequest) -> Principal:
+        return await self.access.authenticate(request.headers, request.query.get("user_id"), request.address)
+
+    # --- rooms ------------------------------------------------------------------------
+
+    async def list_rooms(self, request: ApiRequest) -> HttpReply:
+        """GET /api/rooms: the user's registered rooms, their tier's room limit, the tier."""
+        principal = await self._principal(request)
+        user_id = principal.user_id
+        registrations = await self.access.store.registrations(user_id)
+        states = await asyncio.gather(*(self._room_state(r.room_id) for r in registrations))
+        listed = []
+        for registration, (record, seen) in zip(registrations, states, strict=True):
+            mac = record is not None and record.mac is not None and self.is_alive(record.mac)
+            ios = record is not None and record.ios is not None and self.is_alive(record.ios)
+            last = max([registration.last_seen, *(t for t in seen if t is not None)])
+            if record is not None:
+                last = max(last, rooms.last_activity(record, seen))
+            listed.append({"room_id": registration.room_id, "mac_connected": mac, "ios_connected": ios, "last_seen": last})
+        return HttpReply.json({"rooms": listed, "limit": principal.tier.max_rooms, "tier": principal.tier.name})
+
+    async def _room_state(self, room_id: str) -> tuple[RoomRecord | None, tuple[int | None, int | None]]:
+        (record, _), seen = await asyncio.gather(self.rooms.get(room_id), self.presence.get_room_last_seen(room_id))
+        return record, seen
+
+    async def delete_room(self, request: ApiRequest) -> HttpReply:
+        """DELETE /api/rooms/{id}: free the registration and the room; 409 while its Mac is connected."""
+        principal = await self._principal(request)
+        user_id = principal.user_id
+        room_id = request.path.removeprefix("/api/rooms/")
+        if not is_valid_room_id(room_id):
+            return HttpReply.text(400, BAD_ROOM_ID)
+        registration = await self.access.store.get_registration(user_id, room_id)
+        record, revision = await self.rooms.get(room_id)
+        if record is not None and record.owner_user_id != user_id:
+            if registration is None:
+                return HttpReply.text(403, "this room belongs to another account")
+            record = None  # a stale registration of a room now owned by someone else: free only ours
+        if record is None and registration is None:
+            return HttpReply.text(404, "no such room")
+        if record is not None:
+            if record.mac is not None and self.is_alive(record.mac):
+                return HttpReply.text(409, "the room's Mac is connected; stop it first")
+            try:
+                await self.rooms.delete(room_id, revision)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                return HttpReply.text(409, "the room changed meanwhile (its Mac may have connected); try again")
+        await self.access.store.delete_registration(user_id, room_id)
+        log.info("room %s deleted by its owner", room_id)
+        return HttpReply.json({"deleted": room_id})
+
+    async def status(self, request: ApiRequest) -> HttpReply:
+        """GET /status?room_id=R (§8.1, §12 item 23): the owner's key or the operator token."""
+        principal = await self._principal(request)
+        room_id = request.query.get("room_id", "")
+        if not is_valid_room_id(room_id):
+            return HttpReply.text(400, BAD_ROOM_ID)
+        record, _ = await self.rooms.get(room_id)
+        if record is None:
+            return HttpReply.json({"exists": False})
+        if not principal.operator and record.owner_user_id != principal.user_id:
+            return HttpReply.text(403, "this room belongs to another account")
+        seen = await self.presence.get_room_last_seen(room_id)
+        now = now_ms()
+        record = rooms.expire_idle(record, now, self.settings.room_idle_timeout_ms, self.is_alive, seen)
+        return HttpReply.json(
+            {
+                "exists": True,
+                "mac_connected": record.mac is not None and self.is_alive(record.mac),
+                "ios_connected": record.ios is not None and self.is_alive(record.ios),
+                "mac_last_seen": seen[0],
+                "ios_last_seen": seen[1],
+                "idle_seconds": max(0, (now - rooms.last_activity(record, seen)) // 1000),
+            }
+        )
+
+    # --- account ------------------------------------------------------------------------
+
+    async def profile(self, request: ApiRequest) -> HttpReply:
+        """GET /profile."""
+        principal = await self._principal(request)
+        user = principal.user
+        if user is None:
+            raise Refusal(400, "the operator token acts for a user: add ?user_id=USER")
+        body = {"user_id": user.user_id, "email": user.email, "tier": user.tier}
+        if user.name:
+            body["name"] = user.name
+        return HttpReply.json(body)
+
+    async def refresh(self, request: ApiRequest) -> HttpReply:
+        """POST /auth/refresh {"refresh_token"}: a new API key and refresh token; the old ones stop working."""
+        try:
+            body = msgspec.json.decode(request.body, type=_RefreshRequest)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return HttpReply.text(400, 'expected a JSON body {"refresh_token": "rdrt_..."}')
+        now = time.monotonic()
+        wait = self.access.limiter.retry_after(request.address, now)
+        if wait > 0:
+            return HttpReply.text(429, "too many failed attempts; try again later", {"Retry-After": str(int(wait) + 1)})
+        s = self.settings
+        rotated = await self.access.store.rotate(body.refresh_token, now_ms(), s.api_key_ttl_s, s.refresh_token_ttl_s)
+        if rotated is None:
+            self.access.limiter.failed(request.address, now)
+            return HttpReply.text(401, "unknown, expired or already used refresh token")
+        user_id, api_key, refresh_token = rotated
+        user = await self.access.store.get_user(user_id)
+        if user is None or user.deleted:
+            await self.access.store.revoke_key(api_key)
+            return HttpReply.text(410, "account deleted")
+        return HttpReply.json({"api_key": api_key, "refresh_token": refresh_token})
+
+    async def revoke(self, request: ApiRequest) -> HttpReply:
+        """POST /auth/revoke: the calling API key (and its refresh token) stop working."""
+        principal = await self._principal(request)
+        if principal.via != "key":
+            return HttpReply.text(400, "only an API key can revoke itself")
+        await self.access.store.revoke_key_hash(principal.key_hash)
+        return HttpReply.json({"revoked": True})
+
+    # --- usage --------------------------------------------------------------------------
+
+    async def usage_now(self, request: ApiRequest) -> HttpReply:
+        """GET /usage (§8.2): the current window's credits, the limit, the welcome bonus."""
+        principal = await self._principal(request)
+        user_id, now = principal.user_id, now_ms()
+        window, bonus = await asyncio.gather(
+            self.usage.window(user_id, period_of(now)), self.usage.bonus_used(user_id)
+        )
+        assert principal.user is not None
+        return HttpReply.json(usage_report(principal.user, principal.tier, window, bonus, now))
+
+    async def usage_history(self, request: ApiRequest) -> HttpReply:
+        """GET /usage/history (§8.2): every window on record, the current one included."""
+        principal = await self._principal(request)
+        user_id = principal.user_id
+        return HttpReply.json(history_report(user_id, await self.usage.windows(user_id), now_ms()))
+
+
+_ROUTES: dict[str, dict[str, Route]] = {
+    "/api/rooms": {"GET": HttpApi.list_rooms},
+    "/status": {"GET": HttpApi.status},
+    "/profile": {"GET": HttpApi.profile},
+    "/auth/refresh": {"POST": HttpApi.refresh},
+    "/auth/revoke": {"POST": HttpApi.revoke},
+    "/usage": {"GET": HttpApi.usage_now},
+    "/usage/history": {"GET": HttpApi.usage_history},
+}

@@ -1,0 +1,82 @@
+"""Plain HTTP requests on the WebSocket port: methods other than GET, and request bodies.
+
+`websockets` reads only what an opening handshake needs: a GET without a body. The HTTP
+API also needs `POST /auth/refresh` with a JSON body and `DELETE /api/rooms/{id}`
+(protocol.md §8.2), on the same host and port. `HttpConnection` reads the request head
+(and body) itself, remembers the method and body, and hands `websockets` the head as a
+bodiless GET; `process_request` then answers with `http_method` and `http_body` in hand.
+A WebSocket upgrade passes through unchanged.
+"""
+
+from __future__ import annotations
+
+from websockets.asyncio.server import ServerConnection
+
+# Limits for the requests this front reads itself; WebSocket upgrades are websockets' business.
+MAX_HEAD_BYTES = 16 * 1024
+MAX_BODY_BYTES = 64 * 1024
+
+
+class HttpConnection(ServerConnection):
+    """A `websockets` server connection that also carries the HTTP API's requests."""
+
+    http_method: str = "GET"
+    http_body: bytes = b""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self._front_buffer: bytes | None = b""  # None once the request went to websockets
+
+    def data_received(self, data: bytes) -> None:
+        if self._front_buffer is None:
+            super().data_received(data)
+            return
+        head_was_complete = b"\r\n\r\n" in self._front_buffer
+        buffer = self._front_buffer + data
+        head_end = buffer.find(b"\r\n\r\n")
+        if head_end < 0:
+            if len(buffer) > MAX_HEAD_BYTES:
+                self._refuse(431, "Request Header Fields Too Large")
+            else:
+                self._front_buffer = buffer
+            return
+        head, rest = buffer[:head_end], buffer[head_end + 4 :]
+        request_line, _, header_block = head.partition(b"\r\n")
+        method, _, target = request_line.partition(b" ")
+        headers = [line for line in header_block.split(b"\r\n") if line]
+        names = [line.partition(b":")[0].strip().lower() for line in headers]
+        if b"transfer-encoding" in names:
+            self._refuse(411, "Length Required")
+            return
+        lengths = {line.partition(b":")[2].strip() for line, name in zip(headers, names) if name == b"content-length"}
+        if len(lengths) > 1 or not all(value.isdigit() for value in lengths):
+            self._refuse(400, "Bad Request")
+            return
+        length = int(lengths.pop()) if lengths else 0
+        if length > MAX_BODY_BYTES:
+            self._refuse(413, "Content Too Large")
+            return
+        if len(rest) < length:
+            if not head_was_complete and b"expect" in names:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits for this on larger bodies
+            self._front_buffer = buffer
+            return
+        if method == b"GET" and length == 0:
+            self._front_buffer = None
+            super().data_received(buffer)  # a handshake, or a plain GET: websockets' as it is
+            return
+        self.http_method = method.decode("ascii", "replace")
+        self.http_body = rest[:length]
+        kept = [line for line, name in zip(headers, names) if name not in (b"content-length", b"expect")]
+        self._front_buffer = None
+        super().data_received(b"\r\n".join([b"GET " + target, *kept]) + b"\r\n\r\n")
+
+    def _refuse(self, status: int, reason: str) -> None:
+        """Answer a request this front cannot take, and hang up."""
+        self._front_buffer = None
+        body = f"{reason}\n".encode()
+        self.transport.write(
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
+        )
+        self.transport.close()
