@@ -22,6 +22,7 @@ def configure_logging() -> None:
     )
     # websockets logs every HTTP request at INFO; health probes would drown the log.
     logging.getLogger("websockets").setLevel(logging.WARNING)
+    logging.getLogger("edge.websockets").setLevel(logging.WARNING)  # the same, for our server's connections
 
 
 async def serve_until_signalled(edge: Edge) -> None:

@@ -55,6 +55,23 @@ from schemas.subjects import ACCOUNTS_BUCKET, ROLES, USER_FILTER, edge_id_of_lea
 
 log = logging.getLogger("edge")
 
+
+class _RedactCredentials(logging.Filter):
+    """websockets logs request headers at DEBUG: keep API keys and tokens out of the log."""
+
+    _HEADERS = frozenset({"authorization", "x-sandbox-key", "cookie"})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 2 and str(args[0]).lower() in self._HEADERS:
+            record.args = (args[0], "***")
+        return True
+
+
+# The logger websockets uses for our server's connections (handshakes included).
+_ws_log = logging.getLogger("edge.websockets")
+_ws_log.addFilter(_RedactCredentials())
+
 # How long one JetStream request may take; short, so that the budget allows retries.
 _JETSTREAM_TIMEOUT_S = 2.0
 # How long shutdown waits, after the closes, for departed sockets' slots to be released.
@@ -148,6 +165,7 @@ class Edge:
             close_timeout=self._close_timeout_s,
             server_header="termrelay",
             create_connection=HttpConnection,  # POST and DELETE for the HTTP API
+            logger=_ws_log,
         )
         self.port = server.sockets[0].getsockname()[1]
         try:

@@ -12,6 +12,7 @@ import os
 import secrets
 import signal
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -49,9 +50,18 @@ def b64_key() -> str:
 
 async def http_get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
     """A plain HTTP GET to 127.0.0.1:port; returns (status, body)."""
+    return await http_request(port, "GET", path, headers)
+
+
+async def http_request(
+    port: int, method: str, path: str, headers: dict[str, str] | None = None, body: bytes | None = None
+) -> tuple[int, str]:
+    """One HTTP/1.1 request to 127.0.0.1:port; returns (status, body)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    lines = [f"GET {path} HTTP/1.1", "Host: relay"] + [f"{k}: {v}" for k, v in (headers or {}).items()]
-    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    lines = [f"{method} {path} HTTP/1.1", "Host: relay"] + [f"{k}: {v}" for k, v in (headers or {}).items()]
+    if body is not None:
+        lines.append(f"Content-Length: {len(body)}")
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b""))
     await writer.drain()
     response = await asyncio.wait_for(reader.read(), 5)
     writer.close()
@@ -101,8 +111,16 @@ class Client:
     ws: ClientConnection
 
     @classmethod
-    async def connect(cls, edge: Edge, room_id: str, role: str | None = "mac", **query: str) -> "Client":
-        ws = await connect(ws_url(edge, room_id, role, **query), compression=None, max_size=None, open_timeout=5)
+    async def connect(
+        cls, edge: Edge, room_id: str, role: str | None = "mac", headers: dict[str, str] | None = None, **query: str
+    ) -> "Client":
+        ws = await connect(
+            ws_url(edge, room_id, role, **query),
+            compression=None,
+            max_size=None,
+            open_timeout=5,
+            additional_headers=headers,
+        )
         return cls(ws)
 
     async def send(self, **message: Any) -> None:
@@ -179,9 +197,11 @@ class MacIdentity:
         }
 
 
-async def connect_mac(edge: Edge, mac: MacIdentity, **extra: Any) -> tuple[Client, dict[str, Any]]:
+async def connect_mac(
+    edge: Edge, mac: MacIdentity, headers: dict[str, str] | None = None, **extra: Any
+) -> tuple[Client, dict[str, Any]]:
     """A Mac socket that has registered; returns it and the register message it sent."""
-    client = await Client.connect(edge, mac.room_id, "mac")
+    client = await Client.connect(edge, mac.room_id, "mac", headers)
     message = mac.register_message(**extra)
     await client.send(**message)
     await client.expect("room_registered")
@@ -200,9 +220,11 @@ def join_message(mac: MacIdentity, **extra: Any) -> dict[str, Any]:
     }
 
 
-async def connect_ios(edge: Edge, mac: MacIdentity, **extra: Any) -> tuple[Client, dict[str, Any]]:
+async def connect_ios(
+    edge: Edge, mac: MacIdentity, headers: dict[str, str] | None = None, **extra: Any
+) -> tuple[Client, dict[str, Any]]:
     """An iOS socket that has sent join_room (the caller reads what follows)."""
-    client = await Client.connect(edge, mac.room_id, "ios")
+    client = await Client.connect(edge, mac.room_id, "ios", headers)
     message = join_message(mac, **extra)
     await client.send(**message)
     return client, message
@@ -216,6 +238,40 @@ async def paired(edge_mac: Edge, edge_ios: Edge, mac: MacIdentity | None = None)
     await ios_client.expect("peer_joined")
     await mac_client.expect("peer_joined")
     return mac_client, ios_client, mac
+
+
+@dataclass
+class Account:
+    """A user made for a test, with a live API key."""
+
+    user_id: str
+    email: str
+    api_key: str
+    refresh_token: str
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+
+async def make_account(nats_url: str, tier: str = "free", deleted: bool = False, **fields: Any) -> Account:
+    """Create a user (as relay-admin would) and issue it an API key; returns both."""
+    import nats
+
+    from accounts.store import AccountStore
+    from schemas.records import User
+
+    user_id = f"u{secrets.token_hex(5)}"
+    email = f"{user_id}@example.com"
+    nc = await nats.connect(nats_url)
+    try:
+        store = await AccountStore.open(nc.jetstream())
+        now = int(time.time() * 1000)
+        await store.create_user(User(user_id=user_id, email=email, tier=tier, created_at=now, deleted=deleted, **fields))
+        api_key, refresh = await store.issue_key(user_id, now, 30 * 86_400, 180 * 86_400)
+    finally:
+        await nc.close()
+    return Account(user_id, email, api_key, refresh)
 
 
 class EdgeProcess:

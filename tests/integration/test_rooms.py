@@ -22,14 +22,15 @@ from tests.harness import (
 
 
 async def test_register_room_replies_room_registered_with_room_id_and_max_sessions(nats_url):
-    async with running_edges(nats_url, count=1, max_sessions=7) as (edge,):
+    # max_sessions is the user's tier's: pro allows 16 (protocol.md §12 item 22).
+    async with running_edges(nats_url, count=1, local_user_tier="pro") as (edge,):
         mac = MacIdentity.new()
         client = await Client.connect(edge, mac.room_id, "mac")
         await client.send(**mac.register_message())
         assert await client.expect("room_registered") == {
             "type": "room_registered",
             "room_id": mac.room_id,
-            "max_sessions": 7,
+            "max_sessions": 16,
         }
 
 

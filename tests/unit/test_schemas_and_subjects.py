@@ -321,7 +321,8 @@ def test_settings_defaults_equal_the_seed_constants():
     assert s.room_idle_timeout_ms == 600_000
     assert s.room_reg_ttl_s == 900
     assert s.max_frame_bytes == 4 * 1024 * 1024
-    assert s.auth == "none"
+    assert s.auth == "required"  # protocol.md §12 item 2
+    assert (s.api_key_ttl_s, s.refresh_token_ttl_s) == (30 * 86_400, 180 * 86_400)
     assert subjects.is_valid_edge_id(s.edge_id)
 
 
