@@ -1,7 +1,8 @@
-# The termrelay image: edges (relay-edge), and later metering and admin, from one image.
+# The termrelay image: edges (relay-edge), relay-admin, and later metering, from one image.
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY accounts ./accounts
 COPY edge ./edge
 COPY metering ./metering
 COPY schemas ./schemas

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -33,13 +34,23 @@ async def _run(settings: EdgeSettings) -> None:
             if settings.host in ("127.0.0.1", "localhost", "::1")
             else ""
         )
+        if settings.auth == "none":
+            auth = (
+                f"  Authentication is OFF (RELAY_AUTH=none): every connection acts as user "
+                f"'{settings.local_user_id}'. Keep this on a trusted network.\n"
+            )
+        else:
+            auth = (
+                "  Authentication is ON: create a user and an API key (the key is the last line):\n"
+                f"    .venv/bin/relay-admin --nats-url {settings.nats_url} users add alice --email alice@example.com --tier pro\n"
+                f"    .venv/bin/relay-admin --nats-url {settings.nats_url} keys create alice\n"
+            )
         print(
             "\n"
             f"  termrelay is running.\n"
             f"  Point the TermOnMac Mac agent at it:  RELAY_SERVER_URL={url}\n"
             f"{reach}"
-            f"  Authentication is OFF (RELAY_AUTH=none): every connection acts as user "
-            f"'{settings.local_user_id}'. Keep this on a trusted network.\n"
+            f"{auth}"
             f"  Health: http://{host}:{edge.port}/healthz   Ctrl-C stops everything.\n",
             flush=True,
         )
@@ -69,7 +80,9 @@ class LocalSettings:
 def main() -> None:
     configure_logging()
     local: LocalSettings = load_settings(LocalSettings, [], prog="relay-local")
-    edge_settings: EdgeSettings = load_settings(EdgeSettings, sys.argv[1:], prog="relay-local")
+    # The quick start is one person's relay: no keys unless asked for (RELAY_AUTH=required).
+    local_defaults = {"RELAY_AUTH": "none", **os.environ}
+    edge_settings: EdgeSettings = load_settings(EdgeSettings, sys.argv[1:], local_defaults, prog="relay-local")
     data = Path(local.local_data) / "nats"
     nats_server = EmbeddedNatsServer(store_dir=data, port=local.local_nats_port or None)
     nats_server.start()

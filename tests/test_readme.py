@@ -17,3 +17,19 @@ def test_readme_documents_every_edge_setting_with_its_variable_and_flag():
 def test_readme_quick_start_shows_make_run_and_make_test():
     quick_start = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
     assert "make run" in quick_start and "make test" in quick_start
+
+
+def test_readme_documents_every_relay_admin_setting():
+    from accounts.admin import AdminSettings
+
+    for f in dataclasses.fields(AdminSettings):
+        assert f"`RELAY_{f.name.upper()}`" in README, f.name
+
+
+def test_every_test_the_readme_names_exists():
+    import re
+
+    sources = "\n".join(p.read_text() for p in (Path(__file__).parent).rglob("test_*.py"))
+    defined = set(re.findall(r"def (test_\w+)", sources))
+    named = set(re.findall(r"`(test_\w+)`", README))
+    assert named - defined == set()
