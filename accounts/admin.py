@@ -138,17 +138,7 @@ async def _command(
     now = time.time_ns() // 1_000_000
     group, action = args.group, getattr(args, "action", None)
     user_id = getattr(args, "user", None)
-    if user_id is not None and not is_valid_user_id(user_id):
-        raise AdminError(EXIT_USAGE, f"USER must match [A-Za-z0-9_-]{{1,64}}, got {user_id!r}")
-
-    def tier(name: str) -> str:
-        if name not in tiers:
-            raise AdminError(EXIT_USAGE, f"unknown tier {name!r}; tiers: {', '.join(tiers)}")
-        return name
-
     if group == "users" and action == "add":
-        if "@" not in args.email:
-            raise AdminError(EXIT_USAGE, f"--email must be an e-mail address, got {args.email!r}")
         bonus = None
         if settings.welcome_bonus_credits > 0:
             bonus = WelcomeBonus(
@@ -156,7 +146,7 @@ async def _command(
                 created_at=now,
                 expires_at=now + settings.welcome_bonus_days * _DAY_MS,
             )
-        user = User(user_id=user_id, email=args.email, tier=tier(args.tier), created_at=now, name=args.name, welcome_bonus=bonus)
+        user = User(user_id=user_id, email=args.email, tier=args.tier, created_at=now, name=args.name, welcome_bonus=bonus)
         try:
             await store.create_user(user)
         except UserExists:
@@ -166,19 +156,10 @@ async def _command(
         user = await _update(store, user_id, lambda u: msgspec.structs.replace(u, deleted=True, deleted_at=u.deleted_at or now))
         print(json.dumps(_user_json(user)))
     elif group == "users" and action == "set-tier":
-        name = tier(args.tier)
-        user = await _update(store, user_id, lambda u: msgspec.structs.replace(u, tier=name))
+        user = await _update(store, user_id, lambda u: msgspec.structs.replace(u, tier=args.tier))
         print(json.dumps(_user_json(user)))
     elif group == "users" and action == "set-quota":
-        if args.credits == "default":
-            credits = None
-        else:
-            try:
-                credits = int(args.credits)
-            except ValueError:
-                raise AdminError(EXIT_USAGE, f"CREDITS must be an integer >= -1 or 'default', got {args.credits!r}") from None
-            if credits < -1:
-                raise AdminError(EXIT_USAGE, f"CREDITS must be an integer >= -1 or 'default', got {credits}")
+        credits = _credits(args.credits)
         user = await _update(store, user_id, lambda u: msgspec.structs.replace(u, credits_per_window=credits))
         print(json.dumps(_user_json(user)))
     elif group == "users" and action == "list":
@@ -208,6 +189,35 @@ async def _command(
         print(json.dumps(usage_report(user, tier_of_user, window, bonus, now)))
 
 
+def _check_command_line(args: argparse.Namespace, tiers: dict[str, Tier]) -> None:
+    """Refuse a bad command line (exit 2) before touching NATS, so the exit code says what is wrong."""
+    user_id = getattr(args, "user", None)
+    if user_id is not None and not is_valid_user_id(user_id):
+        raise AdminError(EXIT_USAGE, f"USER must match [A-Za-z0-9_-]{{1,64}}, got {user_id!r}")
+    tier = getattr(args, "tier", None)
+    if tier is not None and tier not in tiers:
+        raise AdminError(EXIT_USAGE, f"unknown tier {tier!r}; tiers: {', '.join(tiers)}")
+    email = getattr(args, "email", None)
+    if email is not None and "@" not in email:
+        raise AdminError(EXIT_USAGE, f"--email must be an e-mail address, got {email!r}")
+    if getattr(args, "credits", None) is not None:
+        _credits(args.credits)
+
+
+def _credits(text: str) -> int | None:
+    """CREDITS of `users set-quota`: a positive integer, -1 (unlimited), or `default` (None)."""
+    if text == "default":
+        return None
+    try:
+        credits = int(text)
+    except ValueError:
+        credits = 0
+    # 0 is refused: clients read a limit of 0 as "unlimited" (protocol.md §8.2).
+    if credits < -1 or credits == 0:
+        raise AdminError(EXIT_USAGE, f"CREDITS must be a positive integer, -1 (unlimited) or 'default', got {text!r}")
+    return credits
+
+
 async def _update(store: AccountStore, user_id: str, change: Any) -> User:
     try:
         return await store.update_user(user_id, change)
@@ -224,6 +234,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     except TierFileError as exc:
         _fail(EXIT_TIERS, str(exc))
     try:
+        _check_command_line(args, tiers)
         asyncio.run(_run(args, settings, tiers))
     except AdminError as exc:
         _fail(exc.code, str(exc))

@@ -78,6 +78,9 @@ def load_tiers(path: str | Path | None) -> dict[str, Tier]:
                 raise TierFileError(f"tiers file {path}: new tier {name} needs {field}")
             if not isinstance(value, int) or isinstance(value, bool) or value < UNLIMITED:
                 raise TierFileError(f"tiers file {path}: tiers.{name}.{field} must be an integer >= -1")
+            if field == "credits_per_window" and value == 0:
+                # Clients read a limit of 0 as "unlimited" (protocol.md §8.2): say -1 for that.
+                raise TierFileError(f"tiers file {path}: tiers.{name}.credits_per_window must be positive or -1 (unlimited)")
             merged[field] = value
         tiers[name] = Tier(name, **merged)
     return tiers

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import resource
 import sys
+import tempfile
 
 from edge.embedded_nats import EmbeddedNatsServer
 from tests.harness import EdgeProcess, MacIdentity, connect_ios, connect_mac
@@ -26,8 +27,11 @@ def rss_kib(pid: int) -> int:
 async def measure(pairs: int) -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    with EmbeddedNatsServer() as nats_server:
-        async with EdgeProcess(nats_server.url) as edge:
+    with EmbeddedNatsServer() as nats_server, tempfile.NamedTemporaryFile("w", suffix=".toml") as tiers:
+        # One local user owns every room here: lift its tier's room limit.
+        tiers.write("[tiers.premium]\nmax_rooms = -1\n")
+        tiers.flush()
+        async with EdgeProcess(nats_server.url, tiers_file=tiers.name) as edge:
             await asyncio.sleep(0.5)
             before = rss_kib(edge.process.pid)
             clients = []

@@ -278,13 +278,13 @@ class Edge:
             if self.ready.is_set() and self._nc is not None and self._nc.is_connected:
                 return _reply(HttpReply.text(200, "ready"))
             return _reply(HttpReply.text(503, "not ready"))
-        route = self._api.route(method, path) if self._api is not None else None
+        if self._api is None or not self.ready.is_set():
+            return _reply(HttpReply.text(503, "relay is not ready"))
+        route = self._api.route(method, path)
         if route is None:
             return _reply(HttpReply.text(404, "not found"))
         if isinstance(route, HttpReply):
             return _reply(route)
-        if not self.ready.is_set():
-            return _reply(HttpReply.text(503, "relay is not ready"))
         api_request = ApiRequest(
             method=method,
             path=path,
@@ -307,7 +307,8 @@ class Edge:
         address = self._access.client_address(ws.remote_address[0], request.headers)
         try:
             principal = await self._access.authenticate(request.headers, query.get("user_id"), address)
-            principal.user_id  # the operator token must name the user it acts for
+            if principal.user is None:
+                raise Refusal(400, "the operator token acts for a user: add ?user_id=USER")
             if role == "mac":
                 await self._access.check_room_limit(principal, room_id)
         except Refusal as refusal:
