@@ -186,7 +186,7 @@ async def _command(
         reader = UsageReader(await open_usage_bucket(js, settings.kv_replicas))
         window, bonus = await reader.window(user_id, period_of(now)), await reader.bonus_used(user_id)
         tier_of_user = tiers.get(user.tier) or tiers["free"]
-        print(json.dumps(usage_report(user, tier_of_user, window, bonus, now)))
+        print(msgspec.json.encode(usage_report(user, tier_of_user, window, bonus, now)).decode())
 
 
 def _check_command_line(args: argparse.Namespace, tiers: dict[str, Tier]) -> None:

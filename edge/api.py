@@ -22,6 +22,16 @@ from edge.access import STORAGE_ERRORS, Access, Principal, Refusal
 from edge.store import Presence, RoomStore, now_ms
 from metering.usage import UsageReader, history_report, usage_report
 from metering.windows import period_of
+from schemas.http_api import (
+    Profile,
+    RefreshRequest,
+    RoomDeleted,
+    RoomsListing,
+    RoomStatus,
+    RoomSummary,
+    Revoked,
+    TokenPair,
+)
 from schemas.records import RoomRecord, SlotHolder
 from schemas.subjects import is_valid_room_id
 
@@ -44,10 +54,6 @@ class HttpReply:
     @classmethod
     def text(cls, status: int, message: str, headers: Mapping[str, str] | None = None) -> "HttpReply":
         return cls(status, (message.rstrip("\n") + "\n").encode(), "text/plain; charset=utf-8", headers or {})
-
-
-class _RefreshRequest(msgspec.Struct):
-    refresh_token: str
 
 
 @dataclass(frozen=True)
@@ -120,8 +126,8 @@ class HttpApi:
             last = max([registration.last_seen, *(t for t in seen if t is not None)])
             if record is not None:
                 last = max(last, rooms.last_activity(record, seen))
-            listed.append({"room_id": registration.room_id, "mac_connected": mac, "ios_connected": ios, "last_seen": last})
-        return HttpReply.json({"rooms": listed, "limit": principal.tier.max_rooms, "tier": principal.tier.name})
+            listed.append(RoomSummary(room_id=registration.room_id, mac_connected=mac, ios_connected=ios, last_seen=last))
+        return HttpReply.json(RoomsListing(rooms=listed, limit=principal.tier.max_rooms, tier=principal.tier.name))
 
     async def _room_state(self, room_id: str) -> tuple[RoomRecord | None, tuple[int | None, int | None]]:
         (record, _), seen = await asyncio.gather(self.rooms.get(room_id), self.presence.get_room_last_seen(room_id))
@@ -151,7 +157,7 @@ class HttpApi:
                 return HttpReply.text(409, "the room changed meanwhile (its Mac may have connected); try again")
         await self.access.store.delete_registration(user_id, room_id)
         log.info("room %s deleted by its owner", room_id)
-        return HttpReply.json({"deleted": room_id})
+        return HttpReply.json(RoomDeleted(deleted=room_id))
 
     async def status(self, request: ApiRequest) -> HttpReply:
         """GET /status?room_id=R (§8.1, §12 item 23): the owner's key or the operator token."""
@@ -168,14 +174,14 @@ class HttpApi:
         now = now_ms()
         record = rooms.expire_idle(record, now, self.settings.room_idle_timeout_ms, self.is_alive, seen)
         return HttpReply.json(
-            {
-                "exists": True,
-                "mac_connected": record.mac is not None and self.is_alive(record.mac),
-                "ios_connected": record.ios is not None and self.is_alive(record.ios),
-                "mac_last_seen": seen[0],
-                "ios_last_seen": seen[1],
-                "idle_seconds": max(0, (now - rooms.last_activity(record, seen)) // 1000),
-            }
+            RoomStatus(
+                exists=True,
+                mac_connected=record.mac is not None and self.is_alive(record.mac),
+                ios_connected=record.ios is not None and self.is_alive(record.ios),
+                mac_last_seen=seen[0],
+                ios_last_seen=seen[1],
+                idle_seconds=max(0, (now - rooms.last_activity(record, seen)) // 1000),
+            )
         )
 
     # --- account ------------------------------------------------------------------------
@@ -186,15 +192,12 @@ class HttpApi:
         user = principal.user
         if user is None:
             raise Refusal(400, "the operator token acts for a user: add ?user_id=USER")
-        body = {"user_id": user.user_id, "email": user.email, "tier": user.tier}
-        if user.name:
-            body["name"] = user.name
-        return HttpReply.json(body)
+        return HttpReply.json(Profile(user_id=user.user_id, email=user.email, tier=user.tier, name=user.name or None))
 
     async def refresh(self, request: ApiRequest) -> HttpReply:
         """POST /auth/refresh {"refresh_token"}: a new API key and refresh token; the old ones stop working."""
         try:
-            body = msgspec.json.decode(request.body, type=_RefreshRequest)
+            body = msgspec.json.decode(request.body, type=RefreshRequest)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return HttpReply.text(400, 'expected a JSON body {"refresh_token": "rdrt_..."}')
         now = time.monotonic()
@@ -211,7 +214,7 @@ class HttpApi:
         if user is None or user.deleted:
             await self.access.store.revoke_key(api_key)
             return HttpReply.text(410, "account deleted")
-        return HttpReply.json({"api_key": api_key, "refresh_token": refresh_token})
+        return HttpReply.json(TokenPair(api_key=api_key, refresh_token=refresh_token))
 
     async def revoke(self, request: ApiRequest) -> HttpReply:
         """POST /auth/revoke: the calling API key (and its refresh token) stop working."""
@@ -219,7 +222,7 @@ class HttpApi:
         if principal.via != "key":
             return HttpReply.text(400, "only an API key can revoke itself")
         await self.access.store.revoke_key_hash(principal.key_hash)
-        return HttpReply.json({"revoked": True})
+        return HttpReply.json(Revoked(revoked=True))
 
     # --- usage --------------------------------------------------------------------------
 

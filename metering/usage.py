@@ -8,8 +8,6 @@ An account with no record yet has used nothing.
 from __future__ import annotations
 
 import logging
-from typing import Any
-
 import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
@@ -17,6 +15,7 @@ from nats.js.kv import KeyValue
 
 from accounts.tiers import Tier
 from metering.windows import iso_ms, period_label, period_of, period_start_ms, resets_at
+from schemas.http_api import ExtraQuota, HistoryEntry, Usage, UsageHistory
 from schemas.records import BonusUsage, UsageWindow, User, bonus_usage_decoder, usage_window_decoder
 from schemas.subjects import USAGE_BUCKET, bonus_usage_key, usage_filter, usage_key
 
@@ -87,49 +86,50 @@ def bonus_remaining(user: User, used: BonusUsage, now_ms: int) -> int:
     return max(0, grant.credits - spent)
 
 
-def usage_report(user: User, tier: Tier, window: UsageWindow, bonus: BonusUsage, now_ms: int) -> dict[str, Any]:
+def usage_report(user: User, tier: Tier, window: UsageWindow, bonus: BonusUsage, now_ms: int) -> Usage:
     """`GET /usage` (protocol.md §8.2) for the window holding `now_ms`. `limit` 0 means unlimited."""
     limit = effective_limit(user, tier)
-    report: dict[str, Any] = {
-        "user_id": user.user_id,
-        "tier": user.tier,
-        "period": window.period,
-        "period_label": period_label(window.period),
-        "message_tokens": window.message_tokens,
-        "duration_tokens": window.duration_tokens,
-        "total_tokens": window.total_tokens,
-        "limit": max(limit, 0),
-        "remaining": max(0, limit - window.total_tokens) if limit >= 0 else 0,
-        "last_updated": window.last_updated,
-        "resets_at": resets_at(now_ms),
-    }
     grant = user.welcome_bonus
+    extra = None
     if grant is not None:
         remaining = bonus_remaining(user, bonus, now_ms)
-        report["extra_quota"] = {
-            "active": now_ms < grant.expires_at and remaining > 0,
-            "remaining": remaining,
-            "limit": grant.credits,
-            "expires_at": iso_ms(grant.expires_at),
-        }
-    return report
+        extra = ExtraQuota(
+            active=now_ms < grant.expires_at and remaining > 0,
+            remaining=remaining,
+            limit=grant.credits,
+            expires_at=iso_ms(grant.expires_at),
+        )
+    return Usage(
+        user_id=user.user_id,
+        tier=user.tier,
+        period=window.period,
+        period_label=period_label(window.period),
+        message_tokens=window.message_tokens,
+        duration_tokens=window.duration_tokens,
+        total_tokens=window.total_tokens,
+        limit=max(limit, 0),
+        remaining=max(0, limit - window.total_tokens) if limit >= 0 else 0,
+        last_updated=window.last_updated,
+        resets_at=resets_at(now_ms),
+        extra_quota=extra,
+    )
 
 
-def history_report(user_id: str, windows: list[UsageWindow], now_ms: int) -> dict[str, Any]:
+def history_report(user_id: str, windows: list[UsageWindow], now_ms: int) -> UsageHistory:
     """`GET /usage/history`: every window on record, newest first, the current one included."""
     by_period = {w.period: w for w in windows}
     current = period_of(now_ms)
     by_period.setdefault(current, UsageWindow(user_id=user_id, period=current))
     ordered = sorted(by_period.values(), key=lambda w: period_start_ms(w.period), reverse=True)
-    return {
-        "history": [
-            {
-                "period": w.period,
-                "period_label": period_label(w.period),
-                "message_tokens": w.message_tokens,
-                "duration_tokens": w.duration_tokens,
-                "total_tokens": w.total_tokens,
-            }
+    return UsageHistory(
+        history=[
+            HistoryEntry(
+                period=w.period,
+                period_label=period_label(w.period),
+                message_tokens=w.message_tokens,
+                duration_tokens=w.duration_tokens,
+                total_tokens=w.total_tokens,
+            )
             for w in ordered
         ]
-    }
+    )

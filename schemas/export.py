@@ -15,7 +15,8 @@ import msgspec
 
 from schemas.client import ClientMessage, ServerMessage
 from schemas.edge_events import EdgeEvent
-from schemas.records import EdgeLease, RoomRecord
+from schemas.http_api import API_BODIES, RefreshRequest
+from schemas.records import ApiKeyRecord, EdgeLease, Registration, RoomRecord, User, UsageWindow
 
 JSON_DIR = Path(__file__).parent / "json"
 
@@ -25,11 +26,22 @@ DOCUMENTS: dict[str, tuple[str, Any]] = {
     "edge-events.schema.json": ("Control events edges send each other over NATS", EdgeEvent),
     "room-record.schema.json": ("A room's record in the relay_rooms KV bucket", RoomRecord),
     "edge-lease.schema.json": ("An edge's lease in the relay_presence KV bucket", EdgeLease),
+    "http-api-responses.schema.json": ("JSON bodies of the relay's HTTP API answers (protocol.md §8)", API_BODIES),
+    "http-auth-refresh-request.schema.json": ("The body of POST /auth/refresh", RefreshRequest),
+    "user.schema.json": ("An account in the relay_accounts KV bucket", User),
+    "api-key-record.schema.json": ("An API key's record (under its SHA-256) in relay_accounts", ApiKeyRecord),
+    "registration.schema.json": ("A room registration in the relay_registrations KV bucket", Registration),
+    "usage-window.schema.json": ("A user's usage in one 5-hour window in the relay_usage KV bucket", UsageWindow),
 }
 
 
 def render(title: str, type_: Any) -> str:
-    schema = msgspec.json.schema(type_)
+    """A JSON Schema document for one type, or (for a tuple) for any one of several."""
+    if isinstance(type_, tuple):
+        refs, definitions = msgspec.json.schema_components(type_)
+        schema = {"anyOf": list(refs), "$defs": definitions}
+    else:
+        schema = msgspec.json.schema(type_)
     document = {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": title, **schema}
     return json.dumps(document, indent=2, sort_keys=True) + "\n"
 

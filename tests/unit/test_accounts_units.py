@@ -6,6 +6,7 @@ import hashlib
 import re
 from pathlib import Path
 
+import msgspec
 import pytest
 
 import edge.limits
@@ -20,6 +21,11 @@ HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
 # 2026-03-23T00:00:00Z, the start of window 5h-98568 (protocol.md §6.2).
 T_98568 = 98568 * WINDOW_MS
+
+
+def _as_json(body):
+    """A report as the edge sends it: the Struct encoded to JSON and read back."""
+    return msgspec.json.decode(msgspec.json.encode(body))
 
 
 # --- accounts/tokens.py -----------------------------------------------------------------
@@ -485,7 +491,7 @@ def _window(total: int = 0, period: str = "5h-98568", **fields) -> UsageWindow:
 
 def test_usage_report_has_the_protocol_fields_for_the_window():
     window = _window(total=300, message_tokens=200, duration_tokens=100, last_updated=NOW - 5)
-    report = usage_report(_user(), FREE, window, BonusUsage(), NOW)
+    report = _as_json(usage_report(_user(), FREE, window, BonusUsage(), NOW))
     assert report == {
         "user_id": "u1",
         "tier": "free",
@@ -502,13 +508,13 @@ def test_usage_report_has_the_protocol_fields_for_the_window():
 
 
 def test_usage_report_remaining_is_never_negative():
-    report = usage_report(_user(), FREE, _window(total=2975), BonusUsage(), NOW)
+    report = _as_json(usage_report(_user(), FREE, _window(total=2975), BonusUsage(), NOW))
     assert report["limit"] == 1000
     assert report["remaining"] == 0
 
 
 def test_usage_report_uses_the_override_limit():
-    report = usage_report(_user(credits_per_window=50), FREE, _window(total=20), BonusUsage(), NOW)
+    report = _as_json(usage_report(_user(credits_per_window=50), FREE, _window(total=20), BonusUsage(), NOW))
     assert (report["limit"], report["remaining"]) == (50, 30)
 
 
@@ -516,20 +522,20 @@ def test_usage_report_uses_the_override_limit():
 def test_usage_report_unlimited_has_limit_0_and_remaining_0(unlimited_user):
     tier = Tier("premium-unlimited", credits_per_window=-1, max_rooms=1, max_sessions=1)
     user = _user(**unlimited_user)
-    report = usage_report(user, tier if "tier" in unlimited_user else FREE, _window(total=12_345), BonusUsage(), NOW)
+    report = _as_json(usage_report(user, tier if "tier" in unlimited_user else FREE, _window(total=12_345), BonusUsage(), NOW))
     assert report["limit"] == 0
     assert report["remaining"] == 0
     assert report["total_tokens"] == 12_345
 
 
 def test_usage_report_has_no_extra_quota_without_a_welcome_bonus():
-    assert "extra_quota" not in usage_report(_user(), FREE, _window(), BonusUsage(), NOW)
+    assert "extra_quota" not in _as_json(usage_report(_user(), FREE, _window(), BonusUsage(), NOW))
 
 
 def test_usage_report_extra_quota_of_an_active_bonus():
     grant = _bonus(credits=10_000)
     used = BonusUsage(used=1_000, grant_created_at=grant.created_at)
-    report = usage_report(_user(welcome_bonus=grant), FREE, _window(), used, NOW)
+    report = _as_json(usage_report(_user(welcome_bonus=grant), FREE, _window(), used, NOW))
     assert report["extra_quota"] == {
         "active": True,
         "remaining": 9_000,
@@ -541,7 +547,7 @@ def test_usage_report_extra_quota_of_an_active_bonus():
 
 def test_usage_report_extra_quota_of_an_expired_bonus_is_inactive_with_nothing_left():
     grant = _bonus(credits=10_000, created_at=NOW - 30 * DAY_MS)
-    report = usage_report(_user(welcome_bonus=grant), FREE, _window(), BonusUsage(), NOW)
+    report = _as_json(usage_report(_user(welcome_bonus=grant), FREE, _window(), BonusUsage(), NOW))
     assert report["extra_quota"] == {
         "active": False,
         "remaining": 0,
@@ -553,14 +559,14 @@ def test_usage_report_extra_quota_of_an_expired_bonus_is_inactive_with_nothing_l
 def test_usage_report_extra_quota_used_up_is_inactive():
     grant = _bonus(credits=100)
     used = BonusUsage(used=100, grant_created_at=grant.created_at)
-    quota = usage_report(_user(welcome_bonus=grant), FREE, _window(), used, NOW)["extra_quota"]
+    quota = _as_json(usage_report(_user(welcome_bonus=grant), FREE, _window(), used, NOW))["extra_quota"]
     assert quota["active"] is False
     assert quota["remaining"] == 0
     assert quota["limit"] == 100
 
 
 def test_history_report_includes_the_current_window_even_without_a_record():
-    report = history_report("u1", [], NOW)
+    report = _as_json(history_report("u1", [], NOW))
     assert report == {
         "history": [
             {
@@ -580,7 +586,7 @@ def test_history_report_is_newest_first_with_the_protocol_fields():
         _window(total=30, period="5h-98567", message_tokens=30),
         _window(total=20, period="5h-98100", duration_tokens=20),
     ]
-    history = history_report("u1", windows, NOW)["history"]
+    history = _as_json(history_report("u1", windows, NOW))["history"]
     assert [h["period"] for h in history] == ["5h-98568", "5h-98567", "5h-98560", "5h-98100"]
     assert all(set(h) == {"period", "period_label", "message_tokens", "duration_tokens", "total_tokens"} for h in history)
     assert history[2] == {
@@ -596,13 +602,13 @@ def test_history_report_is_newest_first_with_the_protocol_fields():
 def test_history_report_sorts_by_window_number_not_by_text():
     # "5h-9999" > "5h-10000" as text; the window 10000 is the newer one.
     windows = [_window(period="5h-9999"), _window(period="5h-10000")]
-    periods = [h["period"] for h in history_report("u1", windows, 10_001 * WINDOW_MS)["history"]]
+    periods = [h["period"] for h in _as_json(history_report("u1", windows, 10_001 * WINDOW_MS))["history"]]
     assert periods == ["5h-10001", "5h-10000", "5h-9999"]
 
 
 def test_history_report_uses_the_record_of_the_current_window_when_there_is_one():
     windows = [_window(total=77, period="5h-98568", message_tokens=77)]
-    history = history_report("u1", windows, NOW)["history"]
+    history = _as_json(history_report("u1", windows, NOW))["history"]
     assert len(history) == 1
     assert history[0]["total_tokens"] == 77
     assert history[0]["message_tokens"] == 77
