@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable
 
 import msgspec
+import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
@@ -234,29 +235,66 @@ class AccountStore:
             await self._remove(ACCOUNTS_BUCKET, refresh_token_key(record.refresh_hash))
         return True
 
+    async def find_refresh(self, refresh_token: str, now_ms: int) -> RefreshTokenRecord | None:
+        """The record of a refresh token that may still be used (see `rotate`), or None."""
+        if not tokens.is_refresh_token(refresh_token):
+            return None
+        token_hash = tokens.token_hash(refresh_token)
+        entry = await self._get(self._accounts, refresh_token_key(token_hash))
+        if entry is None:
+            return None
+        record = refresh_token_record_decoder.decode(entry.value)
+        if not tokens.same_secret(record.token_hash, token_hash) or record.expires_at <= now_ms:
+            return None
+        return record
+
     async def rotate(
-        self, refresh_token: str, now_ms: int, key_ttl_s: float, refresh_ttl_s: float
+        self, refresh_token: str, now_ms: int, key_ttl_s: float, refresh_ttl_s: float, grace_s: float
     ) -> tuple[str, str, str] | None:
-        """Use a refresh token: returns (user_id, new API key, new refresh token), or None if
-        the token is unknown, expired or used. The old token and its API key stop working."""
+        """Use a refresh token: returns (user_id, new API key, new refresh token), or None if the
+        token is unknown, expired, or used more than `grace_s` seconds ago.
+
+        The old API key stops working at once. The old refresh token works once more within
+        the grace (REFRESH_TOKEN_TTL_SECONDS' "5 min grace"), for a client whose answer was
+        lost: that retry revokes the pair the first use issued, so a token never has two
+        live successors. With `grace_s` 0 it stops at once.
+        """
         if not tokens.is_refresh_token(refresh_token):
             return None
         old_hash = tokens.token_hash(refresh_token)
-        entry = await self._get(self._accounts, refresh_token_key(old_hash))
+        key = refresh_token_key(old_hash)
+        entry = await self._get(self._accounts, key)
         if entry is None:
             return None
         record = refresh_token_record_decoder.decode(entry.value)
         if not tokens.same_secret(record.token_hash, old_hash) or record.expires_at <= now_ms:
             return None
-        # New tokens first, then the old one is taken by compare-and-set: two concurrent
-        # uses cannot both win, and a storage failure in between loses nothing usable.
+        if record.rotated_at is not None and now_ms - record.rotated_at >= grace_s * 1000:
+            return None
+        # New tokens first, then the old one is updated by compare-and-set: two concurrent
+        # uses cannot both win, and a failure before that point loses nothing usable.
         api_key, refresh = await self.issue_key(record.user_id, now_ms, key_ttl_s, refresh_ttl_s)
+        new_key_hash, new_refresh_hash = tokens.token_hash(api_key), tokens.token_hash(refresh)
+        rotated_at = record.rotated_at if record.rotated_at is not None else now_ms
+        grace_left_s = grace_s - (now_ms - rotated_at) / 1000
         try:
-            await self._remove(ACCOUNTS_BUCKET, refresh_token_key(old_hash), last=entry.revision)
+            if grace_left_s >= 1:
+                used = msgspec.structs.replace(
+                    record, rotated_at=rotated_at, successor_key_hash=new_key_hash, successor_refresh_hash=new_refresh_hash
+                )
+                await self._put_with_ttl(ACCOUNTS_BUCKET, key, msgspec.json.encode(used), grace_left_s, last=entry.revision)
+            else:
+                await self._remove(ACCOUNTS_BUCKET, key, last=entry.revision)
         except nats.js.errors.KeyWrongLastSequenceError:
             await self.revoke_key(api_key)
             return None
-        await self._remove(ACCOUNTS_BUCKET, api_key_key(record.api_key_hash))
+        # The rest only tidies up: the new pair is valid whatever happens from here.
+        try:
+            await self._remove(ACCOUNTS_BUCKET, api_key_key(record.api_key_hash))
+            if record.successor_key_hash:  # a retry: the pair of the lost answer goes
+                await self.revoke_key_hash(record.successor_key_hash)
+        except (nats.errors.Error, asyncio.TimeoutError):
+            log.warning("refresh for %s: an old key could not be revoked now; it expires by itself", record.user_id)
         return record.user_id, api_key, refresh
 
     # --- room registrations ------------------------------------------------------------

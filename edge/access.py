@@ -9,12 +9,15 @@ never 401, which would start the Mac's token-refresh flow for a passing fault).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import nats.errors
+from websockets.datastructures import Headers
 
 from accounts import tokens
 from accounts.store import AccountStore, UserExists
@@ -90,16 +93,22 @@ class Access:
         except UserExists:
             pass  # another edge made it first
 
-    def client_address(self, peer: str, headers: Mapping[str, str]) -> str:
-        """The client's address: the peer's, or behind a proxy the configured header's last entry."""
+    def client_address(self, peer: str, headers: Headers) -> str:
+        """The client's address: the peer's, or behind a proxy the configured header's last entry
+        (a repeated header counts as one list). IPv6 addresses count by their /64: one host
+        usually holds a whole /64, and each address must not get its own allowance."""
+        address = peer
         header = self.settings.client_ip_header
         if header:
-            value = headers.get(header, "")
-            if value:
-                return value.rsplit(",", 1)[-1].strip()
-        return peer
+            values = ",".join(headers.get_all(header))
+            if values.strip():
+                address = values.rsplit(",", 1)[-1].strip()
+        if ":" in address:
+            with contextlib.suppress(ValueError):
+                return str(ipaddress.IPv6Network(f"{address}/64", strict=False))
+        return address
 
-    async def authenticate(self, headers: Mapping[str, str], user_id_param: str | None, address: str) -> Principal:
+    async def authenticate(self, headers: Headers, user_id_param: str | None, address: str) -> Principal:
         """The principal of a request, or a `Refusal` (401, 410, 429, 503)."""
         s = self.settings
         if s.auth == "none":
@@ -108,7 +117,8 @@ class Access:
         wait = self.limiter.retry_after(address, now)
         if wait > 0:
             raise Refusal(429, "too many failed authentications; try again later", {"Retry-After": str(int(wait) + 1)})
-        token = tokens.bearer_token(headers.get("Authorization"))
+        given = headers.get_all("Authorization")
+        token = tokens.bearer_token(given[0]) if len(given) == 1 else None  # two keys: neither counts
         if token is None:
             self.limiter.failed(address, now)
             raise Refusal(401, "an API key is required: Authorization: Bearer rdkey_...")

@@ -16,6 +16,7 @@ from typing import Any
 
 import msgspec
 import nats.js.errors
+from websockets.datastructures import Headers
 
 from edge import rooms
 from edge.access import STORAGE_ERRORS, Access, Principal, Refusal
@@ -61,7 +62,7 @@ class ApiRequest:
     method: str
     path: str
     query: Mapping[str, str]
-    headers: Mapping[str, str]
+    headers: Headers
     body: bytes
     address: str
 
@@ -204,16 +205,20 @@ class HttpApi:
         wait = self.access.limiter.retry_after(request.address, now)
         if wait > 0:
             return HttpReply.text(429, "too many failed attempts; try again later", {"Retry-After": str(int(wait) + 1)})
-        s = self.settings
-        rotated = await self.access.store.rotate(body.refresh_token, now_ms(), s.api_key_ttl_s, s.refresh_token_ttl_s)
+        s, store = self.settings, self.access.store
+        record = await store.find_refresh(body.refresh_token, now_ms())
+        user = await store.get_user(record.user_id) if record is not None else None
+        if user is not None and user.deleted:
+            return HttpReply.text(410, "account deleted")
+        rotated = None
+        if user is not None:
+            rotated = await store.rotate(
+                body.refresh_token, now_ms(), s.api_key_ttl_s, s.refresh_token_ttl_s, s.refresh_grace_s
+            )
         if rotated is None:
             self.access.limiter.failed(request.address, now)
             return HttpReply.text(401, "unknown, expired or already used refresh token")
-        user_id, api_key, refresh_token = rotated
-        user = await self.access.store.get_user(user_id)
-        if user is None or user.deleted:
-            await self.access.store.revoke_key(api_key)
-            return HttpReply.text(410, "account deleted")
+        _, api_key, refresh_token = rotated
         return HttpReply.json(TokenPair(api_key=api_key, refresh_token=refresh_token))
 
     async def revoke(self, request: ApiRequest) -> HttpReply:

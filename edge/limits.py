@@ -11,7 +11,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 # Addresses remembered at most: a flood of distinct addresses must not grow memory forever.
-MAX_TRACKED_ADDRESSES = 100_000
+MAX_TRACKED_ADDRESSES = 20_000  # ~25 MB at most
 
 
 @dataclass

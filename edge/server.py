@@ -13,6 +13,7 @@ import http
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,7 +60,7 @@ log = logging.getLogger("edge")
 class _RedactCredentials(logging.Filter):
     """websockets logs request headers at DEBUG: keep API keys and tokens out of the log."""
 
-    _HEADERS = frozenset({"authorization", "x-sandbox-key", "cookie"})
+    _HEADERS = frozenset({"authorization", "proxy-authorization", "x-sandbox-key", "cookie"})
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
@@ -79,6 +80,11 @@ _SHUTDOWN_RELEASE_S = 10.0
 # Control events are acknowledged by the addressee's edge; these bound the waiting.
 _EVENT_ACK_TIMEOUT_S = 1.0
 _EVENT_ATTEMPTS = 3
+# Everything before the 101 (authentication, room limit, API calls) must answer within
+# this, inside websockets' 10 s open timeout.
+_REQUEST_BUDGET_S = 8.0
+# How many deleted accounts an edge remembers (for sockets admitted during a deletion).
+_DELETED_USERS_KEPT = 10_000
 
 
 @dataclass(eq=False)
@@ -138,7 +144,10 @@ class Edge:
         self._lease_watcher: Any = None
         self._access: Access | None = None
         self._api: HttpApi | None = None
-        self._account_events: Subscription | None = None
+        self._account_watch_wake = asyncio.Event()  # set: recreate the account watcher
+        # Accounts deleted while this edge watched: a socket admitted just before its
+        # account's deletion arrived is closed when it starts.
+        self._deleted_users: OrderedDict[str, None] = OrderedDict()
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -184,16 +193,17 @@ class Edge:
             self._check_max_payload()
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
-                watching = asyncio.Event()
+                watching, watching_accounts = asyncio.Event(), asyncio.Event()
                 background = [
                     tg.create_task(self._watch_leases(watching)),
                     tg.create_task(self._renew_lease_loop()),
                     tg.create_task(self._liveness_loop()),
                     tg.create_task(self._last_seen_loop()),
                     tg.create_task(self._registration_loop()),
-                    tg.create_task(self._watch_accounts()),
+                    tg.create_task(self._watch_accounts(watching_accounts)),
                 ]
                 await watching.wait()
+                await watching_accounts.wait()
                 self._accepted = True
                 self.ready.set()
                 log.info("edge %s ready on %s:%d (ws://%s:%d/ws)", s.edge_id, s.host, self.port, s.host, self.port)
@@ -262,6 +272,23 @@ class Edge:
     # --- HTTP before the upgrade -------------------------------------------------
 
     async def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        """Answer a request before the upgrade (or let the upgrade go on: None).
+
+        Bounded in time, so that slow storage gives a 503 inside websockets' open timeout
+        (which would drop the connection without a word), and never raising: websockets
+        would log a traceback per request, a flood anyone could cause.
+        """
+        try:
+            async with asyncio.timeout(_REQUEST_BUDGET_S):
+                return await self._answer_request(ws, request)
+        except TimeoutError:
+            log.warning("%s: storage too slow; answered 503", request.path.partition("?")[0])
+            return _reply(HttpReply.text(503, "storage unavailable; try again"))
+        except Exception as exc:
+            log.error("%s failed: %s", request.path.partition("?")[0], type(exc).__name__)
+            return _reply(HttpReply.text(500, "internal error"))
+
+    async def _answer_request(self, ws: ServerConnection, request: Request) -> Response | None:
         # Not urlsplit: it would read "//ws" as a host name. The Mac builds
         # "\(serverURL)/ws", so a base URL with a trailing slash gives "//ws".
         raw_path, _, raw_query = request.path.partition("?")
@@ -336,6 +363,9 @@ class Edge:
         conn = Connection(ws=ws, session=session, target=target, subjects=subjects)
         self.connections[session.socket_id] = conn
         try:
+            if session.user_id in self._deleted_users:
+                await self._carry_out(conn, session.account_deleted())
+                return
             if target.role is not None:
                 await self._subscribe(conn, target.role)
             async for frame in ws:
@@ -458,11 +488,16 @@ class Edge:
     async def _carry_out_room_request(self, conn: Connection, message: RegisterRoom | JoinRoom) -> None:
         """Run a register/join against the room's record, then what the session makes of it."""
         session = conn.session
-        if isinstance(message, RegisterRoom) and conn.target.role is None and not session.in_room:
-            # A socket that did not say role=mac escaped the room limit at the upgrade.
+        if isinstance(message, RegisterRoom) and not session.in_room:
+            # Checked again at the first register, not only at the upgrade: sockets opened
+            # side by side all passed the upgrade's count before any of them registered
+            # (and a socket without `role` was not checked there at all).
             try:
                 await self._access.check_room_limit(conn.target.principal, session.room_id)
             except Refusal as refusal:
+                if refusal.status == 503:
+                    await self._carry_out_in_order(conn, session.request_failed())
+                    return
                 farewell = encode(Error(code=ErrorCode.ROOM_LIMIT, message=refusal.message))
                 await self._carry_out_in_order(conn, [Close(CloseCode.POLICY, "room limit reached", farewell)])
                 return
@@ -762,31 +797,42 @@ class Edge:
             ]
             await asyncio.gather(*(self._refresh_registration(c) for c in due))
 
-    async def _watch_accounts(self) -> None:
+    async def _watch_accounts(self, watching: asyncio.Event) -> None:
         """Close the sockets of accounts deleted while they are connected (§12 item 16).
 
         Follows changes of account records from now on (the stream's new messages only):
-        a socket whose account was deleted earlier could not have been admitted.
+        an upgrade checks the deleted flag itself. Recreated after every NATS reconnect,
+        since an ordered consumer would otherwise notice its gap only after missed
+        heartbeats (and every socket was closed at the reconnect anyway).
         """
         backoff = 0.1
         while not self._stopping.is_set():
+            self._account_watch_wake.clear()
             try:
                 js = self._nc.jetstream(timeout=_JETSTREAM_TIMEOUT_S)
-                self._account_events = await js.subscribe(
+                subscription = await js.subscribe(
                     f"$KV.{ACCOUNTS_BUCKET}.{USER_FILTER}",
                     cb=self._account_changed,
                     ordered_consumer=True,
                     deliver_policy=DeliverPolicy.NEW,
                 )
-                # An ordered consumer recreates itself after gaps and reconnects.
-                await self._stopping.wait()
-                return
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.warning("account watcher failed; recreating it in %.1fs", backoff, exc_info=True)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.1
+            watching.set()
+            waits = [asyncio.ensure_future(self._stopping.wait()), asyncio.ensure_future(self._account_watch_wake.wait())]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+                with contextlib.suppress(Exception):
+                    await subscription.unsubscribe()
 
     async def _account_changed(self, msg: Msg) -> None:
         if not msg.data:
@@ -798,6 +844,9 @@ class Edge:
             return
         if not user.deleted:
             return
+        self._deleted_users[user.user_id] = None
+        while len(self._deleted_users) > _DELETED_USERS_KEPT:
+            self._deleted_users.popitem(last=False)
         for conn in list(self.connections.values()):
             if conn.session.user_id == user.user_id and not conn.closing:
                 conn.session.leave_reason = DisconnectReason.CLIENT_LEFT
@@ -843,6 +892,7 @@ class Edge:
         if self._lease_watcher is not None:
             # Leases may have come and gone unseen: rebuild the view from scratch.
             self._spawn(self._lease_watcher.stop(), "restart the lease watcher")
+        self._account_watch_wake.set()
 
 
 def edges_gone(before: dict[str, str], after: dict[str, str]) -> list[tuple[str, str]]:

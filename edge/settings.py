@@ -51,6 +51,9 @@ class EdgeSettings:
     )
     api_key_ttl_s: int = field(default=30 * 86_400, metadata={"help": "API_KEY_TTL_SECONDS: an unused API key expires after this (sliding)"})
     refresh_token_ttl_s: int = field(default=180 * 86_400, metadata={"help": "REFRESH_TOKEN_TTL_SECONDS: lifetime of a refresh token"})
+    refresh_grace_s: int = field(
+        default=300, metadata={"help": "a used refresh token may be used once more this long (a lost answer's retry); 0: never"}
+    )
     auth_failure_limit: int = field(default=10, metadata={"help": "failed authentications per client address per window before HTTP 429; 0: no limit"})
     auth_failure_window_s: int = field(default=60, metadata={"help": "the window of auth_failure_limit, in seconds"})
     client_ip_header: str = field(

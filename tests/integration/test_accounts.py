@@ -337,3 +337,109 @@ async def test_api_keys_never_appear_in_the_edges_logs(nats_url, caplog):
     edge_log = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith("websockets.client"))
     assert "Authorization" in edge_log  # the handshake was logged, headers included...
     assert account.api_key[6:] not in edge_log and "3" * 32 not in edge_log  # ...but not the keys
+
+
+# --- found in review: each fails on the code before its fix ---------------------------------
+
+
+async def test_macs_opened_side_by_side_cannot_register_past_the_room_limit(nats_url):
+    account = await make_account(nats_url, tier="free")  # 4 rooms
+    async with running_edges(nats_url, auth="required") as (a, b):
+        # All six pass the upgrade's count (nothing is registered yet)...
+        macs = [MacIdentity.new() for _ in range(6)]
+        clients = [await Client.connect((a, b)[n % 2], mac.room_id, "mac", account.auth) for n, mac in enumerate(macs)]
+        answers = []
+        for client, mac in zip(clients, macs):
+            await client.send(**mac.register_message())
+            answers.append((await client.recv())["type"])
+        # ...but the register is checked again.
+        assert answers == ["room_registered"] * 4 + ["error"] * 2
+        assert (await clients[-1].expect_close())[0] == 1008
+
+
+async def test_duplicate_authorization_headers_are_refused_401_not_500(nats_url):
+    account = await make_account(nats_url)
+    async with running_edges(nats_url, count=1, auth="required") as (edge,):
+        for path in ("/api/rooms", "/ws?room_id=DUPHEADER1&role=mac"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+            writer.write(
+                f"GET {path} HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                f"Authorization: Bearer {account.api_key}\r\nAuthorization: Bearer {account.api_key}\r\n\r\n".encode()
+            )
+            status_line = (await asyncio.wait_for(reader.readline(), 5)).decode()
+            writer.close()
+            assert status_line.split()[1] == "401", (path, status_line)
+
+
+async def test_a_repeated_client_ip_header_counts_its_last_entry(nats_url):
+    account = await make_account(nats_url)
+    async with running_edges(
+        nats_url, count=1, auth="required", auth_failure_limit=1, client_ip_header="X-Forwarded-For"
+    ) as (edge,):
+        from tests.harness import http_request
+
+        bad = f"Authorization: Bearer rdkey_{'4' * 32}"
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+            writer.write(f"GET /profile HTTP/1.1\r\nHost: r\r\n{bad}\r\nX-Forwarded-For: 10.9.9.9\r\nX-Forwarded-For: 10.1.1.1\r\n\r\n".encode())
+            status = (await asyncio.wait_for(reader.readline(), 5)).decode().split()[1]
+            writer.close()
+        assert status == "429"  # both counted against 10.1.1.1
+        assert (await http_request(edge.port, "GET", "/profile", {**account.auth, "X-Forwarded-For": "10.9.9.9"}))[0] == 200
+
+
+async def test_a_storage_failure_at_the_registers_room_limit_check_closes_1011_not_room_limit(nats_url):
+    import nats.errors
+
+    account = await make_account(nats_url)
+    async with running_edges(nats_url, count=1, auth="required") as (edge,):
+        mac = MacIdentity.new()
+        client = await Client.connect(edge, mac.room_id, None, account.auth)
+
+        async def storage_down(*args, **kwargs):
+            raise nats.errors.TimeoutError
+
+        edge._access.store.get_registration = storage_down
+        await client.send(**mac.register_message())
+        assert (await client.expect_close())[0] == 1011
+
+
+async def test_storage_too_slow_before_the_upgrade_answers_503_in_time(nats_url, monkeypatch):
+    import edge.server
+
+    account = await make_account(nats_url)
+    monkeypatch.setattr(edge.server, "_REQUEST_BUDGET_S", 0.3)
+    async with running_edges(nats_url, count=1, auth="required") as (relay,):
+        store = relay._access.store
+        find_key = store.find_key
+
+        async def slow_find_key(*args, **kwargs):
+            await asyncio.sleep(1)
+            return await find_key(*args, **kwargs)
+
+        store.find_key = slow_find_key
+        assert await upgrade_status(relay, "SLOWROOM01", headers=account.auth) == 503
+        assert (await http_get(relay.port, "/profile", account.auth))[0] == 503
+
+
+async def test_deleting_an_account_right_after_a_nats_restart_closes_its_sockets_at_once(tmp_path):
+    from edge.embedded_nats import EmbeddedNatsServer
+
+    server = EmbeddedNatsServer(store_dir=tmp_path / "nats").start()
+    try:
+        account = await make_account(server.url)
+        async with running_edges(server.url, count=1, auth="required") as (edge,):
+            server.kill()
+            await asyncio.sleep(0.5)
+            server.start()
+            for _ in range(100):
+                if edge._nc.is_connected and edge.ready.is_set():
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)  # the account watcher is recreated after the reconnect
+            client, _ = await connect_mac(edge, MacIdentity.new(), headers=account.auth)
+            await delete_account(server.url, account.user_id)
+            assert (await client.expect("heartbeat_ack", timeout=3))["account_deleted"] is True
+    finally:
+        server.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -105,18 +106,65 @@ async def test_profile_answers_the_keys_user(nats_url):
         assert profile == {"user_id": account.user_id, "email": account.email, "tier": "premium", "name": "Ada"}
 
 
+async def refresh(edge, token: str) -> tuple[int, str]:
+    return await http_request(edge.port, "POST", "/auth/refresh", {}, json.dumps({"refresh_token": token}).encode())
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
 async def test_auth_refresh_rotates_both_tokens_and_the_old_ones_stop_working(nats_url):
     account = await make_account(nats_url)
-    async with running_edges(nats_url, count=1, auth="required") as (edge,):
-        request = json.dumps({"refresh_token": account.refresh_token}).encode()
-        fresh = body_of(await http_request(edge.port, "POST", "/auth/refresh", {"Content-Type": "application/json"}, request))
+    async with running_edges(nats_url, count=1, auth="required", refresh_grace_s=0) as (edge,):
+        fresh = body_of(await refresh(edge, account.refresh_token))
         assert fresh["api_key"].startswith("rdkey_") and fresh["refresh_token"].startswith("rdrt_")
         assert fresh["api_key"] != account.api_key and fresh["refresh_token"] != account.refresh_token
-        assert (await http_request(edge.port, "POST", "/auth/refresh", {}, request))[0] == 401  # used
+        assert (await refresh(edge, account.refresh_token))[0] == 401  # used
         assert (await http_get(edge.port, "/profile", account.auth))[0] == 401  # the old key too
-        assert (await http_get(edge.port, "/profile", {"Authorization": f"Bearer {fresh['api_key']}"}))[0] == 200
-        again = json.dumps({"refresh_token": fresh["refresh_token"]}).encode()
-        assert (await http_request(edge.port, "POST", "/auth/refresh", {}, again))[0] == 200
+        assert (await http_get(edge.port, "/profile", bearer(fresh["api_key"])))[0] == 200
+        assert (await refresh(edge, fresh["refresh_token"]))[0] == 200
+
+
+async def test_auth_refresh_retried_within_the_grace_replaces_the_lost_pair_and_stops_after_it(nats_url):
+    account = await make_account(nats_url)
+    async with running_edges(nats_url, count=1, auth="required", refresh_grace_s=1) as (edge,):
+        lost = body_of(await refresh(edge, account.refresh_token))  # the answer the Mac never saw
+        retried = body_of(await refresh(edge, account.refresh_token))
+        assert (await http_get(edge.port, "/profile", bearer(retried["api_key"])))[0] == 200
+        # The lost pair is revoked: the old token never has two live successors.
+        assert (await http_get(edge.port, "/profile", bearer(lost["api_key"])))[0] == 401
+        assert (await refresh(edge, lost["refresh_token"]))[0] == 401
+        assert (await http_get(edge.port, "/profile", account.auth))[0] == 401
+        await asyncio.sleep(1.1)
+        assert (await refresh(edge, account.refresh_token))[0] == 401  # past the grace
+        assert (await http_get(edge.port, "/profile", bearer(retried["api_key"])))[0] == 200
+
+
+async def test_concurrent_uses_of_one_refresh_token_have_one_winner_without_grace(nats_url):
+    account = await make_account(nats_url)
+    async with running_edges(nats_url, count=1, auth="required", refresh_grace_s=0) as (edge,):
+        results = await asyncio.gather(*(refresh(edge, account.refresh_token) for _ in range(8)))
+        assert sorted(status for status, _ in results) == [200] + [401] * 7
+
+
+async def test_a_storage_failure_after_the_rotation_does_not_lose_the_new_pair(nats_url):
+    import nats.errors
+
+    account = await make_account(nats_url)
+    async with running_edges(nats_url, count=1, auth="required") as (edge,):
+        store = edge._access.store
+        revoke = store._remove
+
+        async def failing_remove(bucket, key, last=None):
+            if key.startswith("apikey."):  # tidying up the old key fails
+                raise nats.errors.TimeoutError
+            return await revoke(bucket, key, last)
+
+        store._remove = failing_remove
+        fresh = body_of(await refresh(edge, account.refresh_token))
+        store._remove = revoke
+        assert (await http_get(edge.port, "/profile", bearer(fresh["api_key"])))[0] == 200
 
 
 async def test_auth_refresh_with_a_bad_body_is_400_and_for_a_deleted_account_410(nats_url):
