@@ -313,17 +313,18 @@ class AccountStore:
 
     async def registrations(self, user_id: str) -> list[Registration]:
         """A user's live registrations, ordered by room id."""
-        found = []
+        found: dict[str, Registration] = {}  # by room: a consumer reset may deliver a key twice
         watcher = await self._registrations.watch(registrations_filter(user_id), ignore_deletes=True)
         try:
             async for entry in watcher:
                 if entry is None:
                     break
                 if _present(entry):
-                    found.append(registration_decoder.decode(entry.value))
+                    registration = registration_decoder.decode(entry.value)
+                    found[registration.room_id] = registration
         finally:
             await watcher.stop()
-        return sorted(found, key=lambda r: r.room_id)
+        return sorted(found.values(), key=lambda r: r.room_id)
 
     async def count_registrations(self, user_id: str) -> int:
         """How many rooms a user has registered: one stream-info request, exact listing only

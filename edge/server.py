@@ -241,7 +241,7 @@ class Edge:
         while True:
             try:
                 rooms_kv, presence_kv = await open_buckets(js, self.settings.kv_replicas)
-                self._rooms = RoomStore(rooms_kv)
+                self._rooms = RoomStore(rooms_kv, js)
                 self._presence = Presence(js, presence_kv)
                 accounts = await AccountStore.open(js, self.settings.kv_replicas)
                 usage = UsageReader(await open_usage_bucket(js, self.settings.kv_replicas))

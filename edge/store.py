@@ -75,8 +75,9 @@ def _present(entry: KeyValue.Entry | None) -> bool:
 class RoomStore:
     """Room records with compare-and-set updates."""
 
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, kv: KeyValue, js: JetStreamContext) -> None:
         self._kv = kv
+        self._js = js
 
     async def get(self, room_id: str) -> tuple[RoomRecord | None, int]:
         """The room's record and its revision (0 when the room does not exist)."""
@@ -99,9 +100,14 @@ class RoomStore:
         return await self._kv.update(key, data, last=revision)
 
     async def delete(self, room_id: str, revision: int) -> None:
-        """Delete the room's record if it is still at `revision` (KeyWrongLastSequenceError if not)."""
+        """Delete the room's record if it is still at `revision` (KeyWrongLastSequenceError if not).
+
+        A purge whose marker expires after a second: a plain delete would leave a marker
+        per deleted room in the bucket forever.
+        """
+        headers = {"KV-Operation": "PURGE", "Nats-Rollup": "sub", "Nats-Expected-Last-Subject-Sequence": str(revision)}
         try:
-            await self._kv.delete(room_key(room_id), last=revision)
+            await self._js.publish(f"$KV.{ROOMS_BUCKET}.{room_key(room_id)}", b"", headers=headers, msg_ttl=1)
         except nats.js.errors.APIError as exc:
             if exc.err_code in (10071, 10164):  # wrong last sequence
                 raise nats.js.errors.KeyWrongLastSequenceError(description=exc.description) from exc

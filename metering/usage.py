@@ -48,17 +48,18 @@ class UsageReader:
 
     async def windows(self, user_id: str) -> list[UsageWindow]:
         """Every window on record for the user (usage records expire after USAGE_TTL)."""
-        found = []
+        found: dict[str, UsageWindow] = {}  # by period: a consumer reset may deliver a key twice
         watcher = await self._kv.watch(usage_filter(user_id), ignore_deletes=True)
         try:
             async for entry in watcher:
                 if entry is None:
                     break
                 if entry.value and entry.operation is None:
-                    found.append(usage_window_decoder.decode(entry.value))
+                    window = usage_window_decoder.decode(entry.value)
+                    found[window.period] = window
         finally:
             await watcher.stop()
-        return found
+        return list(found.values())
 
     async def bonus_used(self, user_id: str) -> BonusUsage:
         entry = await self._get(bonus_usage_key(user_id))

@@ -269,3 +269,27 @@ async def test_a_method_a_route_does_not_take_is_405_and_an_unknown_path_404(nat
 async def test_a_request_body_over_64_kib_is_413(nats_url):
     async with running_edges(nats_url, count=1, auth="required") as (edge,):
         assert (await http_request(edge.port, "POST", "/auth/refresh", {}, b"x" * (64 * 1024 + 1)))[0] == 413
+
+
+async def test_a_deleted_room_leaves_no_marker_behind(nats_url):
+    account = await make_account(nats_url)
+    async with running_edges(nats_url, count=1, auth="required") as (edge,):
+        mac = MacIdentity.new()
+        client, _ = await connect_mac(edge, mac, headers=account.auth)
+        await client.close()
+        await client.ws.wait_closed()
+        for _ in range(50):
+            status, _ = await http_request(edge.port, "DELETE", f"/api/rooms/{mac.room_id}", account.auth)
+            if status != 409:
+                break
+        assert status == 200
+        nc = await nats.connect(nats_url)
+        try:
+            js = nc.jetstream()
+            subject = f"$KV.relay_rooms.{mac.room_id}"
+            deadline = time.monotonic() + 5
+            while (await js.stream_info("KV_relay_rooms", subjects_filter=subject)).state.subjects:
+                assert time.monotonic() < deadline, "the room's delete marker stayed"
+                await asyncio.sleep(0.2)
+        finally:
+            await nc.close()
