@@ -23,6 +23,7 @@ from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
 from accounts import tokens
+from edge.kv import get_present, present_values
 from schemas.records import (
     ApiKeyRecord,
     RefreshTokenRecord,
@@ -46,7 +47,6 @@ from schemas.subjects import (
 
 log = logging.getLogger(__name__)
 
-_NOT_FOUND = (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError, nats.js.errors.NotFoundError)
 _MAX_CAS_ATTEMPTS = 20
 # A key's expiry slides forward at most this often: a KV write per connection would be waste.
 KEY_TOUCH_INTERVAL_MS = 24 * 3600 * 1000
@@ -75,11 +75,6 @@ async def open_account_buckets(js: JetStreamContext, replicas: int) -> tuple[Key
     return buckets[0], buckets[1]
 
 
-def _present(entry: KeyValue.Entry | None) -> bool:
-    # An expiry or purge marker can come back from get() as an empty value: absent.
-    return entry is not None and bool(entry.value) and entry.operation is None
-
-
 class AccountStore:
     """Users, keys and registrations. Every method is one or a few KV operations."""
 
@@ -94,13 +89,6 @@ class AccountStore:
         return cls(js, accounts, registrations)
 
     # --- low level -----------------------------------------------------------------
-
-    async def _get(self, kv: KeyValue, key: str) -> KeyValue.Entry | None:
-        try:
-            entry = await kv.get(key)
-        except _NOT_FOUND:
-            return None
-        return entry if _present(entry) else None
 
     async def _put_with_ttl(self, bucket: str, key: str, value: bytes, ttl_s: float, last: int | None = None) -> int:
         """Write `key` with a per-message TTL (nats-py's put() cannot); `last` makes it a compare-and-set."""
@@ -128,7 +116,7 @@ class AccountStore:
     # --- users ---------------------------------------------------------------------
 
     async def get_user(self, user_id: str) -> User | None:
-        entry = await self._get(self._accounts, user_key(user_id))
+        entry = await get_present(self._accounts, user_key(user_id))
         return None if entry is None else user_decoder.decode(entry.value)
 
     async def create_user(self, user: User) -> None:
@@ -143,11 +131,8 @@ class AccountStore:
         """Apply `change` to the account by compare-and-set; returns the stored result."""
         key = user_key(user_id)
         for attempt in range(_MAX_CAS_ATTEMPTS):
-            try:
-                entry = await self._accounts.get(key)
-            except _NOT_FOUND:
-                entry = None
-            if not _present(entry):
+            entry = await get_present(self._accounts, key)
+            if entry is None:
                 raise UnknownUser(user_id)
             new = change(user_decoder.decode(entry.value))
             try:
@@ -159,16 +144,7 @@ class AccountStore:
 
     async def list_users(self) -> list[User]:
         """Every account, deleted ones included, ordered by id."""
-        users = []
-        watcher = await self._accounts.watch(USER_FILTER, ignore_deletes=True)
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                if _present(entry):
-                    users.append(user_decoder.decode(entry.value))
-        finally:
-            await watcher.stop()
+        users = [user_decoder.decode(value) for value in (await present_values(self._accounts, USER_FILTER)).values()]
         return sorted(users, key=lambda u: u.user_id)
 
     # --- API keys and refresh tokens -------------------------------------------------
@@ -200,7 +176,7 @@ class AccountStore:
         if not tokens.is_api_key(api_key):
             return None
         key_hash = tokens.token_hash(api_key)
-        entry = await self._get(self._accounts, api_key_key(key_hash))
+        entry = await get_present(self._accounts, api_key_key(key_hash))
         if entry is None:
             return None
         record = api_key_record_decoder.decode(entry.value)
@@ -226,7 +202,7 @@ class AccountStore:
         return await self.revoke_key_hash(tokens.token_hash(api_key))
 
     async def revoke_key_hash(self, key_hash: str) -> bool:
-        entry = await self._get(self._accounts, api_key_key(key_hash))
+        entry = await get_present(self._accounts, api_key_key(key_hash))
         if entry is None:
             return False
         record = api_key_record_decoder.decode(entry.value)
@@ -240,7 +216,7 @@ class AccountStore:
         if not tokens.is_refresh_token(refresh_token):
             return None
         token_hash = tokens.token_hash(refresh_token)
-        entry = await self._get(self._accounts, refresh_token_key(token_hash))
+        entry = await get_present(self._accounts, refresh_token_key(token_hash))
         if entry is None:
             return None
         record = refresh_token_record_decoder.decode(entry.value)
@@ -263,7 +239,7 @@ class AccountStore:
             return None
         old_hash = tokens.token_hash(refresh_token)
         key = refresh_token_key(old_hash)
-        entry = await self._get(self._accounts, key)
+        entry = await get_present(self._accounts, key)
         if entry is None:
             return None
         record = refresh_token_record_decoder.decode(entry.value)
@@ -305,7 +281,7 @@ class AccountStore:
         await self._put_with_ttl(REGISTRATIONS_BUCKET, registration_key(user_id, room_id), msgspec.json.encode(record), ttl_s)
 
     async def get_registration(self, user_id: str, room_id: str) -> Registration | None:
-        entry = await self._get(self._registrations, registration_key(user_id, room_id))
+        entry = await get_present(self._registrations, registration_key(user_id, room_id))
         return None if entry is None else registration_decoder.decode(entry.value)
 
     async def delete_registration(self, user_id: str, room_id: str) -> None:
@@ -313,18 +289,8 @@ class AccountStore:
 
     async def registrations(self, user_id: str) -> list[Registration]:
         """A user's live registrations, ordered by room id."""
-        found: dict[str, Registration] = {}  # by room: a consumer reset may deliver a key twice
-        watcher = await self._registrations.watch(registrations_filter(user_id), ignore_deletes=True)
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                if _present(entry):
-                    registration = registration_decoder.decode(entry.value)
-                    found[registration.room_id] = registration
-        finally:
-            await watcher.stop()
-        return sorted(found.values(), key=lambda r: r.room_id)
+        values = await present_values(self._registrations, registrations_filter(user_id))
+        return sorted((registration_decoder.decode(v) for v in values.values()), key=lambda r: r.room_id)
 
     async def count_registrations(self, user_id: str) -> int:
         """How many rooms a user has registered: one stream-info request, exact listing only

@@ -22,6 +22,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
+from edge.kv import NOT_FOUND, get_present, present
 from schemas.records import EdgeLease, RoomRecord, edge_lease_decoder, room_record_decoder
 from schemas.subjects import (
     EDGE_LEASE_FILTER,
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_NOT_FOUND = (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError, nats.js.errors.NotFoundError)
 _MAX_CAS_ATTEMPTS = 50
 
 
@@ -67,11 +67,6 @@ async def _bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
         return await js.key_value(config.bucket)
 
 
-def _present(entry: KeyValue.Entry | None) -> bool:
-    # An expiry marker can come back from get() as an empty value: treat it as absent.
-    return entry is not None and bool(entry.value) and entry.operation is None
-
-
 class RoomStore:
     """Room records with compare-and-set updates."""
 
@@ -83,11 +78,11 @@ class RoomStore:
         """The room's record and its revision (0 when the room does not exist)."""
         try:
             entry = await self._kv.get(room_key(room_id))
-        except _NOT_FOUND as exc:
+        except NOT_FOUND as exc:
             # A deleted key still has a revision; a create must name it.
             entry = getattr(exc, "entry", None)
             return None, (entry.revision if entry is not None else 0)
-        if not _present(entry):
+        if not present(entry):
             return None, entry.revision
         return room_record_decoder.decode(entry.value), entry.revision
 
@@ -181,7 +176,7 @@ class Presence:
 
     @staticmethod
     def decode_lease(entry: KeyValue.Entry) -> EdgeLease | None:
-        if not _present(entry):
+        if not present(entry):
             return None
         try:
             return edge_lease_decoder.decode(entry.value)
@@ -199,11 +194,8 @@ class Presence:
         return mac, ios
 
     async def get_last_seen(self, room_id: str, role: str) -> int | None:
-        try:
-            entry = await self._kv.get(last_seen_key(room_id, role))
-        except _NOT_FOUND:
-            return None
-        if not _present(entry):
+        entry = await get_present(self._kv, last_seen_key(room_id, role))
+        if entry is None:
             return None
         try:
             return int(entry.value)

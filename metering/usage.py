@@ -14,15 +14,13 @@ from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
 from accounts.tiers import Tier
+from edge.kv import get_present, present_values
 from metering.windows import iso_ms, period_label, period_of, period_start_ms, resets_at
 from schemas.http_api import ExtraQuota, HistoryEntry, Usage, UsageHistory
 from schemas.records import BonusUsage, UsageWindow, User, bonus_usage_decoder, usage_window_decoder
 from schemas.subjects import USAGE_BUCKET, bonus_usage_key, usage_filter, usage_key
 
 log = logging.getLogger(__name__)
-
-_NOT_FOUND = (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError, nats.js.errors.NotFoundError)
-
 
 async def open_usage_bucket(js: JetStreamContext, replicas: int) -> KeyValue:
     """Create (or open) the usage bucket."""
@@ -41,36 +39,19 @@ class UsageReader:
         self._kv = kv
 
     async def window(self, user_id: str, period: str) -> UsageWindow:
-        entry = await self._get(usage_key(user_id, period))
+        entry = await get_present(self._kv, usage_key(user_id, period))
         if entry is None:
             return UsageWindow(user_id=user_id, period=period)
         return usage_window_decoder.decode(entry.value)
 
     async def windows(self, user_id: str) -> list[UsageWindow]:
         """Every window on record for the user (usage records expire after USAGE_TTL)."""
-        found: dict[str, UsageWindow] = {}  # by period: a consumer reset may deliver a key twice
-        watcher = await self._kv.watch(usage_filter(user_id), ignore_deletes=True)
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                if entry.value and entry.operation is None:
-                    window = usage_window_decoder.decode(entry.value)
-                    found[window.period] = window
-        finally:
-            await watcher.stop()
-        return list(found.values())
+        values = await present_values(self._kv, usage_filter(user_id))
+        return [usage_window_decoder.decode(value) for value in values.values()]
 
     async def bonus_used(self, user_id: str) -> BonusUsage:
-        entry = await self._get(bonus_usage_key(user_id))
+        entry = await get_present(self._kv, bonus_usage_key(user_id))
         return BonusUsage() if entry is None else bonus_usage_decoder.decode(entry.value)
-
-    async def _get(self, key: str) -> KeyValue.Entry | None:
-        try:
-            entry = await self._kv.get(key)
-        except _NOT_FOUND:
-            return None
-        return entry if entry is not None and entry.value and entry.operation is None else None
 
 
 def effective_limit(user: User, tier: Tier) -> int:
