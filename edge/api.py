@@ -26,11 +26,11 @@ from metering.windows import period_of
 from schemas.http_api import (
     Profile,
     RefreshRequest,
+    Revoked,
     RoomDeleted,
     RoomsListing,
     RoomStatus,
     RoomSummary,
-    Revoked,
     TokenPair,
 )
 from schemas.records import RoomRecord, SlotHolder

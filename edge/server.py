@@ -39,11 +39,29 @@ from edge.access import STORAGE_ERRORS, Access, Principal, Refusal
 from edge.api import BAD_ROOM_ID, ApiRequest, HttpApi, HttpReply
 from edge.front import HttpConnection
 from edge.limits import TokenBucket
-from edge.session import Action, Close, Forward, Notify, RoomRequest, Send, Session, Subscribe, other_role
+from edge.session import (
+    Action,
+    Close,
+    Forward,
+    Notify,
+    RoomRequest,
+    Send,
+    Session,
+    Subscribe,
+    other_role,
+)
 from edge.settings import EdgeSettings, redact_urls
 from edge.store import Presence, RoomStore, StorageConflict, now_ms, open_buckets
 from metering.usage import UsageReader, open_usage_bucket
-from schemas.client import CloseCode, DisconnectReason, Error, ErrorCode, JoinRoom, RegisterRoom, encode
+from schemas.client import (
+    CloseCode,
+    DisconnectReason,
+    Error,
+    ErrorCode,
+    JoinRoom,
+    RegisterRoom,
+    encode,
+)
 from schemas.edge_events import (
     HEADER_EVENT,
     HEADER_FROM,
@@ -52,7 +70,14 @@ from schemas.edge_events import (
     edge_event_decoder,
 )
 from schemas.records import EdgeLease, RoomRecord, SlotHolder, user_decoder
-from schemas.subjects import ACCOUNTS_BUCKET, ROLES, USER_FILTER, edge_id_of_lease_key, is_valid_room_id, room_subject
+from schemas.subjects import (
+    ACCOUNTS_BUCKET,
+    ROLES,
+    USER_FILTER,
+    edge_id_of_lease_key,
+    is_valid_room_id,
+    room_subject,
+)
 
 log = logging.getLogger("edge")
 

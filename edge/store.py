@@ -23,7 +23,12 @@ from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
 from edge.kv import NOT_FOUND, get_present, present
-from schemas.records import EdgeLease, RoomRecord, edge_lease_decoder, room_record_decoder
+from schemas.records import (
+    EdgeLease,
+    RoomRecord,
+    edge_lease_decoder,
+    room_record_decoder,
+)
 from schemas.subjects import (
     EDGE_LEASE_FILTER,
     PRESENCE_BUCKET,

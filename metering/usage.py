@@ -8,6 +8,7 @@ An account with no record yet has used nothing.
 from __future__ import annotations
 
 import logging
+
 import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
@@ -17,7 +18,13 @@ from accounts.tiers import Tier
 from edge.kv import get_present, present_values
 from metering.windows import iso_ms, period_label, period_of, period_start_ms, resets_at
 from schemas.http_api import ExtraQuota, HistoryEntry, Usage, UsageHistory
-from schemas.records import BonusUsage, UsageWindow, User, bonus_usage_decoder, usage_window_decoder
+from schemas.records import (
+    BonusUsage,
+    UsageWindow,
+    User,
+    bonus_usage_decoder,
+    usage_window_decoder,
+)
 from schemas.subjects import USAGE_BUCKET, bonus_usage_key, usage_filter, usage_key
 
 log = logging.getLogger(__name__)

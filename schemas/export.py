@@ -16,7 +16,14 @@ import msgspec
 from schemas.client import ClientMessage, ServerMessage
 from schemas.edge_events import EdgeEvent
 from schemas.http_api import API_BODIES, RefreshRequest
-from schemas.records import ApiKeyRecord, EdgeLease, Registration, RoomRecord, User, UsageWindow
+from schemas.records import (
+    ApiKeyRecord,
+    EdgeLease,
+    Registration,
+    RoomRecord,
+    UsageWindow,
+    User,
+)
 
 JSON_DIR = Path(__file__).parent / "json"
 
