@@ -24,5 +24,10 @@ test: $(STAMP)
 schemas: $(STAMP)
 	$(BIN)/python -m schemas.export
 
+## make bench: the load benchmark, the edge against the reference relay (bench/README.md).
+bench: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m bench.run
+
 clean:
 	rm -rf $(VENV) .local .pytest_cache

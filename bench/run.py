@@ -1,0 +1,389 @@
+"""The standard load benchmark: the product's edge and the reference relay, in one run.
+
+    make bench                              # installs the bench extra, then runs this
+    .venv/bin/python -m bench.run           # the standard set (about 10 minutes)
+    .venv/bin/python -m bench.run --quick   # small numbers, for development (about a minute)
+
+Starts its own `nats-server`, one product edge (`relay-edge`, auth required, a tiers file
+that gives the bench user unlimited rooms and credits, no inbound rate limit) and the
+reference relay (`bench.reference_relay`), each a child process; makes the bench user and
+its API key; pins the relay under test to one CPU and nats-server and the load generator
+to the other(s) when the machine allows. Then, for each relay in turn:
+
+- idle memory: 2000 idle pairs (first, on fresh processes), RSS before/after;
+- 1, 100 and 1000 pairs at max rate (8 frames in flight per direction) and at 10 frames/s
+  per pair (5 each way), 256-byte payloads, 10 s each;
+- the reconnect storm: 2000 pairs dropped and reconnected at once.
+
+Writes `bench/results/<timestamp>.json` and a PNG plot beside it (throughput and p99
+latency against pairs, product against reference; needs matplotlib, the `bench` extra)
+and prints each target's ratio, product over reference. Every child process is ended by
+PID when the run ends, also on Ctrl-C or an error. Runs by hand; never part of CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.loadgen import LoadConfig, proc_rss_kib, raise_nofile_limit, run_load, summary
+from edge.embedded_nats import EmbeddedNatsServer, find_nats_server, free_port
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+PRODUCT, REFERENCE = "product", "reference"
+
+# The bench user's tier: nothing it does may be refused for want of rooms or credits.
+TIERS_TOML = "[tiers.bench]\ncredits_per_window = -1\nmax_rooms = -1\nmax_sessions = -1\n"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one run measures."""
+
+    pairs: tuple[int, ...]
+    duration_s: float
+    idle_pairs: int
+    storm_pairs: int
+    rate_per_direction: float = 5.0  # 10 frames/s per pair
+    window: int = 8
+    payload_bytes: int = 256
+    warmup_s: float = 1.0
+
+
+STANDARD = Plan(pairs=(1, 100, 1000), duration_s=10.0, idle_pairs=2000, storm_pairs=2000)
+QUICK = Plan(pairs=(1, 10, 50), duration_s=3.0, idle_pairs=50, storm_pairs=50, warmup_s=0.5)
+
+# Targets of the performance issue: (name, how to read it from the results, the bound).
+IDLE_KIB_TARGET = 24.0
+STORM_S_TARGET = 10.0
+THROUGHPUT_RATIO_TARGET = 0.9
+P99_RATIO_TARGET = 1.2
+
+
+# --- child processes ------------------------------------------------------------------
+
+
+class Children:
+    """The child processes this run started; `stop_all` ends each by its PID."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, args: list[str], log_path: Path, cpus: set[int] | None) -> subprocess.Popen[bytes]:
+        log = open(log_path, "wb")
+        # Its own session: a Ctrl-C meant for this run must not reach it; we end it ourselves.
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        self.procs.append((name, proc))
+        if cpus:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(proc.pid, cpus)
+        return proc
+
+    def stop_all(self) -> None:
+        for _, proc in reversed(self.procs):
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGTERM)
+        for name, proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                print(f"{name} (pid {proc.pid}) ignored SIGTERM; killing it", file=sys.stderr)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+
+
+def _wait_http_ok(port: int, path: str, proc: subprocess.Popen[bytes], what: str, log: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}; see {log}:\n{log.read_text()[-2000:]}")
+        with contextlib.suppress(OSError, urllib.error.URLError):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as response:
+                if response.status == 200:
+                    return
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} did not answer {path} within {timeout:.0f} s; see {log}")
+
+
+def _pinning() -> tuple[set[int] | None, set[int] | None, str]:
+    """(CPUs for the relay under test, CPUs for nats-server and the load generator, a note)."""
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None, None, "no CPU affinity on this system: nothing pinned"
+    if len(allowed) < 2:
+        return None, None, f"only CPU {allowed} usable: nothing pinned"
+    relay, load = {allowed[0]}, set(allowed[1:])
+    return relay, load, f"relay under test on CPU {sorted(relay)}, nats-server and load generator on CPU {sorted(load)}"
+
+
+# --- the machine ------------------------------------------------------------------------
+
+
+def _machine() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for package in ("websockets", "nats-py", "msgspec"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[package] = importlib.metadata.version(package)
+    with contextlib.suppress(Exception):
+        out = subprocess.run([find_nats_server(), "--version"], capture_output=True, text=True, timeout=10)
+        versions["nats-server"] = out.stdout.strip().split()[-1]
+    mem_kib = None
+    with contextlib.suppress(Exception):
+        mem_kib = int(Path("/proc/meminfo").read_text().split("\n")[0].split()[1])
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kib / 1024 / 1024, 1) if mem_kib else None,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+# --- the run ----------------------------------------------------------------------------
+
+
+def _scenarios(plan: Plan) -> list[tuple[str, int]]:
+    """(mode, pairs) in run order: idle first (fresh processes), then traffic, then the storm."""
+    order = [("idle", plan.idle_pairs)]
+    for pairs in plan.pairs:
+        order += [("max", pairs), ("rate", pairs)]
+    order.append(("storm", plan.storm_pairs))
+    return order
+
+
+def run_benchmark(plan: Plan, quick: bool, only: str | None = None) -> Path:
+    """Run `plan` against both relays; returns the path of the JSON results."""
+    raise_nofile_limit()  # the children inherit it: each relay holds thousands of sockets
+    relay_cpus, load_cpus, pin_note = _pinning()
+    if load_cpus:
+        os.sched_setaffinity(0, load_cpus)  # nats-server and the load workers inherit it
+    print(f"pinning: {pin_note}")
+    workdir = Path(tempfile.mkdtemp(prefix="termrelay-bench-"))
+    children = Children()
+    nats_server: EmbeddedNatsServer | None = None
+    started_at = datetime.datetime.now(datetime.timezone.utc)
+    results: list[dict[str, Any]] = []
+    try:
+        nats_server = EmbeddedNatsServer(store_dir=workdir / "nats").start()
+        print(f"nats-server pid {nats_server.process.pid} on {nats_server.url}")
+        tiers = workdir / "tiers.toml"
+        tiers.write_text(TIERS_TOML)
+
+        from tests.harness import make_account
+
+        account = asyncio.run(make_account(nats_server.url, tier="bench"))
+
+        edge_port = free_port()
+        edge_log = workdir / "edge.log"
+        edge_args = [
+            sys.executable, "-m", "edge.cli",
+            "--nats-url", nats_server.url, "--port", str(edge_port), "--edge-id", "bench-edge",
+            "--auth", "required", "--tiers-file", str(tiers), "--socket-rate-limit-per-s", "0",
+        ]  # fmt: skip
+        edge = children.start("edge", edge_args, edge_log, relay_cpus)
+        _wait_http_ok(edge_port, "/readyz", edge, "the edge", edge_log)
+        print(f"edge pid {edge.pid} on ws://127.0.0.1:{edge_port} (auth required, bench tier)")
+
+        ref_port = free_port()
+        ref_log = workdir / "reference.log"
+        ref_args = [sys.executable, "-m", "bench.reference_relay", "--nats-url", nats_server.url, "--port", str(ref_port)]
+        ref = children.start("reference relay", ref_args, ref_log, relay_cpus)
+        _wait_http_ok(ref_port, "/healthz", ref, "the reference relay", ref_log)
+        print(f"reference relay pid {ref.pid} on ws://127.0.0.1:{ref_port}")
+
+        targets = {PRODUCT: (edge, edge_port), REFERENCE: (ref, ref_port)}
+        names = [only] if only else [PRODUCT, REFERENCE]
+        for mode, pairs in _scenarios(plan):
+            for name in names:
+                proc, port = targets[name]
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the {name} relay exited with {proc.returncode}; see {workdir}")
+                cfg = LoadConfig(
+                    mac_urls=[f"ws://127.0.0.1:{port}"],
+                    pairs=pairs,
+                    mode=mode,
+                    rate=plan.rate_per_direction,
+                    window=plan.window,
+                    payload_bytes=plan.payload_bytes,
+                    duration_s=plan.duration_s,
+                    warmup_s=plan.warmup_s,
+                    api_key=account.api_key,
+                    relay_pid=proc.pid,
+                    nats_pid=nats_server.process.pid,
+                    label=f"{name} {mode} {pairs}",
+                )
+                report = run_load(cfg)
+                report["target"] = name
+                results.append(report)
+                print(summary(report), flush=True)
+                time.sleep(1.0)  # let the relay finish with the departed sockets
+        final_rss = {name: proc_rss_kib(proc.pid) for name, (proc, _) in targets.items() if proc.poll() is None}
+    except Exception:
+        for name, log in (("edge", workdir / "edge.log"), ("reference relay", workdir / "reference.log")):
+            if log.exists():
+                print(f"--- last lines of the {name}'s log ---\n{log.read_text()[-1500:]}", file=sys.stderr)
+        raise
+    finally:
+        children.stop_all()
+        if nats_server is not None:
+            nats_server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    doc = {
+        "started_at": started_at.isoformat(timespec="seconds"),
+        "quick": quick,
+        "command": "python -m bench.run" + (" --quick" if quick else ""),
+        "machine": _machine(),
+        "pinning": pin_note,
+        "plan": plan.__dict__ | {"pairs": list(plan.pairs)},
+        "final_rss_kib": final_rss,
+        "results": results,
+    }
+    doc["targets"] = _targets(doc, plan) if not only else []
+    RESULTS_DIR.mkdir(exist_ok=True)
+    stamp = started_at.strftime("%Y%m%dT%H%M%SZ") + ("-quick" if quick else "")
+    path = RESULTS_DIR / f"{stamp}.json"
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"\nresults: {path}")
+    _print_targets(doc["targets"])
+    _plot(doc, path.with_suffix(".png"))
+    return path
+
+
+def _find(results: list[dict[str, Any]], target: str, mode: str, pairs: int) -> dict[str, Any] | None:
+    for r in results:
+        if r["target"] == target and r["mode"] == mode and r["pairs"] == pairs:
+            return r
+    return None
+
+
+def _targets(doc: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
+    """Each target of the performance issue: the product's figure, the reference's, their ratio."""
+    results, top = doc["results"], max(plan.pairs)
+    rows = []
+
+    def add(name: str, mode: str, pairs: int, read, bound: float, higher_is_better: bool, absolute: bool) -> None:
+        p, r = _find(results, PRODUCT, mode, pairs), _find(results, REFERENCE, mode, pairs)
+        pv = read(p) if p else None
+        rv = read(r) if r else None
+        ratio = round(pv / rv, 3) if pv is not None and rv else None
+        judged = pv if absolute else ratio
+        met = None if judged is None else (judged >= bound if higher_is_better else judged <= bound)
+        rows.append({"target": name, "product": pv, "reference": rv, "ratio": ratio, "bound": bound, "met": met,
+                     "bound_on": "product" if absolute else "ratio", "higher_is_better": higher_is_better})  # fmt: skip
+
+    add(f"{top} pairs at max rate: delivered frames/s", "max", top, lambda r: r["delivered_per_s"],
+        THROUGHPUT_RATIO_TARGET, True, False)  # fmt: skip
+    add(f"{top} pairs at {2 * plan.rate_per_direction:g} frames/s each: p99 one-way latency (ms)", "rate", top,
+        lambda r: r["latency_ms"]["p99"], P99_RATIO_TARGET, False, False)  # fmt: skip
+    add(f"{plan.idle_pairs} idle pairs: RSS per connection (KiB)", "idle", plan.idle_pairs,
+        lambda r: r["relay"].get("kib_per_connection"), IDLE_KIB_TARGET, False, True)  # fmt: skip
+    add(f"{plan.storm_pairs} pairs reconnecting at once: seconds until all paired", "storm", plan.storm_pairs,
+        lambda r: r["storm"]["all_paired_s"], STORM_S_TARGET, False, True)  # fmt: skip
+    return rows
+
+
+def _print_targets(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    print("\ntargets (product / reference):")
+    for row in rows:
+        bound = ("≥" if row["higher_is_better"] else "≤") + f" {row['bound']:g}"
+        bound += " (ratio)" if row["bound_on"] == "ratio" else " (product)"
+        verdict = {True: "met", False: "MISSED", None: "n/a"}[row["met"]]
+        ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else "n/a"
+        print(f"  {row['target']}: product {row['product']}, reference {row['reference']}, ratio {ratio}; "
+              f"target {bound}: {verdict}")  # fmt: skip
+
+
+def _plot(doc: dict[str, Any], path: Path) -> None:
+    """Throughput and p99 latency against pairs, product against reference, as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullFormatter
+    except ImportError:
+        print("no plot: matplotlib is missing (pip install -e '.[bench]', or make bench)")
+        return
+    results = doc["results"]
+    fig, (ax_tp, ax_lat) = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {PRODUCT: ("tab:blue", "termrelay edge"), REFERENCE: ("tab:gray", "reference relay")}
+    for target, (color, name) in styles.items():
+        for mode, ls, what in (("max", "-", "max rate"), ("rate", "--", "10 frames/s per pair")):
+            rows = sorted((r for r in results if r["target"] == target and r["mode"] == mode), key=lambda r: r["pairs"])
+            if not rows:
+                continue
+            xs = [r["pairs"] for r in rows]
+            if mode == "max":
+                ax_tp.plot(xs, [r["delivered_per_s"] for r in rows], ls, color=color, marker="o", label=name)
+            ax_lat.plot(xs, [r["latency_ms"]["p99"] for r in rows], ls, color=color, marker="o", label=f"{name}, {what}")
+    ax_tp.set(xscale="log", xlabel="pairs", ylabel="delivered frames/s", title="Throughput at max rate")
+    ax_lat.set(xscale="log", yscale="log", xlabel="pairs", ylabel="p99 one-way latency (ms)", title="p99 latency")
+    ax_tp.set_ylim(bottom=0)
+    ticks = sorted({r["pairs"] for r in results if r["mode"] in ("max", "rate")})
+    for ax in (ax_tp, ax_lat):
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    machine = doc["machine"]
+    fig.suptitle(
+        f"{doc['command']} · {doc['started_at']} · {machine['cpu']}, {machine['cores']} cores · "
+        f"{doc['plan']['payload_bytes']}-byte payloads",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1, 10, 50 pairs, 3 s each: a check, not a measurement")
+    parser.add_argument("--only", choices=(PRODUCT, REFERENCE), help="measure one relay (no ratios)")
+    args = parser.parse_args(argv)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # the same clean-up path as Ctrl-C
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        run_benchmark(QUICK if args.quick else STANDARD, args.quick, args.only)
+    except KeyboardInterrupt:
+        print("interrupted: every child process has been ended", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
