@@ -110,6 +110,8 @@ _EVENT_ATTEMPTS = 3
 _REQUEST_BUDGET_S = 8.0
 # How many deleted accounts an edge remembers (for sockets admitted during a deletion).
 _DELETED_USERS_KEPT = 10_000
+# Periodic writes for many sockets go out in batches of this many, with frames in between.
+_BATCH = 100
 
 
 @dataclass(eq=False)
@@ -267,7 +269,7 @@ class Edge:
             try:
                 rooms_kv, presence_kv = await open_buckets(js, self.settings.kv_replicas)
                 self._rooms = RoomStore(rooms_kv, js)
-                self._presence = Presence(js, presence_kv)
+                self._presence = Presence(js, presence_kv, self._nc)
                 accounts = await AccountStore.open(js, self.settings.kv_replicas)
                 usage = UsageReader(await open_usage_bucket(js, self.settings.kv_replicas))
                 self._access = Access(self.settings, accounts, self.tiers)
@@ -795,22 +797,18 @@ class Edge:
     async def _last_seen_loop(self) -> None:
         """Write lastSeen of sockets that spoke since the last write: at most one write per socket per interval."""
         while not await self._sleep(self.settings.last_seen_interval_ms / 1000):
-            due = [
-                c
-                for c in self.connections.values()
-                if c.session.in_room and c.last_message_ms > c.last_seen_written_ms
-            ]
-            if not due:
-                continue
-            results = await asyncio.gather(
-                *(self._presence.put_last_seen(c.session.room_id, c.session.role, c.last_message_ms, self._seen_ttl_s) for c in due),
-                return_exceptions=True,
-            )
-            for conn, result in zip(due, results, strict=True):
-                if isinstance(result, BaseException):
-                    log.warning("lastSeen write failed for room %s: %s", conn.session.room_id, result)
-                else:
-                    conn.last_seen_written_ms = conn.last_message_ms
+            due = [c for c in self.connections.values() if c.session.in_room and c.last_message_ms > c.last_seen_written_ms]
+            for n, conn in enumerate(due):
+                try:
+                    await self._presence.put_last_seen_unacknowledged(
+                        conn.session.room_id, conn.session.role, conn.last_message_ms, self._seen_ttl_s
+                    )
+                except nats.errors.Error as exc:
+                    log.warning("lastSeen write failed for room %s: %s", conn.session.room_id, exc)
+                    continue
+                conn.last_seen_written_ms = conn.last_message_ms
+                if n % _BATCH == _BATCH - 1:
+                    await asyncio.sleep(0)  # let frames through between batches
 
     async def _registration_loop(self) -> None:
         """Refresh the room registrations of our registered Mac sockets well inside ROOM_REG_TTL."""
@@ -820,7 +818,8 @@ class Edge:
                 for c in self.connections.values()
                 if c.session.role == "mac" and c.session.in_room and not c.session.replaced and not c.closing
             ]
-            await asyncio.gather(*(self._refresh_registration(c) for c in due))
+            for start in range(0, len(due), _BATCH):  # in batches: frames go on meanwhile
+                await asyncio.gather(*(self._refresh_registration(c) for c in due[start : start + _BATCH]))
 
     async def _watch_accounts(self, watching: asyncio.Event) -> None:
         """Close the sockets of accounts deleted while they are connected (§12 item 16).

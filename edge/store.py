@@ -18,6 +18,7 @@ from typing import TypeVar
 
 import msgspec
 import nats.js.errors
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
@@ -142,9 +143,10 @@ class RoomStore:
 class Presence:
     """Edge leases and per-socket lastSeen in the presence bucket."""
 
-    def __init__(self, js: JetStreamContext, kv: KeyValue) -> None:
+    def __init__(self, js: JetStreamContext, kv: KeyValue, nc: NATS) -> None:
         self._js = js
         self._kv = kv
+        self._nc = nc
         self._subject_prefix = f"$KV.{PRESENCE_BUCKET}."
 
     async def put_lease(self, lease: EdgeLease, ttl_s: float) -> int:
@@ -192,6 +194,13 @@ class Presence:
     async def put_last_seen(self, room_id: str, role: str, at_ms: int, ttl_s: float) -> None:
         """Record when a room's `role` socket last sent anything. Expires with the room's idleness."""
         await self._js.publish(self._subject_prefix + last_seen_key(room_id, role), str(at_ms).encode(), msg_ttl=ttl_s)
+
+    async def put_last_seen_unacknowledged(self, room_id: str, role: str, at_ms: int, ttl_s: float) -> None:
+        """`put_last_seen` without waiting for JetStream's acknowledgement, for the periodic
+        flush: thousands of acknowledged writes at once hold the event loop for a quarter
+        of a second (every frame waits), and a lost one only leaves lastSeen one interval old."""
+        subject = self._subject_prefix + last_seen_key(room_id, role)
+        await self._nc.publish(subject, str(at_ms).encode(), headers={"Nats-TTL": str(int(max(1.0, ttl_s)))})
 
     async def get_room_last_seen(self, room_id: str) -> tuple[int | None, int | None]:
         """lastSeen of a room's Mac and iOS sockets (epoch ms, or None)."""
