@@ -63,9 +63,8 @@ from schemas.client import (
     encode,
 )
 from schemas.edge_events import (
-    HEADER_EVENT,
-    HEADER_FROM,
-    HEADER_TO,
+    KIND_EVENT,
+    KIND_FRAME,
     PeerLeftEvent,
     edge_event_decoder,
 )
@@ -74,9 +73,12 @@ from schemas.subjects import (
     ACCOUNTS_BUCKET,
     ROLES,
     USER_FILTER,
+    addressed_subject,
     edge_id_of_lease_key,
     is_valid_room_id,
     room_subject,
+    sender_and_kind,
+    socket_filter,
 )
 
 log = logging.getLogger("edge")
@@ -454,11 +456,8 @@ class Edge:
         session = conn.session
 
         async def deliver(msg: Msg) -> None:
-            headers = msg.headers
-            if not headers or headers.get(HEADER_TO) != session.socket_id:
-                return  # meant for another socket of this room and role (a takeover is under way)
-            sender = headers.get(HEADER_FROM, "")
-            if HEADER_EVENT in headers:
+            sender, kind = sender_and_kind(msg.subject)
+            if kind == KIND_EVENT:
                 if msg.reply:
                     # Acknowledge receipt at once, not after processing: the sender may be
                     # holding its own socket's write lock while it waits for this.
@@ -477,7 +476,7 @@ class Edge:
                         await conn.ws.send(msg.data, text=True)
 
         conn.subscription = await self._nc.subscribe(
-            conn.subjects[role],
+            socket_filter(conn.subjects[role], session.socket_id),
             cb=deliver,
             pending_msgs_limit=self.settings.socket_queue_max_msgs,
             pending_bytes_limit=self.settings.socket_queue_max_bytes,
@@ -498,11 +497,8 @@ class Edge:
                     )
                     await self._close(conn, CloseCode.TOO_BIG, "frame too large for this relay")
                     return
-                await self._nc.publish(
-                    conn.subjects[session.peer_role],
-                    action.data,
-                    headers={HEADER_TO: action.to.socket_id, HEADER_FROM: session.socket_id},
-                )
+                subject = addressed_subject(conn.subjects[session.peer_role], action.to.socket_id, session.socket_id, KIND_FRAME)
+                await self._nc.publish(subject, action.data)
             elif isinstance(action, RoomRequest):
                 await self._carry_out_room_request(conn, action.message)
             elif isinstance(action, Notify):
@@ -628,11 +624,11 @@ class Edge:
         repeat is harmless (sessions ignore news they already have). Frames are not: a
         lost frame is handled by restarting the session (see `_nats_reconnected`).
         """
-        subject, data = room_subject(session.room_id, role), msgspec.json.encode(event)
-        headers = {HEADER_TO: to.socket_id, HEADER_FROM: session.socket_id, HEADER_EVENT: "1"}
+        data = msgspec.json.encode(event)
+        subject = addressed_subject(room_subject(session.room_id, role), to.socket_id, session.socket_id, KIND_EVENT)
         for _ in range(_EVENT_ATTEMPTS):
             try:
-                await self._nc.request(subject, data, timeout=_EVENT_ACK_TIMEOUT_S, headers=headers)
+                await self._nc.request(subject, data, timeout=_EVENT_ACK_TIMEOUT_S)
                 return
             except nats.errors.NoRespondersError:
                 # Nobody holds that socket any more: there is no one to tell.

@@ -1,8 +1,9 @@
 """Control events that edges send each other on a room's subjects.
 
-They travel on the same subject as the frames of that direction, so they stay in order
-with them. A NATS header tells a control event (`Relay-Event`) from a frame; the body
-of a frame is the exact text the receiving edge writes to its socket.
+They travel on the same subjects as the frames of that direction, so they stay in order
+with them. The subject's last token tells a control event (`e`) from a frame (`f`); the
+body of a frame is the exact text the receiving edge writes to its socket. See
+`schemas.subjects.addressed_subject`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from msgspec import Struct
 
 from schemas.records import SlotHolder
 
-# Headers of every message on a room subject.
-HEADER_TO = "Relay-To"  # socket id of the addressee; other sockets drop the message
-HEADER_FROM = "Relay-From"  # socket id of the sender
-HEADER_EVENT = "Relay-Event"  # present (value "1") on control events only
+# The last token of a message's subject: what it carries.
+KIND_FRAME = "f"  # a frame, written to the socket as it is
+KIND_EVENT = "e"  # a control event (a request: the addressee's edge acknowledges it)
 
 
 class PeerJoinedEvent(Struct, tag="peer_joined", tag_field="event", kw_only=True):
