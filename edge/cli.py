@@ -6,7 +6,8 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 import nats.errors
 
@@ -46,12 +47,26 @@ async def serve_until_signalled(edge: Edge) -> None:
         logging.getLogger("edge").info("stopped before it was serving")
 
 
+def run_event_loop(main: Coroutine[Any, Any, None], use_uvloop: bool) -> None:
+    """Run `main` to completion, on uvloop when asked and installed (it moves each frame
+    through the event loop in less time than asyncio's own loop)."""
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            logging.getLogger("edge").warning("uvloop is not installed; using asyncio's event loop")
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     settings: EdgeSettings = load_settings(EdgeSettings, argv, prog="relay-edge")
     configure_logging()
     logging.getLogger("edge").info("settings: %s", settings.redacted())
     try:
-        asyncio.run(serve_until_signalled(Edge(settings)))
+        run_event_loop(serve_until_signalled(Edge(settings)), settings.uvloop)
     except (OSError, nats.errors.NoServersError, nats.errors.TimeoutError) as exc:
         logging.getLogger("edge").error(
             "cannot start (NATS at %s, listening on %s:%s): %s",

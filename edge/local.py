@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge.cli import configure_logging, serve_until_signalled
+from edge.cli import configure_logging, run_event_loop, serve_until_signalled
 from edge.embedded_nats import EmbeddedNatsServer
 from edge.server import Edge
 from edge.settings import EdgeSettings, load_settings
@@ -88,7 +88,7 @@ def main() -> None:
     nats_server.start()
     logging.getLogger("edge").info("nats-server on %s (data in %s)", nats_server.url, data)
     try:
-        asyncio.run(_run(dataclasses.replace(edge_settings, nats_url=nats_server.url)))
+        run_event_loop(_run(dataclasses.replace(edge_settings, nats_url=nats_server.url)), edge_settings.uvloop)
     except KeyboardInterrupt:
         pass
     finally:

@@ -84,6 +84,9 @@ class EdgeSettings:
         metadata={"help": "how long a register/join waits out storage trouble before closing 1011 (under the Mac's 10 s)"},
     )
 
+    # Speed.
+    uvloop: bool = field(default=True, metadata={"help": "run on uvloop when it is installed (relay-edge, make run)"})
+
     # Closing.
     close_timeout_ms: int = field(default=5_000, metadata={"help": "time a closing handshake may take before the connection is dropped"})
 
