@@ -24,6 +24,7 @@ PID when the run ends, also on Ctrl-C or an error. Runs by hand; never part of C
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import asyncio
 import contextlib
 import datetime
@@ -65,6 +66,7 @@ class Plan:
     window: int = 8
     payload_bytes: int = 256
     warmup_s: float = 1.0
+    modes: tuple[str, ...] = ("idle", "max", "rate", "storm")
 
 
 STANDARD = Plan(pairs=(1, 100, 1000), duration_s=10.0, idle_pairs=2000, storm_pairs=2000)
@@ -176,7 +178,7 @@ def _scenarios(plan: Plan) -> list[tuple[str, int]]:
     for pairs in plan.pairs:
         order += [("max", pairs), ("rate", pairs)]
     order.append(("storm", plan.storm_pairs))
-    return order
+    return [(mode, pairs) for mode, pairs in order if mode in plan.modes]
 
 
 def run_benchmark(plan: Plan, quick: bool, only: str | None = None) -> Path:
@@ -372,14 +374,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1, 10, 50 pairs, 3 s each: a check, not a measurement")
     parser.add_argument("--only", choices=(PRODUCT, REFERENCE), help="measure one relay (no ratios)")
+    parser.add_argument("--modes", help="comma-separated subset of idle,max,rate,storm (default: all)")
+    parser.add_argument("--pairs", help="comma-separated pair counts for max and rate (default: 1,100,1000)")
     args = parser.parse_args(argv)
+    plan = QUICK if args.quick else STANDARD
+    if args.modes:
+        plan = dataclasses.replace(plan, modes=tuple(m.strip() for m in args.modes.split(",")))
+    if args.pairs:
+        plan = dataclasses.replace(plan, pairs=tuple(int(n) for n in args.pairs.split(",")))
 
     def on_sigterm(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # the same clean-up path as Ctrl-C
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        run_benchmark(QUICK if args.quick else STANDARD, args.quick, args.only)
+        run_benchmark(plan, args.quick, args.only)
     except KeyboardInterrupt:
         print("interrupted: every child process has been ended", file=sys.stderr)
         sys.exit(130)

@@ -204,6 +204,9 @@ class Edge:
             server_header="termrelay",
             create_connection=HttpConnection,  # POST and DELETE for the HTTP API
             logger=_ws_log,
+            # A reconnect storm (every client of a lost edge at once) overflows asyncio's
+            # default of 100, and each dropped SYN costs its client a 1-3 s retry.
+            backlog=s.listen_backlog,
         )
         self.port = server.sockets[0].getsockname()[1]
         try:

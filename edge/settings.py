@@ -85,6 +85,9 @@ class EdgeSettings:
     )
 
     # Speed.
+    listen_backlog: int = field(
+        default=4096, metadata={"help": "connections the kernel queues before accept (capped by net.core.somaxconn)"}
+    )
     uvloop: bool = field(default=True, metadata={"help": "run on uvloop when it is installed (relay-edge, make run)"})
 
     # Closing.
