@@ -132,6 +132,8 @@ class Connection:
     closing: bool = False
     timed_out: bool = False
     registered_at: int | None = None  # epoch ms of this Mac socket's first room registration
+    forward_to: str = ""  # the peer socket that `forward_subject` addresses
+    forward_subject: str = ""
     # Held while writing what the session decided about its peer, and while writing a
     # frame from NATS, so that the client never sees a peer's frame before its peer_joined.
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -253,8 +255,8 @@ class Edge:
 
     @property
     def _max_forward_bytes(self) -> int:
-        # Room for the routing headers next to the frame.
-        return self._nc.max_payload - 1024
+        # Some room below NATS's max_payload for the protocol line.
+        return self._nc.max_payload - 1024 if self._nc is not None else 0
 
     def _check_max_payload(self) -> None:
         if self._max_forward_bytes < self.settings.max_frame_bytes:
@@ -475,8 +477,10 @@ class Edge:
                 return
             async with conn.write_lock:  # uncontended but while the session changes peers
                 if session.accepts_frame_from(sender):
-                    with contextlib.suppress(ConnectionClosed):
+                    try:
                         await conn.ws.send(msg.data, text=True)
+                    except ConnectionClosed:
+                        pass
 
         conn.subscription = await self._nc.subscribe(
             socket_filter(conn.subjects[role], session.socket_id),
@@ -489,10 +493,7 @@ class Edge:
     async def _carry_out(self, conn: Connection, actions: list[Action]) -> None:
         session = conn.session
         for action in actions:
-            if isinstance(action, Send):
-                with contextlib.suppress(ConnectionClosed):
-                    await conn.ws.send(action.data, text=True)
-            elif isinstance(action, Forward):
+            if type(action) is Forward:  # by far the most common: first, and lean
                 if len(action.data) > self._max_forward_bytes:
                     log.warning(
                         "room %s: a %d-byte frame exceeds what NATS carries (max_payload %d); closing 1009",
@@ -500,8 +501,16 @@ class Edge:
                     )
                     await self._close(conn, CloseCode.TOO_BIG, "frame too large for this relay")
                     return
-                subject = addressed_subject(conn.subjects[session.peer_role], action.to.socket_id, session.socket_id, KIND_FRAME)
-                await self._nc.publish(subject, action.data)
+                to = action.to.socket_id
+                if to != conn.forward_to:  # the subject changes only with the peer
+                    conn.forward_to = to
+                    conn.forward_subject = addressed_subject(
+                        conn.subjects[session.peer_role], to, session.socket_id, KIND_FRAME
+                    )
+                await self._nc.publish(conn.forward_subject, action.data)
+            elif isinstance(action, Send):
+                with contextlib.suppress(ConnectionClosed):
+                    await conn.ws.send(action.data, text=True)
             elif isinstance(action, RoomRequest):
                 await self._carry_out_room_request(conn, action.message)
             elif isinstance(action, Notify):
