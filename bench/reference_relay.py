@@ -157,7 +157,17 @@ def main() -> None:
     parser.add_argument("--nats-url", default="nats://127.0.0.1:4222")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0: a free port (printed when ready)")
-    asyncio.run(_main(parser.parse_args()))
+    parser.add_argument(
+        "--event-loop", choices=("asyncio", "uvloop"), default="uvloop",
+        help="the event loop: uvloop by default, the same stack as the product's edge",
+    )
+    args = parser.parse_args()
+    if args.event_loop == "uvloop":
+        import uvloop
+
+        uvloop.run(_main(args))
+    else:
+        asyncio.run(_main(args))
 
 
 if __name__ == "__main__":
