@@ -32,7 +32,6 @@ from schemas.client import (
 from schemas.edge_events import EdgeEvent, PeerJoinedEvent, PeerLeftEvent, ReplacedEvent
 from schemas.records import SlotHolder
 
-
 # Actions are made per frame: plain slotted dataclasses (a frozen one costs three times as
 # much to build). Nobody changes an action after it is made.
 
