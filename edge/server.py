@@ -754,30 +754,39 @@ class Edge:
         an edge that died while we were not watching (its expiry marker long gone) is
         noticed too. The watcher is restarted after every NATS reconnect.
         """
+
+        async def watch_once() -> None:
+            self._lease_watcher = watcher = await self._presence.watch_leases()
+            fresh: dict[str, str] | None = {}  # the initial view, until it is complete
+            async for entry in watcher:
+                if entry is None:  # the initial values are all in
+                    self._set_live_edges(fresh or {})
+                    fresh = None
+                    watching.set()
+                    continue
+                edge_id, lease = edge_id_of_lease_key(entry.key), Presence.decode_lease(entry)
+                view = dict(self.live_edges) if fresh is None else fresh
+                if lease is None:
+                    view.pop(edge_id, None)
+                else:
+                    view[edge_id] = lease.boot_id
+                if fresh is None:
+                    self._set_live_edges(view)
+
+        await self._keep_running("lease watcher", watch_once)
+
+    async def _keep_running(self, what: str, run_once: Callable[[], Awaitable[None]]) -> None:
+        """Run `run_once` again each time it returns, until the edge stops; after a failure,
+        wait first (0.1 s, doubling up to 5 s while failures follow each other)."""
         backoff = 0.1
         while not self._stopping.is_set():
             try:
-                self._lease_watcher = watcher = await self._presence.watch_leases()
-                fresh: dict[str, str] | None = {}  # the initial view, until it is complete
-                async for entry in watcher:
-                    backoff = 0.1
-                    if entry is None:  # the initial values are all in
-                        self._set_live_edges(fresh or {})
-                        fresh = None
-                        watching.set()
-                        continue
-                    edge_id, lease = edge_id_of_lease_key(entry.key), Presence.decode_lease(entry)
-                    view = dict(self.live_edges) if fresh is None else fresh
-                    if lease is None:
-                        view.pop(edge_id, None)
-                    else:
-                        view[edge_id] = lease.boot_id
-                    if fresh is None:
-                        self._set_live_edges(view)
+                await run_once()
+                backoff = 0.1
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.warning("lease watcher failed; recreating it in %.1fs", backoff, exc_info=True)
+                log.warning("%s failed; recreating it in %.1fs", what, backoff, exc_info=True)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
@@ -837,25 +846,16 @@ class Edge:
         since an ordered consumer would otherwise notice its gap only after missed
         heartbeats (and every socket was closed at the reconnect anyway).
         """
-        backoff = 0.1
-        while not self._stopping.is_set():
+
+        async def watch_once() -> None:
             self._account_watch_wake.clear()
-            try:
-                js = self._nc.jetstream(timeout=_JETSTREAM_TIMEOUT_S)
-                subscription = await js.subscribe(
-                    f"$KV.{ACCOUNTS_BUCKET}.{USER_FILTER}",
-                    cb=self._account_changed,
-                    ordered_consumer=True,
-                    deliver_policy=DeliverPolicy.NEW,
-                )
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.warning("account watcher failed; recreating it in %.1fs", backoff, exc_info=True)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            backoff = 0.1
+            js = self._nc.jetstream(timeout=_JETSTREAM_TIMEOUT_S)
+            subscription = await js.subscribe(
+                f"$KV.{ACCOUNTS_BUCKET}.{USER_FILTER}",
+                cb=self._account_changed,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.NEW,
+            )
             watching.set()
             waits = [asyncio.ensure_future(self._stopping.wait()), asyncio.ensure_future(self._account_watch_wake.wait())]
             try:
@@ -865,6 +865,8 @@ class Edge:
                     wait.cancel()
                 with contextlib.suppress(Exception):
                     await subscription.unsubscribe()
+
+        await self._keep_running("account watcher", watch_once)
 
     async def _account_changed(self, msg: Msg) -> None:
         if not msg.data:
