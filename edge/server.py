@@ -475,12 +475,13 @@ class Edge:
                 async with conn.write_lock:
                     await self._carry_out(conn, session.receive_event(event, sender))
                 return
-            async with conn.write_lock:  # uncontended but while the session changes peers
-                if session.accepts_frame_from(sender):
-                    try:
-                        await conn.ws.send(msg.data, text=True)
-                    except ConnectionClosed:
-                        pass
+            if conn.write_lock.locked():  # news about the peer is being written: after it
+                async with conn.write_lock:
+                    await self._write_frame(conn, msg.data, sender)
+            else:
+                # websockets writes a frame's bytes before it first waits (for drain), so
+                # news written after this starts still reaches the client after the frame.
+                await self._write_frame(conn, msg.data, sender)
 
         conn.subscription = await self._nc.subscribe(
             socket_filter(conn.subjects[role], session.socket_id),
@@ -489,6 +490,14 @@ class Edge:
             pending_bytes_limit=self.settings.socket_queue_max_bytes,
         )
         self._by_sid[conn.subscription._id] = conn
+
+    async def _write_frame(self, conn: Connection, data: bytes, sender: str) -> None:
+        """Write a frame from NATS to the client if it comes from the session's current peer."""
+        if conn.session.accepts_frame_from(sender):
+            try:
+                await conn.ws.send(data, text=True)
+            except ConnectionClosed:
+                pass
 
     async def _carry_out(self, conn: Connection, actions: list[Action]) -> None:
         session = conn.session
@@ -544,9 +553,14 @@ class Edge:
             return
         if outcome.notice:
             log.info("room %s: %s", session.room_id, outcome.notice)
-        actions = session.apply(outcome, revision)
+        mismatch = None
         if outcome.accepted and isinstance(message, JoinRoom) and outcome.owner_user_id != session.user_id:
-            actions.insert(len(outcome.replies), await self._account_mismatch_error(outcome.owner_user_id, conn))
+            # Looked up before the session learns of its peer: with no wait in between, no
+            # frame of that peer can be written before its peer_joined.
+            mismatch = await self._account_mismatch_error(outcome.owner_user_id, conn)
+        actions = session.apply(outcome, revision)
+        if mismatch is not None:
+            actions.insert(len(outcome.replies), mismatch)
         await self._carry_out_in_order(conn, actions)
         if outcome.accepted and isinstance(message, RegisterRoom):
             if conn.registered_at is None:
