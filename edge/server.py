@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import http
 import logging
 import secrets
@@ -476,6 +477,7 @@ class Edge:
                     await self._carry_out(conn, session.receive_event(event, sender))
                 return
             if conn.write_lock.locked():  # news about the peer is being written: after it
+                # (the session's peer changes only under the lock: see `_decide_in_order`)
                 async with conn.write_lock:
                     await self._write_frame(conn, msg.data, sender)
             else:
@@ -540,7 +542,7 @@ class Edge:
                 await self._access.check_room_limit(conn.target.principal, session.room_id)
             except Refusal as refusal:
                 if refusal.status == 503:
-                    await self._carry_out_in_order(conn, session.request_failed())
+                    await self._decide_in_order(conn, session.request_failed)
                     return
                 farewell = encode(Error(code=ErrorCode.ROOM_LIMIT, message=refusal.message))
                 await self._carry_out_in_order(conn, [Close(CloseCode.POLICY, "room limit reached", farewell)])
@@ -549,19 +551,23 @@ class Edge:
             outcome, revision = await self._room_request_with_retries(conn, message)
         except (nats.errors.Error, asyncio.TimeoutError, StorageConflict):
             log.exception("room %s: request failed", session.room_id)
-            await self._carry_out_in_order(conn, session.request_failed())
+            await self._decide_in_order(conn, session.request_failed)
             return
         if outcome.notice:
             log.info("room %s: %s", session.room_id, outcome.notice)
         mismatch = None
         if outcome.accepted and isinstance(message, JoinRoom) and outcome.owner_user_id != session.user_id:
-            # Looked up before the session learns of its peer: with no wait in between, no
-            # frame of that peer can be written before its peer_joined.
+            # The slot is ours already: should anything below fail, it is released on leave.
+            session.uncertain = True
             mismatch = await self._account_mismatch_error(outcome.owner_user_id, conn)
-        actions = session.apply(outcome, revision)
-        if mismatch is not None:
-            actions.insert(len(outcome.replies), mismatch)
-        await self._carry_out_in_order(conn, actions)
+
+        def decide() -> list[Action]:
+            actions = session.apply(outcome, revision)
+            if mismatch is not None:
+                actions.insert(len(outcome.replies), mismatch)
+            return actions
+
+        await self._decide_in_order(conn, decide)
         if outcome.accepted and isinstance(message, RegisterRoom):
             if conn.registered_at is None:
                 conn.registered_at = now_ms()
@@ -571,9 +577,11 @@ class Edge:
         """`error ACCOUNT_MISMATCH` for an iPhone of another account than the Mac's (§12 item 15)."""
         ios_user = conn.target.principal.user
         mac_email, ios_email = None, ios_user.email if ios_user is not None else None
-        with contextlib.suppress(*STORAGE_ERRORS):  # the flag matters more than the addresses in it
+        try:
             owner = await self._access.store.get_user(owner_user_id) if owner_user_id else None
             mac_email = owner.email if owner is not None else None
+        except Exception as exc:  # the flag matters more than the addresses in it
+            log.warning("room owner %s: e-mail not read (%s)", owner_user_id, type(exc).__name__)
         return Send(
             encode(
                 Error(
@@ -591,6 +599,13 @@ class Edge:
             await self._access.register_room(conn.session.user_id, conn.session.room_id, conn.registered_at)
         except STORAGE_ERRORS as exc:
             log.warning("room %s: registration not written (%s); the refresh loop retries", conn.session.room_id, exc)
+
+    async def _decide_in_order(self, conn: Connection, decide: Callable[[], list[Action]]) -> None:
+        """Let the session decide (`decide()`) and carry out its decision, both under the socket's
+        write lock: a delivered frame checks the session's peer without the lock when nobody
+        holds it, so the peer may change only while what it changed is being written."""
+        async with conn.write_lock:
+            await self._carry_out(conn, decide())
 
     async def _carry_out_in_order(self, conn: Connection, actions: list[Action]) -> None:
         """Carry out actions that tell the client about its peer, never interleaved with frames
@@ -811,9 +826,11 @@ class Edge:
         for edge_id, boot_id in edges_gone(self.live_edges, view):
             log.warning("edge %s (%s) is gone; telling the peers of its sockets", edge_id, boot_id)
             for conn in list(self.connections.values()):
-                actions = conn.session.edge_died(edge_id, boot_id)
-                if actions:
-                    self._spawn(self._carry_out_in_order(conn, actions), "tell a socket its peer's edge died")
+                if conn.session.depends_on_edge(edge_id, boot_id):
+                    self._spawn(
+                        self._decide_in_order(conn, functools.partial(conn.session.edge_died, edge_id, boot_id)),
+                        "tell a socket its peer's edge died",
+                    )
         self.live_edges = view
 
     async def _liveness_loop(self) -> None:
@@ -828,18 +845,19 @@ class Edge:
     async def _last_seen_loop(self) -> None:
         """Write lastSeen of sockets that spoke since the last write: at most one write per socket per interval."""
         while not await self._sleep(self.settings.last_seen_interval_ms / 1000):
+            if not self._nc.is_connected:
+                continue  # nats-py would buffer these ahead of what matters at the reconnect
             due = [c for c in self.connections.values() if c.session.in_room and c.last_message_ms > c.last_seen_written_ms]
-            for n, conn in enumerate(due):
-                try:
+            try:
+                for n, conn in enumerate(due):
                     await self._presence.put_last_seen_unacknowledged(
                         conn.session.room_id, conn.session.role, conn.last_message_ms, self._seen_ttl_s
                     )
-                except nats.errors.Error as exc:
-                    log.warning("lastSeen write failed for room %s: %s", conn.session.room_id, exc)
-                    continue
-                conn.last_seen_written_ms = conn.last_message_ms
-                if n % _BATCH == _BATCH - 1:
-                    await asyncio.sleep(0)  # let frames through between batches
+                    conn.last_seen_written_ms = conn.last_message_ms
+                    if n % _BATCH == _BATCH - 1:
+                        await asyncio.sleep(0)  # let frames through between batches
+            except nats.errors.Error as exc:
+                log.warning("lastSeen flush stopped (%s); the next one retries", type(exc).__name__)
 
     async def _registration_loop(self) -> None:
         """Refresh the room registrations of our registered Mac sockets well inside ROOM_REG_TTL."""

@@ -274,6 +274,12 @@ class Session:
         """Whether a frame from socket `sender` is from this session's current peer."""
         return self.peer is not None and self.peer.socket_id == sender and not self.replaced
 
+    def depends_on_edge(self, edge_id: str, boot_id: str) -> bool:
+        """Whether the death of that edge incarnation can matter to this session: its peer
+        lives there, or a request in flight may name such a peer."""
+        peer = self.peer
+        return self._busy or (peer is not None and peer.edge_id == edge_id and peer.boot_id == boot_id)
+
     def edge_died(self, edge_id: str, boot_id: str) -> list[Action]:
         """An edge incarnation's lease expired; if our peer lived there, it is gone."""
         if self._busy:

@@ -457,6 +457,19 @@ def test_edge_death_without_peer_is_ignored():
     assert in_room("mac", peer=None).edge_died("e3", "b3") == []
 
 
+@pytest.mark.parametrize("edge, boot, expected", [("e3", "b3", True), ("e3", "b-older", False), ("e4", "b3", False)])
+def test_an_edge_death_concerns_a_session_whose_peer_lives_there(edge, boot, expected):
+    # The edge only schedules (under the socket's write lock) the sessions it concerns.
+    assert in_room("mac", peer=IOS_PEER).depends_on_edge(edge, boot) is expected
+    assert in_room("mac", peer=None).depends_on_edge(edge, boot) is False
+
+
+def test_an_edge_death_concerns_a_session_whose_request_is_in_flight():
+    s = session("mac")
+    s.receive(reg_frame(), now=1.0)
+    assert s.depends_on_edge("e9", "b9") is True  # the outcome may name a peer there
+
+
 def test_time_out_sends_heartbeat_timeout_and_closes_4000():
     s = in_room("mac", peer=IOS_PEER)
     actions = s.time_out()
