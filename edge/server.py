@@ -567,11 +567,13 @@ class Edge:
                 actions.insert(len(outcome.replies), mismatch)
             return actions
 
-        await self._decide_in_order(conn, decide)
         if outcome.accepted and isinstance(message, RegisterRoom):
+            # Registered before the Mac hears room_registered: a GET /api/rooms it makes
+            # next must list the room (and the room limit counts it the sooner).
             if conn.registered_at is None:
                 conn.registered_at = now_ms()
             await self._refresh_registration(conn)
+        await self._decide_in_order(conn, decide)
 
     async def _account_mismatch_error(self, owner_user_id: str | None, conn: Connection) -> Send:
         """`error ACCOUNT_MISMATCH` for an iPhone of another account than the Mac's (§12 item 15)."""
