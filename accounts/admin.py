@@ -34,7 +34,6 @@ from metering.windows import period_of
 from schemas.records import User, WelcomeBonus
 from schemas.subjects import is_valid_user_id
 
-EXIT_OK = 0
 EXIT_UNAVAILABLE = 1
 EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3

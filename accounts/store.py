@@ -23,7 +23,7 @@ from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
 from accounts import tokens
-from edge.kv import get_present, present_values
+from edge.kv import get_present, open_bucket, present_values
 from schemas.records import (
     ApiKeyRecord,
     RefreshTokenRecord,
@@ -64,15 +64,9 @@ class UserExists(Exception):
 
 async def open_account_buckets(js: JetStreamContext, replicas: int) -> tuple[KeyValue, KeyValue]:
     """Create (or open) the accounts and registrations buckets."""
-    buckets = []
-    for name in (ACCOUNTS_BUCKET, REGISTRATIONS_BUCKET):
-        config = KeyValueConfig(bucket=name, history=1, replicas=replicas)
-        try:
-            buckets.append(await js.create_key_value(config))
-        except nats.js.errors.BadRequestError:
-            log.warning("bucket %s exists with another configuration; using it as is", name)
-            buckets.append(await js.key_value(name))
-    return buckets[0], buckets[1]
+    accounts = await open_bucket(js, KeyValueConfig(bucket=ACCOUNTS_BUCKET, history=1, replicas=replicas))
+    registrations = await open_bucket(js, KeyValueConfig(bucket=REGISTRATIONS_BUCKET, history=1, replicas=replicas))
+    return accounts, registrations
 
 
 class AccountStore:
@@ -250,13 +244,13 @@ class AccountStore:
         # New tokens first, then the old one is updated by compare-and-set: two concurrent
         # uses cannot both win, and a failure before that point loses nothing usable.
         api_key, refresh = await self.issue_key(record.user_id, now_ms, key_ttl_s, refresh_ttl_s)
-        new_key_hash, new_refresh_hash = tokens.token_hash(api_key), tokens.token_hash(refresh)
+        new_key_hash = tokens.token_hash(api_key)
         rotated_at = record.rotated_at if record.rotated_at is not None else now_ms
         grace_left_s = grace_s - (now_ms - rotated_at) / 1000
         try:
             if grace_left_s >= 1:
                 used = msgspec.structs.replace(
-                    record, rotated_at=rotated_at, successor_key_hash=new_key_hash, successor_refresh_hash=new_refresh_hash
+                    record, rotated_at=rotated_at, successor_key_hash=new_key_hash
                 )
                 await self._put_with_ttl(ACCOUNTS_BUCKET, key, msgspec.json.encode(used), grace_left_s, last=entry.revision)
             else:

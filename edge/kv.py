@@ -5,11 +5,27 @@ Shared by the edge's stores, `accounts.store` (relay-admin) and `metering.usage`
 
 from __future__ import annotations
 
+import logging
+
 import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
+
+log = logging.getLogger(__name__)
 
 #: What nats-py raises for a key that is not there (never written, deleted or purged).
 NOT_FOUND = (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError, nats.js.errors.NotFoundError)
+
+
+async def open_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    """Create the bucket, or open it as it is if it exists with another configuration
+    (say, other replicas: an operator's choice we do not undo)."""
+    try:
+        return await js.create_key_value(config)
+    except nats.js.errors.BadRequestError:
+        log.warning("bucket %s exists with another configuration; using it as is", config.bucket)
+        return await js.key_value(config.bucket)
 
 
 def present(entry: KeyValue.Entry | None) -> bool:

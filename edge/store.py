@@ -23,7 +23,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
-from edge.kv import NOT_FOUND, get_present, present
+from edge.kv import NOT_FOUND, get_present, open_bucket, present
 from schemas.records import (
     EdgeLease,
     RoomRecord,
@@ -56,21 +56,12 @@ def now_ms() -> int:
 
 async def open_buckets(js: JetStreamContext, replicas: int) -> tuple[KeyValue, KeyValue]:
     """Create (or open) the rooms and presence buckets."""
-    rooms = await _bucket(js, KeyValueConfig(bucket=ROOMS_BUCKET, history=1, replicas=replicas))
+    rooms = await open_bucket(js, KeyValueConfig(bucket=ROOMS_BUCKET, history=1, replicas=replicas))
     # The marker TTL makes an expired lease visible to watchers as a delete.
-    presence = await _bucket(
+    presence = await open_bucket(
         js, KeyValueConfig(bucket=PRESENCE_BUCKET, history=1, replicas=replicas, limit_marker_ttl=1)
     )
     return rooms, presence
-
-
-async def _bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
-    try:
-        return await js.create_key_value(config)
-    except nats.js.errors.BadRequestError:
-        # Exists with another configuration (say, other replicas): use it as it is.
-        log.warning("bucket %s exists with another configuration; using it as is", config.bucket)
-        return await js.key_value(config.bucket)
 
 
 class RoomStore:

@@ -7,15 +7,12 @@ An account with no record yet has used nothing.
 
 from __future__ import annotations
 
-import logging
-
-import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
 from accounts.tiers import Tier
-from edge.kv import get_present, present_values
+from edge.kv import get_present, open_bucket, present_values
 from metering.windows import iso_ms, period_label, period_of, period_start_ms, resets_at
 from schemas.http_api import ExtraQuota, HistoryEntry, Usage, UsageHistory
 from schemas.records import (
@@ -27,16 +24,10 @@ from schemas.records import (
 )
 from schemas.subjects import USAGE_BUCKET, bonus_usage_key, usage_filter, usage_key
 
-log = logging.getLogger(__name__)
 
 async def open_usage_bucket(js: JetStreamContext, replicas: int) -> KeyValue:
     """Create (or open) the usage bucket."""
-    config = KeyValueConfig(bucket=USAGE_BUCKET, history=1, replicas=replicas)
-    try:
-        return await js.create_key_value(config)
-    except nats.js.errors.BadRequestError:
-        log.warning("bucket %s exists with another configuration; using it as is", USAGE_BUCKET)
-        return await js.key_value(USAGE_BUCKET)
+    return await open_bucket(js, KeyValueConfig(bucket=USAGE_BUCKET, history=1, replicas=replicas))
 
 
 class UsageReader:

@@ -100,10 +100,10 @@ class RefreshTokenRecord(Struct, kw_only=True):
     api_key_hash: str
     created_at: int  # epoch ms
     expires_at: int  # epoch ms
-    # Set once used: a retry within the grace may use it again, replacing its successor.
+    # Set once used: a retry within the grace may use it again, replacing its successor
+    # (the successor API key; revoking it revokes the refresh token issued with it).
     rotated_at: int | None = None
     successor_key_hash: str = ""
-    successor_refresh_hash: str = ""
 
 
 class Registration(Struct, kw_only=True):

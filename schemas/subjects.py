@@ -137,10 +137,6 @@ def user_key(user_id: str) -> str:
 USER_FILTER = _USER_PREFIX + "*"
 
 
-def user_id_of_key(key: str) -> str:
-    """Inverse of `user_key`."""
-    return key.removeprefix(_USER_PREFIX)
-
 
 def api_key_key(key_hash: str) -> str:
     """Key of an API key's record, by the SHA-256 (hex) of the key: the key itself is never stored."""
@@ -164,10 +160,6 @@ def registrations_filter(user_id: str) -> str:
     """Filter over all of a user's room registrations."""
     return f"{_user(user_id)}.*"
 
-
-def room_id_of_registration_key(key: str) -> str:
-    """Inverse of `registration_key`, for the room part."""
-    return key.rpartition(".")[2]
 
 
 # --- usage (bucket `relay_usage`) ----------------------------------------------------
