@@ -114,9 +114,7 @@ class Access:
         if s.auth == "none":
             return await self._acting_as(s.local_user_id, via="local")
         now = time.monotonic()
-        wait = self.limiter.retry_after(address, now)
-        if wait > 0:
-            raise Refusal(429, "too many failed authentications; try again later", {"Retry-After": str(int(wait) + 1)})
+        self.refuse_if_blocked(address, now)
         given = headers.get_all("Authorization")
         token = tokens.bearer_token(given[0]) if len(given) == 1 else None  # two keys: neither counts
         if token is None:
@@ -141,6 +139,12 @@ class Access:
             raise Refusal(410, "account deleted")
         return Principal(user=user, tier=self.tier_of(user), via="key", key_hash=record.key_hash)
 
+    def refuse_if_blocked(self, address: str, now: float) -> None:
+        """Refuse (429, with Retry-After) an address past its failed-authentication limit."""
+        wait = self.limiter.retry_after(address, now)
+        if wait > 0:
+            raise Refusal(429, "too many failed authentications; try again later", {"Retry-After": str(int(wait) + 1)})
+
     async def _acting_as(self, user_id: str, via: str) -> Principal:
         try:
             user = await self.store.get_user(user_id)
@@ -152,20 +156,21 @@ class Access:
             raise Refusal(410, "account deleted")
         return Principal(user=user, tier=self.tier_of(user), via=via)
 
-    async def check_room_limit(self, principal: Principal, room_id: str) -> None:
+    async def check_room_limit(self, principal: Principal, room_id: str) -> bool:
         """Refuse (403) a Mac that would register one room more than its tier allows (§7).
 
         A room the user has registered already is always allowed (a reconnection), and the
         count is a single request; only a count at or past the limit is checked exactly.
+        Returns True when the room needs no check again (registered already, or no limit).
         """
         tier, user_id = principal.tier, principal.user_id
         if tier.max_rooms < 0:
-            return
+            return True
         try:
             if await self.store.get_registration(user_id, room_id) is not None:
-                return
+                return True
             if tier.allows_another_room(await self.store.count_registrations(user_id)):
-                return
+                return False
             registered = len(await self.store.registrations(user_id))
         except STORAGE_ERRORS as exc:
             raise Refusal(503, "storage unavailable; try again") from exc
@@ -173,6 +178,7 @@ class Access:
             raise Refusal(
                 403, f"room limit reached: the {tier.name} tier allows {tier.max_rooms} rooms; delete one or upgrade"
             )
+        return False
 
     async def register_room(self, user_id: str, room_id: str, created_at: int | None = None) -> None:
         """Record (or refresh) the user's registration of a room for ROOM_REG_TTL."""

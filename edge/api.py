@@ -202,9 +202,7 @@ class HttpApi:
         except (msgspec.DecodeError, msgspec.ValidationError):
             return HttpReply.text(400, 'expected a JSON body {"refresh_token": "rdrt_..."}')
         now = time.monotonic()
-        wait = self.access.limiter.retry_after(request.address, now)
-        if wait > 0:
-            return HttpReply.text(429, "too many failed attempts; try again later", {"Retry-After": str(int(wait) + 1)})
+        self.access.refuse_if_blocked(request.address, now)
         s, store = self.settings, self.access.store
         record = await store.find_refresh(body.refresh_token, now_ms())
         user = await store.get_user(record.user_id) if record is not None else None

@@ -147,6 +147,9 @@ class WsTarget:
     room_id: str
     role: str | None
     principal: Principal
+    # The room limit needs no look at the first register: the room was registered already
+    # (a reconnection) or the tier has no limit.
+    room_settled: bool = False
 
     @property
     def user_id(self) -> str:
@@ -174,6 +177,7 @@ class Edge:
         self._by_sid: dict[int, Connection] = {}
         self._accepted = False
         self._lease_watcher: Any = None
+        self._max_forward_bytes = 0  # see _learn_max_payload
         self._access: Access | None = None
         self._api: HttpApi | None = None
         self._account_watch_wake = asyncio.Event()  # set: recreate the account watcher
@@ -225,7 +229,7 @@ class Edge:
                 connect_timeout=5,
             )
             await self._open_storage()
-            self._check_max_payload()
+            self._learn_max_payload()
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 watching, watching_accounts = asyncio.Event(), asyncio.Event()
@@ -254,12 +258,11 @@ class Edge:
                 with contextlib.suppress(Exception):
                     await self._nc.drain()
 
-    @property
-    def _max_forward_bytes(self) -> int:
+    def _learn_max_payload(self) -> None:
+        """Note the largest frame NATS carries (checked per frame, so kept, not recomputed):
+        at start and after each reconnect, since the server may be another one."""
         # Some room below NATS's max_payload for the protocol line.
-        return self._nc.max_payload - 1024 if self._nc is not None else 0
-
-    def _check_max_payload(self) -> None:
+        self._max_forward_bytes = self._nc.max_payload - 1024
         if self._max_forward_bytes < self.settings.max_frame_bytes:
             log.error(
                 "NATS max_payload is %d bytes, below RELAY_MAX_FRAME_BYTES (%d): larger frames will be "
@@ -371,11 +374,10 @@ class Edge:
             principal = await self._access.authenticate(request.headers, query.get("user_id"), address)
             if principal.user is None:
                 raise Refusal(400, "the operator token acts for a user: add ?user_id=USER")
-            if role == "mac":
-                await self._access.check_room_limit(principal, room_id)
+            room_settled = role == "mac" and await self._access.check_room_limit(principal, room_id)
         except Refusal as refusal:
             return _reply(HttpReply.text(refusal.status, refusal.message, refusal.headers))
-        ws.relay_target = WsTarget(room_id=room_id, role=role, principal=principal)  # type: ignore[attr-defined]
+        ws.relay_target = WsTarget(room_id=room_id, role=role, principal=principal, room_settled=room_settled)  # type: ignore[attr-defined]
         return None
 
     # --- a socket's life ---------------------------------------------------------
@@ -534,10 +536,11 @@ class Edge:
     async def _carry_out_room_request(self, conn: Connection, message: RegisterRoom | JoinRoom) -> None:
         """Run a register/join against the room's record, then what the session makes of it."""
         session = conn.session
-        if isinstance(message, RegisterRoom) and not session.in_room:
+        if isinstance(message, RegisterRoom) and not session.in_room and not conn.target.room_settled:
             # Checked again at the first register, not only at the upgrade: sockets opened
             # side by side all passed the upgrade's count before any of them registered
-            # (and a socket without `role` was not checked there at all).
+            # (and a socket without `role` was not checked there at all). A room found
+            # registered at the upgrade (a reconnection) needs no second look.
             try:
                 await self._access.check_room_limit(conn.target.principal, session.room_id)
             except Refusal as refusal:
@@ -545,7 +548,7 @@ class Edge:
                     await self._decide_in_order(conn, session.request_failed)
                     return
                 farewell = encode(Error(code=ErrorCode.ROOM_LIMIT, message=refusal.message))
-                await self._carry_out_in_order(conn, [Close(CloseCode.POLICY, "room limit reached", farewell)])
+                await self._decide_in_order(conn, lambda: [Close(CloseCode.POLICY, "room limit reached", farewell)])
                 return
         try:
             outcome, revision = await self._room_request_with_retries(conn, message)
@@ -608,12 +611,6 @@ class Edge:
         holds it, so the peer may change only while what it changed is being written."""
         async with conn.write_lock:
             await self._carry_out(conn, decide())
-
-    async def _carry_out_in_order(self, conn: Connection, actions: list[Action]) -> None:
-        """Carry out actions that tell the client about its peer, never interleaved with frames
-        or other such news, so the client sees them in the order the session decided."""
-        async with conn.write_lock:
-            await self._carry_out(conn, actions)
 
     async def _close(self, conn: Connection, code: int, reason: str, farewell: bytes | None = None) -> None:
         """Close a socket within the close timeout, whatever the client does."""
@@ -918,7 +915,7 @@ class Edge:
         for conn in list(self.connections.values()):
             if conn.session.user_id == user.user_id and not conn.closing:
                 conn.session.leave_reason = DisconnectReason.CLIENT_LEFT
-                self._spawn(self._carry_out_in_order(conn, conn.session.account_deleted()), "close a deleted account's socket")
+                self._spawn(self._decide_in_order(conn, conn.session.account_deleted), "close a deleted account's socket")
 
     async def _sleep(self, seconds: float) -> bool:
         """Sleep, or return True at once when the edge is stopping."""
@@ -948,6 +945,7 @@ class Edge:
             log.warning("disconnected from NATS; reconnecting")
 
     async def _nats_reconnected(self) -> None:
+        self._learn_max_payload()
         # Core NATS delivers at most once: frames to or from our sockets may have been
         # lost while we were away, and an encrypted session with a gap is broken. Close
         # every socket with 1001 so both sides reconnect at once and start a fresh session.
