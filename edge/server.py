@@ -40,6 +40,8 @@ from edge.access import STORAGE_ERRORS, Access, Principal, Refusal
 from edge.api import BAD_ROOM_ID, ApiRequest, HttpApi, HttpReply
 from edge.front import HttpConnection
 from edge.limits import TokenBucket
+from edge.meter import UsageMeter
+from edge.metering_link import MeteringLink
 from edge.session import (
     Action,
     Close,
@@ -53,7 +55,9 @@ from edge.session import (
 )
 from edge.settings import EdgeSettings, redact_urls
 from edge.store import Presence, RoomStore, StorageConflict, now_ms, open_buckets
+from metering.stream import open_usage_stream
 from metering.usage import UsageReader, open_usage_bucket
+from metering.windows import WINDOW_MS
 from schemas.client import (
     CloseCode,
     DisconnectReason,
@@ -69,9 +73,11 @@ from schemas.edge_events import (
     PeerLeftEvent,
     edge_event_decoder,
 )
+from schemas.metering import over_limit_decoder
 from schemas.records import EdgeLease, RoomRecord, SlotHolder, user_decoder
 from schemas.subjects import (
     ACCOUNTS_BUCKET,
+    OVER_LIMIT_SUBJECT,
     ROLES,
     USER_FILTER,
     addressed_subject,
@@ -115,6 +121,8 @@ _REQUEST_BUDGET_S = 8.0
 _DELETED_USERS_KEPT = 10_000
 # Periodic writes for many sockets go out in batches of this many, with frames in between.
 _BATCH = 100
+# How long shutdown tries to hand the last usage to the stream before it gives up (and logs).
+_SHUTDOWN_USAGE_S = 10.0
 
 
 @dataclass(eq=False)
@@ -133,6 +141,7 @@ class Connection:
     closing: bool = False
     timed_out: bool = False
     registered_at: int | None = None  # epoch ms of this Mac socket's first room registration
+    in_session_since: float | None = None  # monotonic s: session time counted up to here (Mac sockets)
     forward_to: str = ""  # the peer socket that `forward_subject` addresses
     forward_subject: str = ""
     # Held while writing what the session decided about its peer, and while writing a
@@ -184,6 +193,10 @@ class Edge:
         # Accounts deleted while this edge watched: a socket admitted just before its
         # account's deletion arrived is closed when it starts.
         self._deleted_users: OrderedDict[str, None] = OrderedDict()
+        self.meter = UsageMeter(settings.edge_id, self.boot_id, settings.session_ms_per_credit)
+        self._metering: MeteringLink | None = None  # with settings.metering, once NATS is there
+        self._usage_task: asyncio.Task[None] | None = None
+        self._charge_per_payload = settings.charge_per_payload
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -241,6 +254,10 @@ class Edge:
                     tg.create_task(self._registration_loop()),
                     tg.create_task(self._watch_accounts(watching_accounts)),
                 ]
+                if self._metering is not None:
+                    self._usage_task = tg.create_task(self._usage_loop())
+                    background.append(self._usage_task)
+                    await self._nc.subscribe(OVER_LIMIT_SUBJECT, cb=self._over_limit)
                 await watching.wait()
                 await watching_accounts.wait()
                 self._accepted = True
@@ -287,6 +304,11 @@ class Edge:
                 self._api = HttpApi(self._access, self._rooms, self._presence, usage, self._is_alive)
                 if self.settings.auth == "none":
                     await self._access.ensure_local_user()
+                if self.settings.metering:
+                    await open_usage_stream(js, self.settings.kv_replicas)
+                    self._metering = MeteringLink(
+                        self._nc, js, self.settings.edge_id, self.settings.quota_check_timeout_ms / 1000
+                    )
                 await self._take_lease()
                 return
             except (nats.errors.Error, asyncio.TimeoutError) as exc:
@@ -302,6 +324,7 @@ class Edge:
         # outlive that, or peers would hear `timeout` instead.
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(server.wait_closed(), self._close_timeout_s + _SHUTDOWN_RELEASE_S)
+        await self._flush_usage_at_exit()
         with contextlib.suppress(Exception):
             await self._nc.flush(timeout=2)
             await self._presence.drop_lease(self.settings.edge_id)
@@ -339,6 +362,8 @@ class Edge:
             return await self._admit(ws, request, query)
         if path == "/healthz":
             return _reply(HttpReply.text(200, "ok"))
+        if path == "/metrics":
+            return _reply(HttpReply.text(200, self._metrics()))
         if path == "/readyz":
             if self.ready.is_set() and self._nc is not None and self._nc.is_connected:
                 return _reply(HttpReply.text(200, "ready"))
@@ -359,6 +384,18 @@ class Edge:
             address=self._access.client_address(ws.remote_address[0], request.headers),
         )
         return _reply(await self._api.handle(route, api_request))
+
+    def _metrics(self) -> str:
+        """A few counters in Prometheus' text format, for the operator's scraper."""
+        link = self._metering
+        values = {
+            "relay_connections": len(self.connections),
+            "relay_quota_checks_unanswered_total": link.quota_checks_unanswered if link else 0,
+            "relay_usage_batches_published_total": link.usage_batches_published if link else 0,
+            "relay_usage_publish_failures_total": link.usage_publish_failures if link else 0,
+            "relay_usage_unpublished_credits": self.meter.unpublished_credits(),
+        }
+        return "".join(f"{name} {value}\n" for name, value in values.items())
 
     async def _admit(self, ws: ServerConnection, request: Request, query: dict[str, str]) -> Response | None:
         """The checks before the 101 (protocol.md §2.3, §4.2): the request, the key, the room limit."""
@@ -403,6 +440,12 @@ class Edge:
             if session.user_id in self._deleted_users:
                 await self._carry_out(conn, session.account_deleted())
                 return
+            if self._metering is not None:
+                # After the 101, before the first message (§6.4): a body cannot go with a 101.
+                exceeded = await self._metering.check_quota(session.user_id)
+                if exceeded is not None:
+                    await self._carry_out(conn, session.quota_exceeded(encode(exceeded)))
+                    return
             if target.role is not None:
                 await self._subscribe(conn, target.role)
             async for frame in ws:
@@ -421,6 +464,7 @@ class Edge:
         """The socket is gone: free its slot if it still held one, tell the peer, unsubscribe."""
         session = conn.session
         self.connections.pop(session.socket_id, None)
+        self._count_session_time(conn, time.monotonic(), ending=True)
         if conn.subscription is not None:
             self._by_sid.pop(conn.subscription._id, None)
             with contextlib.suppress(Exception):
@@ -521,6 +565,8 @@ class Edge:
                         conn.subjects[session.peer_role], to, session.socket_id, KIND_FRAME
                     )
                 await self._nc.publish(conn.forward_subject, action.data)
+                # Charged once it is on its way, and only when a peer was there (§12 item 18).
+                self.meter.charge_messages(session.user_id, action.payloads if self._charge_per_payload else 1)
             elif isinstance(action, Send):
                 with contextlib.suppress(ConnectionClosed):
                     await conn.ws.send(action.data, text=True)
@@ -868,6 +914,70 @@ class Edge:
             ]
             for start in range(0, len(due), _BATCH):  # in batches: frames go on meanwhile
                 await asyncio.gather(*(self._refresh_registration(c) for c in due[start : start + _BATCH]))
+
+    # --- metering --------------------------------------------------------------------
+
+    def _count_session_time(self, conn: Connection, now: float, ending: bool = False) -> None:
+        """Session time (§12 item 19) of a Mac socket, charged to the room's owner.
+
+        Sampled: at each flush, and when the socket goes. A session that starts or ends
+        between two samples counts from the next sample or up to the previous one (less
+        than one flush interval each time).
+        """
+        session = conn.session
+        if conn.in_session_since is not None:
+            self.meter.add_session_time(session.owner_user_id or session.user_id, (now - conn.in_session_since) * 1000)
+        conn.in_session_since = now if session.in_session and not ending else None
+
+    def _tick_meter(self) -> None:
+        now = time.monotonic()
+        for conn in self.connections.values():
+            if conn.in_session_since is not None or conn.session.in_session:
+                self._count_session_time(conn, now)
+        self.meter.tick(now_ms())
+
+    async def _usage_loop(self) -> None:
+        """Every flush interval (and at each window boundary), hand the usage to the stream."""
+        interval_ms = self.settings.usage_flush_interval_ms
+        while True:
+            now = now_ms()
+            to_boundary = WINDOW_MS - now % WINDOW_MS
+            await asyncio.sleep(min(interval_ms, to_boundary) / 1000)
+            self._tick_meter()
+            while (batch := self.meter.next_batch(now_ms())) is not None:
+                await self._metering.publish_until_acked(batch, self._tick_meter)
+                self.meter.acknowledged(batch)
+
+    async def _flush_usage_at_exit(self) -> None:
+        """At shutdown, after every socket left: the last usage to the stream, within a bound."""
+        if self._usage_task is None:
+            return
+        self._usage_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._usage_task
+        self._tick_meter()
+        try:
+            async with asyncio.timeout(_SHUTDOWN_USAGE_S):
+                while (batch := self.meter.next_batch(now_ms())) is not None:
+                    await self._metering.publish_until_acked(batch, self._tick_meter)
+                    self.meter.acknowledged(batch)
+        except TimeoutError:
+            log.error("usage not handed to metering at shutdown: %d credits lost", self.meter.unpublished_credits())
+
+    async def _over_limit(self, msg: Msg) -> None:
+        """Metering says a user is past the quota (§12 item 20): close that user's sockets here."""
+        try:
+            notice = over_limit_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            log.error("undecodable over-limit notice")
+            return
+        farewell = encode(notice.exceeded)
+        for conn in list(self.connections.values()):
+            if conn.session.user_id == notice.user_id and not conn.closing:
+                self._spawn(
+                    self._decide_in_order(conn, functools.partial(conn.session.quota_exceeded, farewell)),
+                    "close a socket past its quota",
+                )
 
     async def _watch_accounts(self, watching: asyncio.Event) -> None:
         """Close the sockets of accounts deleted while they are connected (§12 item 16).

@@ -49,6 +49,7 @@ class Forward:
 
     data: bytes
     to: SlotHolder
+    payloads: int = 1  # how many payloads it carries (a `relay_batch` may carry several)
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,7 @@ class Session:
             if self.peer is None:
                 return [_error(ErrorCode.NO_PEER, "Peer not connected")]
             # Re-serialised: the peer gets only `type` and the payload fields.
-            return [Forward(encode(msg), self.peer)]
+            return [Forward(encode(msg), self.peer, len(msg.payloads) if type(msg) is RelayBatch else 1)]
 
         if isinstance(msg, Heartbeat):
             return [Send(encode(HeartbeatAck(mac_connected=self._mac_connected(), account_match=self._account_match())))]
@@ -199,6 +200,17 @@ class Session:
             return []
         farewell = encode(HeartbeatAck(mac_connected=self._mac_connected(), account_deleted=True))
         return [Close(CloseCode.POLICY, "account deleted", farewell=farewell)]
+
+    def quota_exceeded(self, farewell: bytes) -> list[Action]:
+        """This socket's user is past the quota (§3.3.8, §12 item 20): `quota_exceeded`, then close 1000."""
+        if self.replaced:
+            return []
+        return [Close(CloseCode.NORMAL, "quota exceeded", farewell=farewell)]
+
+    @property
+    def in_session(self) -> bool:
+        """Whether this is a Mac socket whose iPhone is connected: session time (§12 item 19)."""
+        return self.role == "mac" and self.in_room and self.peer is not None and not self.replaced
 
     # --- from the room logic -----------------------------------------------------
 

@@ -66,7 +66,15 @@ class EdgeSettings:
     heartbeat_dead_threshold_ms: int = field(default=45_000, metadata={"help": "silence after which a socket is closed 4000"})
     room_idle_timeout_ms: int = field(default=600_000, metadata={"help": "idle time after which a room drops its per-connection state"})
     room_reg_ttl_s: int = field(default=900, metadata={"help": "ROOM_REG_TTL: a room registration lapses this long after its Mac left"})
-    usage_flush_interval_ms: int = field(default=1_000, metadata={"help": "how often usage is published (metering)"})
+    usage_flush_interval_ms: int = field(
+        default=1_000, metadata={"help": "how often usage is published to metering; at most this much is lost if the edge dies"}
+    )
+
+    # Metering (protocol.md §6, §12 items 18–20).
+    metering: bool = field(default=True, metadata={"help": "publish usage and check quotas (relay-metering must run; if it does not answer, connections are let in)"})
+    quota_check_timeout_ms: int = field(default=1_000, metadata={"help": "how long a connection waits for metering's quota answer before it is let in"})
+    session_ms_per_credit: int = field(default=30_000, metadata={"help": "session time per duration credit (2 per minute); shortened in tests"})
+    charge_per_payload: bool = field(default=False, metadata={"help": "charge a relay_batch one credit per payload instead of one per frame"})
 
     # Limits.
     max_frame_bytes: int = field(default=4 * 1024 * 1024, metadata={"help": "largest inbound frame; larger closes 1009"})
@@ -104,7 +112,10 @@ class EdgeSettings:
             raise ValueError("room_reg_ttl_s must be at least 1 (NATS rejects TTLs under one second)")
         if self.edge_lease_ttl_ms < 1_000:
             raise ValueError("edge_lease_ttl_ms must be at least 1000 (NATS rejects TTLs under one second)")
-        for name in ("heartbeat_dead_threshold_ms", "room_idle_timeout_ms", "last_seen_interval_ms", "max_frame_bytes"):
+        for name in (
+            "heartbeat_dead_threshold_ms", "room_idle_timeout_ms", "last_seen_interval_ms", "max_frame_bytes",
+            "usage_flush_interval_ms", "quota_check_timeout_ms", "session_ms_per_credit",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
 

@@ -1,7 +1,7 @@
 """Reading usage records and reporting them in the shapes of protocol.md §8.2.
 
-Metering writes `UsageWindow` and `BonusUsage` records to the usage bucket; the edge's
-`GET /usage` and `GET /usage/history` and `relay-admin usage` read them through here.
+Metering writes one `UsageLedger` per user to the usage bucket; the edge's `GET /usage`
+and `GET /usage/history` and `relay-admin usage` read it through here.
 An account with no record yet has used nothing.
 """
 
@@ -12,22 +12,19 @@ from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
 from accounts.tiers import Tier
-from edge.kv import get_present, open_bucket, present_values
+from edge.kv import get_present, open_bucket
+from metering.ledger import USAGE_TTL_MS, bonus_remaining, effective_limit, window_of
 from metering.windows import iso_ms, period_label, period_of, period_start_ms, resets_at
 from schemas.http_api import ExtraQuota, HistoryEntry, Usage, UsageHistory
-from schemas.records import (
-    BonusUsage,
-    UsageWindow,
-    User,
-    bonus_usage_decoder,
-    usage_window_decoder,
-)
-from schemas.subjects import USAGE_BUCKET, bonus_usage_key, usage_filter, usage_key
+from schemas.records import BonusUsage, UsageLedger, UsageWindow, User, usage_ledger_decoder
+from schemas.subjects import USAGE_BUCKET, usage_ledger_key
 
 
 async def open_usage_bucket(js: JetStreamContext, replicas: int) -> KeyValue:
-    """Create (or open) the usage bucket."""
-    return await open_bucket(js, KeyValueConfig(bucket=USAGE_BUCKET, history=1, replicas=replicas))
+    """Create (or open) the usage bucket. A ledger untouched for USAGE_TTL goes: its
+    windows are older than that, and its welcome bonus expired long before."""
+    config = KeyValueConfig(bucket=USAGE_BUCKET, history=1, replicas=replicas, ttl=USAGE_TTL_MS / 1000)
+    return await open_bucket(js, config)
 
 
 class UsageReader:
@@ -36,34 +33,20 @@ class UsageReader:
     def __init__(self, kv: KeyValue) -> None:
         self._kv = kv
 
+    async def ledger(self, user_id: str) -> UsageLedger:
+        """The user's ledger; an empty one for a user with no usage on record."""
+        entry = await get_present(self._kv, usage_ledger_key(user_id))
+        return UsageLedger(user_id=user_id) if entry is None else usage_ledger_decoder.decode(entry.value)
+
     async def window(self, user_id: str, period: str) -> UsageWindow:
-        entry = await get_present(self._kv, usage_key(user_id, period))
-        if entry is None:
-            return UsageWindow(user_id=user_id, period=period)
-        return usage_window_decoder.decode(entry.value)
+        return window_of(await self.ledger(user_id), period)
 
     async def windows(self, user_id: str) -> list[UsageWindow]:
-        """Every window on record for the user (usage records expire after USAGE_TTL)."""
-        values = await present_values(self._kv, usage_filter(user_id))
-        return [usage_window_decoder.decode(value) for value in values.values()]
+        """Every window on record for the user (windows older than USAGE_TTL are dropped)."""
+        return (await self.ledger(user_id)).windows
 
     async def bonus_used(self, user_id: str) -> BonusUsage:
-        entry = await get_present(self._kv, bonus_usage_key(user_id))
-        return BonusUsage() if entry is None else bonus_usage_decoder.decode(entry.value)
-
-
-def effective_limit(user: User, tier: Tier) -> int:
-    """Credits per window for this user: the override, else the tier's; -1 is unlimited."""
-    return user.credits_per_window if user.credits_per_window is not None else tier.credits_per_window
-
-
-def bonus_remaining(user: User, used: BonusUsage, now_ms: int) -> int:
-    """Welcome-bonus credits left now (0 once expired). A counter for an older grant counts as 0."""
-    grant = user.welcome_bonus
-    if grant is None or now_ms >= grant.expires_at:
-        return 0
-    spent = used.used if used.grant_created_at == grant.created_at else 0
-    return max(0, grant.credits - spent)
+        return (await self.ledger(user_id)).bonus
 
 
 def usage_report(user: User, tier: Tier, window: UsageWindow, bonus: BonusUsage, now_ms: int) -> Usage:

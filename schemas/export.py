@@ -16,12 +16,13 @@ import msgspec
 from schemas.client import ClientMessage, ServerMessage
 from schemas.edge_events import EdgeEvent
 from schemas.http_api import API_BODIES, RefreshRequest
+from schemas.metering import OverLimit, QuotaAnswer, QuotaCheck, UsageBatch
 from schemas.records import (
     ApiKeyRecord,
     EdgeLease,
     Registration,
     RoomRecord,
-    UsageWindow,
+    UsageLedger,
     User,
 )
 
@@ -38,7 +39,12 @@ DOCUMENTS: dict[str, tuple[str, Any]] = {
     "user.schema.json": ("An account in the relay_accounts KV bucket", User),
     "api-key-record.schema.json": ("An API key's record (under its SHA-256) in relay_accounts", ApiKeyRecord),
     "registration.schema.json": ("A room registration in the relay_registrations KV bucket", Registration),
-    "usage-window.schema.json": ("A user's usage in one 5-hour window in the relay_usage KV bucket", UsageWindow),
+    "usage-ledger.schema.json": ("A user's usage windows and welcome-bonus use in the relay_usage KV bucket", UsageLedger),
+    "usage-batch.schema.json": ("An edge's usage batch on the relay_usage_events stream", UsageBatch),
+    "metering-messages.schema.json": (
+        "Quota check, answer and over-limit notice between edges and metering",
+        (QuotaCheck, QuotaAnswer, OverLimit),
+    ),
 }
 
 

@@ -119,13 +119,18 @@ class Registration(Struct, kw_only=True):
 
 
 class UsageWindow(Struct, kw_only=True):
-    """A user's credits in one 5-hour window (protocol.md §6.1, §6.2)."""
+    """A user's credits in one 5-hour window (protocol.md §6.1, §6.2).
+
+    `message_tokens`, `duration_tokens` and `total_tokens` count against the window's
+    limit; credits the welcome bonus covered are in `bonus_tokens` and not in those.
+    """
 
     user_id: str
     period: str  # "5h-N"
     message_tokens: int = 0
     duration_tokens: int = 0
     total_tokens: int = 0
+    bonus_tokens: int = 0
     last_updated: int = 0  # epoch ms
 
 
@@ -136,9 +141,23 @@ class BonusUsage(Struct, kw_only=True):
     grant_created_at: int = 0
 
 
+class UsageLedger(Struct, kw_only=True):
+    """Everything metering knows of one user's usage, in one record (`usage.<user>`).
+
+    One record, so that applying a usage event to a user is one compare-and-set: the
+    bonus and the windows change together or not at all. `applied_seq` is the usage
+    stream's sequence of the last event applied: an event redelivered after a crash
+    (applied, not acknowledged) has a sequence at or below it and is skipped.
+    """
+
+    user_id: str
+    applied_seq: int = 0
+    windows: list[UsageWindow] = []  # oldest first; windows older than USAGE_TTL are dropped
+    bonus: BonusUsage = msgspec.field(default_factory=BonusUsage)
+
+
 user_decoder = msgspec.json.Decoder(User)
 api_key_record_decoder = msgspec.json.Decoder(ApiKeyRecord)
 refresh_token_record_decoder = msgspec.json.Decoder(RefreshTokenRecord)
 registration_decoder = msgspec.json.Decoder(Registration)
-usage_window_decoder = msgspec.json.Decoder(UsageWindow)
-bonus_usage_decoder = msgspec.json.Decoder(BonusUsage)
+usage_ledger_decoder = msgspec.json.Decoder(UsageLedger)

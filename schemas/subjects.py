@@ -162,23 +162,32 @@ def registrations_filter(user_id: str) -> str:
 
 
 
-# --- usage (bucket `relay_usage`) ----------------------------------------------------
+# --- usage (bucket `relay_usage`, written by metering) ------------------------------
 
 PERIOD_PATTERN = re.compile(r"5h-[0-9]{1,12}")
 
 
-def usage_key(user_id: str, period: str) -> str:
-    """Key of a user's usage in one window (`period` is `5h-N`, protocol.md §6.2)."""
-    if PERIOD_PATTERN.fullmatch(period) is None:
-        raise ValueError(f"invalid period: {period!r}")
-    return f"window.{_user(user_id)}.{period}"
+def usage_ledger_key(user_id: str) -> str:
+    """Key of a user's `UsageLedger`: every window on record and the welcome bonus used."""
+    return "usage." + _user(user_id)
 
 
-def usage_filter(user_id: str) -> str:
-    """Filter over all of a user's usage windows."""
-    return f"window.{_user(user_id)}.*"
+# --- metering (stream `relay_usage_events`, request/reply, announcements) ------------
+
+USAGE_STREAM = "relay_usage_events"
+_USAGE_EVENTS_ROOT = "relay.usage.events"
+USAGE_EVENTS_FILTER = _USAGE_EVENTS_ROOT + ".*"
+# Metering's durable consumer of the usage stream: one name, shared by every metering process.
+METERING_CONSUMER = "metering"
+# Edges ask here whether a user may connect; metering processes answer as one queue group.
+QUOTA_CHECK_SUBJECT = "relay.metering.quota"
+METERING_QUEUE = "metering"
+# Metering announces here that a user is over the limit; every edge listens.
+OVER_LIMIT_SUBJECT = "relay.metering.over_limit"
 
 
-def bonus_usage_key(user_id: str) -> str:
-    """Key of the welcome-bonus credits a user has used."""
-    return "bonus." + _user(user_id)
+def usage_events_subject(edge_id: str) -> str:
+    """The subject an edge publishes its usage batches to."""
+    if not is_valid_edge_id(edge_id):
+        raise ValueError(f"invalid edge id: {edge_id!r}")
+    return f"{_USAGE_EVENTS_ROOT}.{edge_id}"

@@ -53,6 +53,13 @@ async def http_get(port: int, path: str, headers: dict[str, str] | None = None) 
     return await http_request(port, "GET", path, headers)
 
 
+def body_of_json(response: tuple[int, str]) -> Any:
+    """The JSON body of a 200 answer (fails on any other status)."""
+    status, body = response
+    assert status == 200, response
+    return json.loads(body)
+
+
 async def http_request(
     port: int, method: str, path: str, headers: dict[str, str] | None = None, body: bytes | None = None
 ) -> tuple[int, str]:
@@ -335,3 +342,84 @@ class EdgeProcess:
 def _remove(path: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
+
+
+# --- metering ------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def running_metering(nats_url: str, **overrides: Any) -> AsyncIterator[Any]:
+    """A metering service in this process, ready to consume and answer."""
+    from metering.service import Metering, MeteringSettings
+
+    metering = Metering(MeteringSettings(nats_url=nats_url, **overrides))
+    task = asyncio.create_task(metering.run())
+    try:
+        ready = asyncio.create_task(metering.ready.wait())
+        done, _ = await asyncio.wait({ready, task}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            ready.cancel()
+            task.result()
+        if ready not in done:
+            raise TimeoutError("metering did not become ready")
+        yield metering
+    finally:
+        metering.stop()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+class MeteringProcess:
+    """A `relay-metering` child process, for the tests that kill one by PID."""
+
+    def __init__(self, nats_url: str, **settings: Any) -> None:
+        self.args = ["--nats-url", nats_url]
+        for name, value in settings.items():
+            self.args += ["--" + name.replace("_", "-"), str(value)]
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self, timeout: float = 20.0) -> "MeteringProcess":
+        import sys
+
+        self.log_file = tempfile.NamedTemporaryFile(prefix="relay-metering-", suffix=".log", delete=False)
+        atexit.register(_remove, self.log_file.name)
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "metering.cli", *self.args, stdout=asyncio.subprocess.DEVNULL, stderr=self.log_file
+        )
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            if self.process.returncode is not None:
+                raise RuntimeError(f"relay-metering exited with {self.process.returncode}: {self.log_text()}")
+            if "metering ready" in self.log_text():
+                return self
+            await asyncio.sleep(0.05)
+        raise TimeoutError("relay-metering did not become ready")
+
+    async def stop(self, sig: int) -> int:
+        """Send `sig` to this process (by PID) and wait for it to exit; returns the exit code."""
+        assert self.process is not None
+        if self.process.returncode is None:
+            self.process.send_signal(sig)
+        return await asyncio.wait_for(self.process.wait(), 20)
+
+    async def __aenter__(self) -> "MeteringProcess":
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop(signal.SIGKILL)
+
+    def log_text(self) -> str:
+        with open(self.log_file.name, encoding="utf-8", errors="replace") as log:
+            return log.read()
+
+
+async def read_ledger(nats_url: str, user_id: str) -> Any:
+    """The user's usage ledger as metering wrote it (an empty one if none)."""
+    import nats
+
+    from metering.usage import UsageReader, open_usage_bucket
+
+    nc = await nats.connect(nats_url)
+    try:
+        return await UsageReader(await open_usage_bucket(nc.jetstream(), 1)).ledger(user_id)
+    finally:
+        await nc.close()

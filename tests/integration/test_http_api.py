@@ -11,17 +11,23 @@ import nats
 
 from metering.usage import open_usage_bucket
 from metering.windows import period_of
-from schemas.records import BonusUsage, UsageWindow
-from schemas.subjects import bonus_usage_key, usage_key
-from tests.harness import MacIdentity, connect_ios, connect_mac, http_get, http_request, make_account, running_edges
+from schemas.records import BonusUsage, UsageLedger, UsageWindow
+from schemas.subjects import usage_ledger_key
+from tests.harness import (
+    MacIdentity,
+    body_of_json,
+    connect_ios,
+    connect_mac,
+    http_get,
+    http_request,
+    make_account,
+    running_edges,
+)
 
 OPERATOR = "operator-secret-token"
 
 
-def body_of(response: tuple[int, str]) -> dict:
-    status, body = response
-    assert status == 200, response
-    return json.loads(body)
+body_of = body_of_json
 
 
 # --- rooms ------------------------------------------------------------------------------
@@ -216,10 +222,11 @@ async def test_usage_reports_the_current_windows_records_limit_and_welcome_bonus
     nc = await nats.connect(nats_url)
     usage_kv = await open_usage_bucket(nc.jetstream(), 1)
     window = UsageWindow(user_id=account.user_id, period=period, message_tokens=30, duration_tokens=12, total_tokens=42, last_updated=now)
-    await usage_kv.put(usage_key(account.user_id, period), msgspec.json.encode(window))
-    await usage_kv.put(bonus_usage_key(account.user_id), msgspec.json.encode(BonusUsage(used=100, grant_created_at=now)))
     older = UsageWindow(user_id=account.user_id, period="5h-1", message_tokens=5, total_tokens=5)
-    await usage_kv.put(usage_key(account.user_id, "5h-1"), msgspec.json.encode(older))
+    ledger = UsageLedger(
+        user_id=account.user_id, applied_seq=7, windows=[older, window], bonus=BonusUsage(used=100, grant_created_at=now)
+    )
+    await usage_kv.put(usage_ledger_key(account.user_id), msgspec.json.encode(ledger))
     await nc.close()
     async with running_edges(nats_url, count=1, auth="required") as (edge,):
         usage = body_of(await http_get(edge.port, "/usage", account.auth))

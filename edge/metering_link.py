@@ -1,0 +1,91 @@
+"""The edge's side of metering (architecture.md): quota checks at connect, usage batches
+to the usage stream. The counting itself is `edge.meter`; the decisions are metering's."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from schemas.client import QuotaExceeded
+from schemas.metering import QuotaCheck, UsageBatch, quota_answer_decoder
+from schemas.subjects import QUOTA_CHECK_SUBJECT, usage_events_subject
+
+log = logging.getLogger("edge.metering")
+
+_PUBLISH_TIMEOUT_S = 2.0
+
+
+class MeteringLink:
+    """Quota checks and usage publishing for one edge. Counts what went wrong, for /metrics."""
+
+    def __init__(self, nc: NATS, js: JetStreamContext, edge_id: str, quota_check_timeout_s: float) -> None:
+        self._nc = nc
+        self._js = js
+        self._subject = usage_events_subject(edge_id)
+        self._check_timeout_s = quota_check_timeout_s
+        self.quota_checks_unanswered = 0
+        self.usage_batches_published = 0
+        self.usage_publish_failures = 0
+        self._metering_away = False  # logged once per outage, not per connection
+
+    async def check_quota(self, user_id: str) -> QuotaExceeded | None:
+        """What to tell the user if metering says they are past the quota; None to let them in.
+
+        A metering outage must not take the relay down: no answer in time lets the
+        connection in (logged once per outage, counted every time).
+        """
+        try:
+            reply = await self._nc.request(
+                QUOTA_CHECK_SUBJECT, msgspec.json.encode(QuotaCheck(user_id=user_id)), timeout=self._check_timeout_s
+            )
+            answer = quota_answer_decoder.decode(reply.data)
+        except (nats.errors.Error, asyncio.TimeoutError, msgspec.DecodeError) as exc:
+            self.quota_checks_unanswered += 1
+            if not self._metering_away:
+                self._metering_away = True
+                log.warning(
+                    "metering did not answer a quota check (%s): connections are let in unchecked until it does",
+                    type(exc).__name__,
+                )
+            return None
+        if self._metering_away:
+            self._metering_away = False
+            log.info("metering answers quota checks again")
+        return None if answer.allowed else answer.exceeded
+
+    async def publish(self, batch: UsageBatch) -> None:
+        """One attempt to store `batch` in the usage stream; raises if it is not acknowledged."""
+        await self._js.publish(
+            self._subject,
+            msgspec.json.encode(batch),
+            timeout=_PUBLISH_TIMEOUT_S,
+            headers={"Nats-Msg-Id": batch.msg_id},
+        )
+        self.usage_batches_published += 1
+
+    async def publish_until_acked(self, batch: UsageBatch, between_attempts: Callable[[], None]) -> None:
+        """Publish `batch` until the stream acknowledges it (the caller bounds the time, if at all).
+
+        `between_attempts` runs while waiting to retry (the edge keeps its meter ticking).
+        """
+        backoff, failing = 0.1, False
+        while True:
+            try:
+                await self.publish(batch)
+                if failing:
+                    log.info("usage batch %s published after retries", batch.msg_id)
+                return
+            except (nats.errors.Error, asyncio.TimeoutError) as exc:
+                self.usage_publish_failures += 1
+                if not failing:
+                    log.warning("usage batch %s not acknowledged (%s); retrying", batch.msg_id, type(exc).__name__ or exc)
+                    failing = True
+            between_attempts()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)

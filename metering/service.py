@@ -1,0 +1,307 @@
+"""The metering service: usage batches in, ledgers and quota answers out.
+
+- Consumes the usage stream with the durable consumer `metering`, one batch at a time,
+  and applies each batch to the ledgers of its users (`metering.ledger`), each with a
+  compare-and-set. A batch is acknowledged after every ledger has it; a batch
+  redelivered after a crash is skipped by the ledgers that have it already.
+- Answers quota checks (`relay.metering.quota`, a queue group: any metering process).
+- Announces users past the limit (`relay.metering.over_limit`) after each batch that
+  charged them, so a missed announcement is repeated while they still use the relay.
+
+Any number of metering processes may run: they take turns on the stream and share the
+quota checks. Stopping, killing or restarting one loses nothing and counts nothing twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass, field
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.kv import KeyValue
+
+from accounts.store import AccountStore
+from accounts.tiers import load_tiers
+from edge.kv import get_present
+from edge.settings import redact_urls
+from metering.ledger import apply_usage, quota_answer
+from metering.stream import metering_consumer_config, open_usage_stream
+from metering.usage import open_usage_bucket
+from schemas.metering import (
+    OverLimit,
+    QuotaAnswer,
+    UsageBatch,
+    UsageEntry,
+    quota_check_decoder,
+    usage_batch_decoder,
+)
+from schemas.records import UsageLedger, usage_ledger_decoder
+from schemas.subjects import (
+    METERING_CONSUMER,
+    METERING_QUEUE,
+    OVER_LIMIT_SUBJECT,
+    QUOTA_CHECK_SUBJECT,
+    USAGE_STREAM,
+    usage_ledger_key,
+)
+
+log = logging.getLogger("metering")
+
+_JETSTREAM_TIMEOUT_S = 2.0
+# How long one fetch waits for a batch; also how soon a stop is noticed when idle.
+_FETCH_WAIT_S = 1.0
+# Ledgers kept in memory (with their KV revision) to skip a read per user per batch.
+_LEDGERS_CACHED = 100_000
+_STORAGE_ERRORS = (nats.errors.Error, asyncio.TimeoutError)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeteringSettings:
+    """Everything a metering process can be told. See the README's settings table."""
+
+    nats_url: str = field(
+        default="nats://127.0.0.1:4222",
+        metadata={"help": "NATS server URL(s), comma-separated; may carry user:password@", "url": True},
+    )
+    kv_replicas: int = field(default=1, metadata={"help": "replicas of the usage stream and bucket (3 in a production cluster)"})
+    tiers_file: str = field(default="", metadata={"help": "TOML file overriding the tiers' limits (the edges' file)"})
+    ack_wait_ms: int = field(
+        default=10_000,
+        metadata={"help": "a batch held this long by a metering process that died goes to another (the pause after a crash)"},
+    )
+    apply_concurrency: int = field(default=64, metadata={"help": "ledgers written at once while applying a batch"})
+    uvloop: bool = field(default=True, metadata={"help": "run on uvloop when it is installed"})
+
+    def __post_init__(self) -> None:
+        if self.ack_wait_ms < 1_000:
+            raise ValueError("ack_wait_ms must be at least 1000")
+        if self.apply_concurrency < 1:
+            raise ValueError("apply_concurrency must be at least 1")
+
+
+class Metering:
+    """One metering process. `await Metering(settings).run()` serves until `stop()`."""
+
+    def __init__(self, settings: MeteringSettings) -> None:
+        self.settings = settings
+        self.tiers = load_tiers(settings.tiers_file)
+        self.ready = asyncio.Event()
+        self.batches_applied = 0
+        self._stopping = asyncio.Event()
+        self._nc: NATS | None = None
+        self._usage: KeyValue | None = None
+        self._accounts: AccountStore | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        # user → (ledger, its KV revision; 0: no record yet), as this process last wrote or read it.
+        self._ledgers: OrderedDict[str, tuple[UsageLedger, int]] = OrderedDict()
+        self._batch_in_hand = False
+
+    def stop(self) -> None:
+        """Finish the batch in hand, then stop."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        s = self.settings
+        log.info("metering connecting to NATS at %s", redact_urls(s.nats_url))
+        self._nc = await nats.connect(
+            servers=[u.strip() for u in s.nats_url.split(",")],
+            name="relay-metering",
+            max_reconnect_attempts=-1,
+            connect_timeout=5,
+            error_cb=self._nats_error,
+        )
+        try:
+            js = self._nc.jetstream(timeout=_JETSTREAM_TIMEOUT_S)
+            await self._open_storage(js)
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                checks = await self._nc.subscribe(QUOTA_CHECK_SUBJECT, queue=METERING_QUEUE, cb=self._on_quota_check)
+                consumer = await js.pull_subscribe_bind(METERING_CONSUMER, stream=USAGE_STREAM)
+                consuming = tg.create_task(self._consume(consumer))
+                self.ready.set()
+                log.info("metering ready")
+                await self._stopping.wait()
+                self.ready.clear()
+                await checks.unsubscribe()
+                if not self._batch_in_hand:
+                    consuming.cancel()  # waiting for a batch: nothing to finish
+                with contextlib.suppress(asyncio.CancelledError):
+                    await consuming  # else it ends after the batch in hand
+        finally:
+            self._tg = None
+            with contextlib.suppress(Exception):
+                await self._nc.flush(timeout=2)  # the last acknowledgement
+            await self._nc.close()
+            log.info("metering stopped")
+
+    async def _open_storage(self, js: nats.js.JetStreamContext) -> None:
+        """Open the stream, the consumer and the buckets, waiting out a JetStream not ready yet."""
+        backoff = 0.2
+        while True:
+            try:
+                await open_usage_stream(js, self.settings.kv_replicas)
+                # Created, or updated to this process's ack wait.
+                await js.add_consumer(USAGE_STREAM, metering_consumer_config(self.settings.ack_wait_ms / 1000))
+                self._usage = await open_usage_bucket(js, self.settings.kv_replicas)
+                self._accounts = await AccountStore.open(js, self.settings.kv_replicas)
+                return
+            except _STORAGE_ERRORS as exc:
+                log.warning("JetStream not ready (%s); retrying in %.1fs", exc or type(exc).__name__, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    # --- the usage stream ----------------------------------------------------------------
+
+    async def _consume(self, consumer: nats.js.JetStreamContext.PullSubscription) -> None:
+        outage = False
+        while not self._stopping.is_set():
+            try:
+                msgs = await consumer.fetch(1, timeout=_FETCH_WAIT_S)
+            except nats.errors.TimeoutError:
+                outage = False
+                continue
+            except _STORAGE_ERRORS as exc:
+                if not outage:
+                    log.warning("cannot fetch usage batches (%s); retrying", exc or type(exc).__name__)
+                    outage = True
+                await asyncio.sleep(0.5)
+                continue
+            outage = False
+            self._batch_in_hand = True
+            try:
+                for msg in msgs:
+                    await self._process(msg)
+            finally:
+                self._batch_in_hand = False
+
+    async def _process(self, msg: Msg) -> None:
+        """Apply one batch to every ledger it names, then acknowledge it. Storage trouble is
+        waited out (the batch stays ours meanwhile); a batch that cannot be read is dropped."""
+        seq = msg.metadata.sequence.stream
+        try:
+            batch = usage_batch_decoder.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            log.error("usage batch %d cannot be read (%s); dropped", seq, exc)
+            await msg.term()
+            return
+        progress = asyncio.create_task(self._keep_in_progress(msg))
+        try:
+            backoff = 0.2
+            while True:
+                try:
+                    answers = await self._apply(batch, seq)
+                    break
+                except _STORAGE_ERRORS as exc:
+                    if self._stopping.is_set():
+                        return  # not acknowledged: redelivered to whoever runs next
+                    log.warning("usage batch %d: storage error (%s); retrying", seq, exc or type(exc).__name__)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+        finally:
+            progress.cancel()
+        for user_id, answer in answers.items():
+            if not answer.allowed and answer.exceeded is not None:
+                await self._nc.publish(OVER_LIMIT_SUBJECT, msgspec.json.encode(OverLimit(user_id=user_id, exceeded=answer.exceeded)))
+        # A lost acknowledgement only means a redelivery, which the ledgers skip.
+        await msg.ack()
+        self.batches_applied += 1
+
+    async def _keep_in_progress(self, msg: Msg) -> None:
+        """While a large batch is being applied, tell the server it is not abandoned."""
+        while True:
+            await asyncio.sleep(self.settings.ack_wait_ms / 3000)
+            with contextlib.suppress(*_STORAGE_ERRORS):
+                await msg.in_progress()
+
+    async def _apply(self, batch: UsageBatch, seq: int) -> dict[str, QuotaAnswer]:
+        """Apply `batch` (stream sequence `seq`) to each user's ledger; each user's quota after it."""
+        by_user: dict[str, list[UsageEntry]] = defaultdict(list)
+        for entry in batch.entries:
+            by_user[entry.user_id].append(entry)
+        limit = asyncio.Semaphore(self.settings.apply_concurrency)
+
+        async def apply_one(user_id: str, entries: list[UsageEntry]) -> tuple[str, QuotaAnswer]:
+            async with limit:
+                return user_id, await self._apply_to_user(user_id, entries, seq, batch.at_ms)
+
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(apply_one(user_id, entries)) for user_id, entries in by_user.items()]
+        return dict(task.result() for task in tasks)
+
+    async def _apply_to_user(self, user_id: str, entries: list[UsageEntry], seq: int, at_ms: int) -> QuotaAnswer:
+        user = await self._accounts.get_user(user_id)
+        key = usage_ledger_key(user_id)
+        while True:
+            ledger, revision = await self._ledger(user_id)
+            if not apply_usage(ledger, user, seq, at_ms, entries):
+                break  # applied before a crash or by another metering process
+            value = msgspec.json.encode(ledger)
+            try:
+                revision = await (self._usage.update(key, value, last=revision) if revision else self._usage.create(key, value))
+            except nats.js.errors.KeyWrongLastSequenceError:
+                self._ledgers.pop(user_id, None)  # another process wrote it: read it again
+                continue
+            except BaseException:
+                self._ledgers.pop(user_id, None)  # the in-memory copy is ahead of the record
+                raise
+            self._remember(user_id, ledger, revision)
+            break
+        tier = self.tiers.get(user.tier) if user is not None else None
+        return quota_answer(ledger, user, tier, _now_ms())
+
+    async def _ledger(self, user_id: str) -> tuple[UsageLedger, int]:
+        cached = self._ledgers.get(user_id)
+        if cached is not None:
+            self._ledgers.move_to_end(user_id)
+            return cached
+        entry = await get_present(self._usage, usage_ledger_key(user_id))
+        if entry is None:
+            return UsageLedger(user_id=user_id), 0
+        return usage_ledger_decoder.decode(entry.value), entry.revision
+
+    def _remember(self, user_id: str, ledger: UsageLedger, revision: int) -> None:
+        self._ledgers[user_id] = (ledger, revision)
+        self._ledgers.move_to_end(user_id)
+        while len(self._ledgers) > _LEDGERS_CACHED:
+            self._ledgers.popitem(last=False)
+
+    # --- quota checks --------------------------------------------------------------------
+
+    async def _on_quota_check(self, msg: Msg) -> None:
+        # Answered side by side: a reconnect storm asks thousands of times at once.
+        if self._tg is not None:
+            self._tg.create_task(self._answer_quota_check(msg))
+
+    async def _answer_quota_check(self, msg: Msg) -> None:
+        try:
+            check = quota_check_decoder.decode(msg.data)
+            user, entry = await asyncio.gather(
+                self._accounts.get_user(check.user_id), get_present(self._usage, usage_ledger_key(check.user_id))
+            )
+        except (msgspec.DecodeError, ValueError) as exc:
+            log.warning("unreadable quota check (%s); not answered", exc)
+            return
+        except _STORAGE_ERRORS as exc:
+            # No answer: the edge lets the user in after its timeout, as with metering down.
+            log.warning("quota check for %s: storage error (%s); not answered", check.user_id, type(exc).__name__)
+            return
+        ledger = usage_ledger_decoder.decode(entry.value) if entry is not None else UsageLedger(user_id=check.user_id)
+        tier = self.tiers.get(user.tier) if user is not None else None
+        with contextlib.suppress(*_STORAGE_ERRORS):
+            await msg.respond(msgspec.json.encode(quota_answer(ledger, user, tier, _now_ms())))
+
+    async def _nats_error(self, exc: Exception) -> None:
+        log.warning("NATS: %s", exc or type(exc).__name__)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,459 @@
+"""Metering against real processes: edges, metering and a nats-server of the test's own.
+
+Each test gets a nats-server of its own: the usage stream and metering's durable consumer
+are shared by everything on a server, and a test's counts must be exactly its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import msgspec
+import nats
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from edge.embedded_nats import EmbeddedNatsServer
+from metering.ledger import window_of
+from metering.usage import open_usage_bucket
+from metering.windows import WINDOW_MS, iso_ms, period_of, resets_at
+from schemas.metering import UsageBatch, UsageEntry
+from schemas.records import BonusUsage, UsageLedger, UsageWindow, WelcomeBonus
+from schemas.subjects import QUOTA_CHECK_SUBJECT, usage_events_subject, usage_ledger_key
+from tests.harness import (
+    Account,
+    Client,
+    EdgeProcess,
+    MacIdentity,
+    MeteringProcess,
+    body_of_json,
+    connect_ios,
+    connect_mac,
+    http_get,
+    make_account,
+    read_ledger,
+    running_edges,
+    running_metering,
+)
+
+# Edges publish often so that tests wait little; no per-socket rate limit (10,000 frames).
+FAST = {"usage_flush_interval_ms": 50, "socket_rate_limit_per_s": 0, "quota_check_timeout_ms": 3_000}
+
+
+@pytest.fixture
+def own_nats() -> Iterator[str]:
+    with EmbeddedNatsServer() as server:
+        yield server.url
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+async def ledger_when(url: str, user_id: str, ready: Callable[[UsageLedger], bool], timeout: float = 10.0) -> UsageLedger:
+    """The user's ledger once `ready(ledger)` holds (or the last one read, after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ledger = await read_ledger(url, user_id)
+        if ready(ledger) or time.monotonic() > deadline:
+            return ledger
+        await asyncio.sleep(0.05)
+
+
+def totals(ledger: UsageLedger) -> tuple[int, int]:
+    """(message credits, duration credits) over every window, the bonus's share included."""
+    messages = sum(w.message_tokens for w in ledger.windows)
+    duration = sum(w.duration_tokens for w in ledger.windows)
+    return messages, duration
+
+
+def charged(ledger: UsageLedger) -> int:
+    """Every credit charged: counted against windows plus covered by the bonus."""
+    return sum(w.total_tokens + w.bonus_tokens for w in ledger.windows)
+
+
+async def put_ledger(url: str, ledger: UsageLedger) -> None:
+    nc = await nats.connect(url)
+    try:
+        kv = await open_usage_bucket(nc.jetstream(), 1)
+        await kv.put(usage_ledger_key(ledger.user_id), msgspec.json.encode(ledger))
+    finally:
+        await nc.close()
+
+
+async def pair(edge_mac: Any, edge_ios: Any, mac_account: Account, ios_account: Account | None = None) -> tuple[Client, Client]:
+    """A Mac and an iPhone in one room, each with its account's key, both told of the other."""
+    ios_account = ios_account or mac_account
+    identity = MacIdentity.new()
+    mac, _ = await connect_mac(edge_mac, identity, mac_account.auth)
+    ios, _ = await connect_ios(edge_ios, identity, ios_account.auth)
+    expected = {"peer_joined"} | ({"error"} if ios_account is not mac_account else set())
+    assert {(await ios.recv())["type"] for _ in expected} == expected  # another account: flagged
+    await mac.expect("peer_joined")
+    return mac, ios
+
+
+async def receive_relays(client: Client, count: int) -> int:
+    """Read until `count` relayed frames arrived (skipping heartbeat acks); returns the payloads seen."""
+    frames = payloads = 0
+    while frames < count:
+        message = await client.recv(10)
+        if message["type"] == "relay":
+            frames, payloads = frames + 1, payloads + 1
+        elif message["type"] == "relay_batch":
+            frames, payloads = frames + 1, payloads + len(message["payloads"])
+        else:
+            assert message["type"] == "heartbeat_ack", message
+    return payloads
+
+
+async def expect_quota_exceeded(client: Client) -> dict[str, Any]:
+    """The relay's `quota_exceeded` (skipping what came before it), then its close 1000."""
+    while True:
+        message = await client.recv(10)
+        if message["type"] == "quota_exceeded":
+            break
+    assert await client.expect_close() == (1000, "quota exceeded")
+    return message
+
+
+# --- counting ---------------------------------------------------------------------------------
+
+
+async def test_ten_thousand_frames_over_two_edges_are_counted_exactly_per_sender_and_no_peer_frames_and_heartbeats_are_free(own_nats):
+    mac_account = await make_account(own_nats, tier="premium")
+    ios_account = await make_account(own_nats, tier="premium")
+    async with running_metering(own_nats), running_edges(own_nats, 2, auth="required", **FAST) as (edge_a, edge_b):
+        identity = MacIdentity.new()
+        mac, _ = await connect_mac(edge_a, identity, mac_account.auth)
+        for _ in range(5):  # nobody there yet: NO_PEER, not charged
+            await mac.send(type="relay", payload="early")
+            await mac.expect_error("NO_PEER")
+        ios, _ = await connect_ios(edge_b, identity, ios_account.auth)
+        assert {(await ios.recv())["type"] for _ in range(2)} == {"peer_joined", "error"}
+        await mac.expect("peer_joined")
+
+        async def mac_sends() -> None:
+            for i in range(3_000):
+                await mac.send(type="relay", payload=f"m{i}")
+                if i % 300 == 0:
+                    await mac.send(type="heartbeat")
+            for i in range(1_000):
+                await mac.send(type="relay_batch", payloads=[f"b{i}a", f"b{i}b", f"b{i}c"])
+
+        async def ios_sends() -> None:
+            for i in range(6_000):
+                await ios.send(type="relay", payload=f"i{i}")
+                if i % 600 == 0:
+                    await ios.send(type="heartbeat")
+
+        _, _, to_ios, to_mac = await asyncio.gather(mac_sends(), ios_sends(), receive_relays(ios, 4_000), receive_relays(mac, 6_000))
+        assert (to_ios, to_mac) == (6_000, 6_000)  # every frame arrived (the batches held 3 each)
+
+        mac_ledger = await ledger_when(own_nats, mac_account.user_id, lambda l: totals(l)[0] >= 4_000)
+        ios_ledger = await ledger_when(own_nats, ios_account.user_id, lambda l: totals(l)[0] >= 6_000)
+        assert totals(mac_ledger)[0] == 4_000  # one credit per frame, a batch included
+        assert totals(ios_ledger)[0] == 6_000
+        await asyncio.sleep(0.5)  # ten more flushes: nothing counted twice
+        assert totals(await read_ledger(own_nats, mac_account.user_id))[0] == 4_000
+        assert totals(await read_ledger(own_nats, ios_account.user_id))[0] == 6_000
+
+
+async def test_a_relay_batch_counts_one_credit_per_payload_when_the_operator_says_so(own_nats):
+    account = await make_account(own_nats, tier="premium")
+    async with running_metering(own_nats), running_edges(own_nats, 1, auth="required", charge_per_payload=True, **FAST) as (edge,):
+        mac, ios = await pair(edge, edge, account)
+        for _ in range(10):
+            await mac.send(type="relay_batch", payloads=["a", "b", "c", "d"])
+        await mac.send(type="relay", payload="e")
+        assert await receive_relays(ios, 11) == 41
+        ledger = await ledger_when(own_nats, account.user_id, lambda l: totals(l)[0] >= 41)
+        assert totals(ledger)[0] == 41
+
+
+async def test_metering_killed_mid_traffic_and_restarted_counts_exactly(own_nats):
+    account = await make_account(own_nats, tier="premium")
+    settings = {"ack_wait_ms": 1_000}
+    async with running_edges(own_nats, 2, auth="required", **FAST) as (edge_a, edge_b):
+        metering = await MeteringProcess(own_nats, **settings).start()
+        mac, ios = await pair(edge_a, edge_b, account)
+        sent = 0
+        for round_ in range(3):
+            for _ in range(1_000):
+                await mac.send(type="relay", payload="x" * 64)
+            sent += 1_000
+            await receive_relays(ios, 1_000)
+            if round_ == 0:
+                # Killed while batches flow: one may be applied and not yet acknowledged.
+                await asyncio.sleep(0.07)
+                assert await metering.stop(signal.SIGKILL) == -signal.SIGKILL
+        async with MeteringProcess(own_nats, **settings) as restarted:
+            ledger = await ledger_when(own_nats, account.user_id, lambda l: totals(l)[0] >= sent, timeout=20)
+            assert totals(ledger)[0] == sent == 3_000
+            await asyncio.sleep(1.5)  # past the ack wait: a redelivery would have come by now
+            assert totals(await read_ledger(own_nats, account.user_id))[0] == 3_000
+            assert "Traceback" not in restarted.log_text()
+
+
+async def test_a_batch_redelivered_after_a_crash_between_applying_and_acknowledging_is_not_counted_again(own_nats):
+    account = await make_account(own_nats, tier="premium")
+    period = period_of(now_ms())
+    # As a metering process that died after writing the ledger leaves it: batch 1 applied.
+    applied = UsageLedger(
+        user_id=account.user_id,
+        applied_seq=1,
+        windows=[UsageWindow(user_id=account.user_id, period=period, message_tokens=7, total_tokens=7)],
+    )
+    await put_ledger(own_nats, applied)
+    nc = await nats.connect(own_nats)
+    try:
+        from metering.stream import open_usage_stream
+
+        js = nc.jetstream()
+        await open_usage_stream(js, 1)
+        batch = UsageBatch(edge_id="e1", boot_id="b1", seq=1, at_ms=now_ms(), entries=[UsageEntry(account.user_id, period, 7, 0)])
+        again = UsageBatch(edge_id="e1", boot_id="b1", seq=2, at_ms=now_ms(), entries=[UsageEntry(account.user_id, period, 5, 0)])
+        first = await js.publish(usage_events_subject("e1"), msgspec.json.encode(batch), headers={"Nats-Msg-Id": batch.msg_id})
+        assert first.seq == 1  # the stream sequence the ledger says it has
+        # The edge's retry of batch 1 (its ack was lost) is stored once.
+        retry = await js.publish(usage_events_subject("e1"), msgspec.json.encode(batch), headers={"Nats-Msg-Id": batch.msg_id})
+        assert retry.duplicate
+        await js.publish(usage_events_subject("e1"), msgspec.json.encode(again), headers={"Nats-Msg-Id": again.msg_id})
+        async with running_metering(own_nats) as metering:
+            ledger = await ledger_when(own_nats, account.user_id, lambda l: l.applied_seq >= 3)
+            assert window_of(ledger, period).message_tokens == 12  # 7 once, then 5
+            assert metering.batches_applied == 2
+            assert (await js.stream_info("relay_usage_events")).state.messages == 0  # both acknowledged
+    finally:
+        await nc.close()
+
+
+async def test_an_edge_stopped_with_sigterm_mid_traffic_hands_over_its_usage(own_nats):
+    account = await make_account(own_nats, tier="premium")
+    async with running_metering(own_nats), running_edges(own_nats, 1, auth="required", **FAST) as (ios_edge,):
+        # No periodic flush in the test's time: all it publishes, it publishes at exit.
+        async with EdgeProcess(own_nats, auth="required", usage_flush_interval_ms=600_000, socket_rate_limit_per_s=0) as mac_edge:
+            mac, ios = await pair(mac_edge, ios_edge, account)
+
+            async def mac_sends() -> None:
+                try:
+                    while True:
+                        await mac.send(type="relay", payload="y" * 32)
+                        await asyncio.sleep(0)
+                except ConnectionClosed:
+                    return  # the edge went away
+
+            async def ios_counts() -> int:
+                frames = 0
+                while True:
+                    message = await ios.recv(10)
+                    if message["type"] == "peer_disconnected":
+                        return frames
+                    frames += message["type"] == "relay"
+
+            sending = asyncio.create_task(mac_sends())
+            counting = asyncio.create_task(ios_counts())
+            await asyncio.sleep(0.5)
+            assert await mac_edge.stop(signal.SIGTERM) == 0
+            delivered = await counting
+            await sending
+        assert delivered > 100
+        ledger = await ledger_when(own_nats, account.user_id, lambda l: totals(l)[0] >= delivered)
+        assert totals(ledger)[0] == delivered
+
+
+async def test_duration_credits_accrue_while_both_sides_are_connected_and_are_charged_to_the_room_owner(own_nats):
+    owner = await make_account(own_nats, tier="premium")
+    guest = await make_account(own_nats, tier="premium")
+    ms_per_credit = 100  # the "minute" shortened: 2 credits per 200 ms
+    async with running_metering(own_nats), running_edges(
+        own_nats, 2, auth="required", session_ms_per_credit=ms_per_credit, **FAST
+    ) as (edge_a, edge_b):
+        identity = MacIdentity.new()
+        mac, _ = await connect_mac(edge_a, identity, owner.auth)
+        await asyncio.sleep(1.0)  # the Mac alone: no session
+        assert totals(await read_ledger(own_nats, owner.user_id))[1] == 0
+        ios, _ = await connect_ios(edge_b, identity, guest.auth)
+        assert {(await ios.recv())["type"] for _ in range(2)} == {"peer_joined", "error"}
+        await mac.expect("peer_joined")
+        started = time.monotonic()
+        await asyncio.sleep(2.0)
+        await ios.close()
+        await mac.expect("peer_disconnected")
+        lasted_ms = (time.monotonic() - started) * 1000
+        await asyncio.sleep(0.5)  # the Mac alone again: nothing more
+        ledger = await ledger_when(own_nats, owner.user_id, lambda l: totals(l)[1] >= 15)
+        duration = totals(ledger)[1]
+        # Sampled every flush (50 ms): each end of the session may miss one interval.
+        assert lasted_ms / ms_per_credit - 2 <= duration <= lasted_ms / ms_per_credit + 1, (duration, lasted_ms)
+        assert totals(ledger)[0] == 0
+        assert totals(await read_ledger(own_nats, guest.user_id)) == (0, 0)
+
+
+# --- quota --------------------------------------------------------------------------------------
+
+
+async def test_quota_exceeded_at_connect_gets_the_message_with_every_field_then_close_1000(own_nats):
+    grant = WelcomeBonus(credits=100, created_at=now_ms() - 1_000, expires_at=now_ms() + 86_400_000)
+    account = await make_account(own_nats, tier="free", welcome_bonus=grant)
+    now = now_ms()
+    await put_ledger(
+        own_nats,
+        UsageLedger(
+            user_id=account.user_id,
+            applied_seq=1,
+            windows=[UsageWindow(user_id=account.user_id, period=period_of(now), message_tokens=1_000, total_tokens=1_000)],
+            bonus=BonusUsage(used=100, grant_created_at=grant.created_at),
+        ),
+    )
+    async with running_metering(own_nats), running_edges(own_nats, 1, auth="required", **FAST) as (edge,):
+        for role in ("mac", "ios"):  # every connection's own user is checked (§12 item 5)
+            client = await Client.connect(edge, MacIdentity.new().room_id, role, account.auth)
+            message = await expect_quota_exceeded(client)
+            assert message == {
+                "type": "quota_exceeded",
+                "usage": 1_000,
+                "limit": 1_000,
+                "period": period_of(now),
+                "resets_at": resets_at(now),
+                "extra_quota_used": 100,
+                "extra_quota_limit": 100,
+                "extra_quota_expires_at": iso_ms(grant.expires_at),
+            }
+            assert message["resets_at"].endswith(".000Z")
+
+
+async def test_quota_crossed_mid_session_closes_the_users_sockets_on_every_edge(own_nats):
+    account = await make_account(own_nats, tier="free", credits_per_window=50)
+    bystander = await make_account(own_nats, tier="free")
+    async with running_metering(own_nats), running_edges(own_nats, 2, auth="required", **FAST) as (edge_a, edge_b):
+        mac, ios = await pair(edge_a, edge_b, account)
+        other_mac, other_ios = await pair(edge_a, edge_b, bystander)
+        for i in range(60):
+            await mac.send(type="relay", payload=f"p{i}")
+        for client in (mac, ios):
+            message = await expect_quota_exceeded(client)
+            assert message["limit"] == 50 and message["usage"] >= 50  # the override, not the tier's 1000
+            assert "extra_quota_used" not in message  # no welcome bonus, no bonus fields
+        await other_mac.send(type="relay", payload="still here")
+        assert (await other_ios.expect("relay"))["payload"] == "still here"
+        # And the next connection of that user is refused at connect.
+        again = await Client.connect(edge_b, MacIdentity.new().room_id, "mac", account.auth)
+        await expect_quota_exceeded(again)
+
+
+async def test_the_welcome_bonus_is_consumed_before_the_window_quota(own_nats):
+    grant = WelcomeBonus(credits=30, created_at=now_ms() - 1_000, expires_at=now_ms() + 86_400_000)
+    account = await make_account(own_nats, tier="free", credits_per_window=10, welcome_bonus=grant)
+    async with running_metering(own_nats), running_edges(own_nats, 1, auth="required", **FAST) as (edge,):
+        mac, ios = await pair(edge, edge, account)
+        for _ in range(35):
+            await mac.send(type="relay", payload="z")
+        await receive_relays(ios, 35)
+        ledger = await ledger_when(own_nats, account.user_id, lambda l: charged(l) >= 35)
+        window = window_of(ledger, period_of(now_ms()))
+        assert ledger.bonus.used == 30 and window.bonus_tokens == 30
+        assert window.total_tokens == 5  # below the limit of 10: still allowed
+        await mac.heartbeat()
+        usage = body_of_json(await http_get(edge.port, "/usage", account.auth))
+        assert usage["total_tokens"] == 5 and usage["remaining"] == 5
+        assert usage["extra_quota"]["remaining"] == 0 and usage["extra_quota"]["limit"] == 30
+        for _ in range(6):
+            await mac.send(type="relay", payload="z")
+        message = await expect_quota_exceeded(mac)
+        assert message["usage"] >= 10 and message["extra_quota_used"] == 30 and message["extra_quota_limit"] == 30
+
+
+async def test_usage_of_the_previous_window_does_not_count_in_this_one_and_resets_at_is_the_next_boundary(own_nats):
+    account = await make_account(own_nats, tier="free")
+    now = now_ms()
+    previous = period_of(now - WINDOW_MS)
+    await put_ledger(
+        own_nats,
+        UsageLedger(
+            user_id=account.user_id,
+            applied_seq=1,
+            windows=[UsageWindow(user_id=account.user_id, period=previous, message_tokens=5_000, total_tokens=5_000)],
+        ),
+    )
+    async with running_metering(own_nats), running_edges(own_nats, 1, auth="required", **FAST) as (edge,):
+        mac, _ = await connect_mac(edge, MacIdentity.new(), account.auth)
+        await mac.heartbeat()  # let in: the new window is empty
+        usage = body_of_json(await http_get(edge.port, "/usage", account.auth))
+        assert usage["total_tokens"] == 0 and usage["resets_at"] == resets_at(now_ms())
+        history = body_of_json(await http_get(edge.port, "/usage/history", account.auth))["history"]
+        assert [(h["period"], h["total_tokens"]) for h in history] == [(period_of(now_ms()), 0), (previous, 5_000)]
+
+
+async def test_usage_charged_is_reported_by_get_usage_and_relay_admin_usage(own_nats):
+    import json
+    import subprocess
+    import sys
+
+    account = await make_account(own_nats, tier="pro")
+    async with running_metering(own_nats), running_edges(own_nats, 1, auth="required", **FAST) as (edge,):
+        mac, ios = await pair(edge, edge, account)
+        for _ in range(25):
+            await ios.send(type="relay", payload="q")
+        await receive_relays(mac, 25)
+        await ledger_when(own_nats, account.user_id, lambda l: totals(l)[0] >= 25)
+        usage = body_of_json(await http_get(edge.port, "/usage", account.auth))
+        assert (usage["message_tokens"], usage["total_tokens"], usage["limit"], usage["remaining"]) == (25, 25, 10_000, 9_975)
+        admin = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "accounts.admin", "--nats-url", own_nats, "usage", account.user_id],
+            capture_output=True, text=True, timeout=30,
+        )
+        assert admin.returncode == 0, admin.stderr
+        assert json.loads(admin.stdout)["message_tokens"] == 25
+
+
+# --- metering away ------------------------------------------------------------------------------
+
+
+async def test_with_metering_down_connections_are_still_accepted_and_the_misses_are_counted(own_nats):
+    account = await make_account(own_nats, tier="free")
+    async with running_edges(own_nats, 1, auth="required", **FAST) as (edge,):
+        mac, _ = await connect_mac(edge, MacIdentity.new(), account.auth)
+        await mac.heartbeat()
+        metrics = (await http_get(edge.port, "/metrics"))[1]
+        assert "relay_quota_checks_unanswered_total 1" in metrics
+
+
+async def test_a_metering_that_does_not_answer_in_time_does_not_keep_connections_out(own_nats):
+    account = await make_account(own_nats, tier="free")
+    silent = await nats.connect(own_nats)
+
+    async def never_answer(msg: Any) -> None:
+        pass
+
+    try:
+        await silent.subscribe(QUOTA_CHECK_SUBJECT, queue="metering", cb=never_answer)
+        await silent.flush()
+        settings = {**FAST, "quota_check_timeout_ms": 200}
+        async with running_edges(own_nats, 1, auth="required", **settings) as (edge,):
+            started = time.monotonic()
+            mac, _ = await connect_mac(edge, MacIdentity.new(), account.auth)
+            await mac.heartbeat()
+            assert time.monotonic() - started < 5
+            assert "relay_quota_checks_unanswered_total 1" in (await http_get(edge.port, "/metrics"))[1]
+    finally:
+        await silent.close()
+
+
+async def test_usage_published_while_metering_is_down_is_applied_when_it_starts(own_nats):
+    account = await make_account(own_nats, tier="premium")
+    async with running_edges(own_nats, 1, auth="required", **FAST) as (edge,):
+        mac, ios = await pair(edge, edge, account)
+        for _ in range(40):
+            await mac.send(type="relay", payload="w")
+        await receive_relays(ios, 40)
+        await asyncio.sleep(0.3)  # published to the stream, nobody consuming
+        assert totals(await read_ledger(own_nats, account.user_id))[0] == 0
+        async with running_metering(own_nats):
+            ledger = await ledger_when(own_nats, account.user_id, lambda l: totals(l)[0] >= 40)
+            assert totals(ledger)[0] == 40
