@@ -1,4 +1,4 @@
-"""`make run`: a whole relay on this machine — nats-server, one edge — until Ctrl-C.
+"""`make run`: a whole relay on this machine — nats-server, one edge, metering — until Ctrl-C.
 
 JetStream data lives in `.local/nats` (git ignores it), so rooms survive a restart.
 """
@@ -18,10 +18,22 @@ from edge.cli import configure_logging, run_event_loop, serve_until_signalled
 from edge.embedded_nats import EmbeddedNatsServer
 from edge.server import Edge
 from edge.settings import EdgeSettings, load_settings
+from metering.service import Metering, MeteringSettings
 
 
 async def _run(settings: EdgeSettings) -> None:
     edge = Edge(settings)
+    # Metering in the same process: it shares nothing with the edge but the NATS server.
+    metering = Metering(MeteringSettings(nats_url=settings.nats_url, tiers_file=settings.tiers_file))
+    metering_task = asyncio.create_task(metering.run())
+    try:
+        await _run_edge(edge, settings)
+    finally:
+        metering.stop()
+        await asyncio.gather(metering_task, return_exceptions=True)
+
+
+async def _run_edge(edge: Edge, settings: EdgeSettings) -> None:
     runner = asyncio.create_task(serve_until_signalled(edge))
     ready = asyncio.create_task(edge.ready.wait())
     await asyncio.wait({runner, ready}, return_when=asyncio.FIRST_COMPLETED)
@@ -51,6 +63,7 @@ async def _run(settings: EdgeSettings) -> None:
             f"  Point the TermOnMac Mac agent at it:  RELAY_SERVER_URL={url}\n"
             f"{reach}"
             f"{auth}"
+            f"  Metering runs here too: usage and quotas per user (RELAY_METERING=0 turns both off).\n"
             f"  Health: http://{host}:{edge.port}/healthz   Ctrl-C stops everything.\n",
             flush=True,
         )

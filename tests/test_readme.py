@@ -33,3 +33,11 @@ def test_every_test_the_readme_names_exists():
     defined = set(re.findall(r"def (test_\w+)", sources))
     named = set(re.findall(r"`(test_\w+)`", README))
     assert named - defined == set()
+
+
+def test_readme_documents_every_relay_metering_setting_with_its_variable_and_flag():
+    from metering.service import MeteringSettings
+
+    for f in dataclasses.fields(MeteringSettings):
+        assert f"`RELAY_{f.name.upper()}`" in README, f.name
+        assert f"`--{f.name.replace('_', '-')}`" in README, f.name

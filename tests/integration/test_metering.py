@@ -457,3 +457,23 @@ async def test_usage_published_while_metering_is_down_is_applied_when_it_starts(
         async with running_metering(own_nats):
             ledger = await ledger_when(own_nats, account.user_id, lambda l: totals(l)[0] >= 40)
             assert totals(ledger)[0] == 40
+
+
+async def test_two_metering_processes_take_turns_and_count_exactly_while_one_stops(own_nats):
+    account = await make_account(own_nats, tier="premium")
+    async with running_edges(own_nats, 2, auth="required", **FAST) as (edge_a, edge_b):
+        async with running_metering(own_nats) as first:
+            async with running_metering(own_nats) as second:
+                mac, ios = await pair(edge_a, edge_b, account)
+                for _ in range(4):
+                    for _ in range(250):
+                        await mac.send(type="relay", payload="t")
+                    await receive_relays(ios, 250)
+                    await asyncio.sleep(0.1)
+            # The second stopped (after the batch in hand); the first carries on alone.
+            for _ in range(500):
+                await ios.send(type="relay", payload="u")
+            await receive_relays(mac, 500)
+            ledger = await ledger_when(own_nats, account.user_id, lambda l: totals(l)[0] >= 1_500)
+            assert totals(ledger)[0] == 1_500
+            assert first.batches_applied > 0 and second.batches_applied > 0
