@@ -44,7 +44,7 @@ from schemas.metering import (
     quota_check_decoder,
     usage_batch_decoder,
 )
-from schemas.records import UsageLedger, usage_ledger_decoder
+from schemas.records import UsageLedger, User, usage_ledger_decoder
 from schemas.subjects import (
     METERING_CONSUMER,
     METERING_QUEUE,
@@ -61,6 +61,9 @@ _JETSTREAM_TIMEOUT_S = 2.0
 _FETCH_WAIT_S = 1.0
 # Ledgers kept in memory (with their KV revision) to skip a read per user per batch.
 _LEDGERS_CACHED = 100_000
+# Accounts read while applying batches are reused this long: a tier, override or bonus
+# change reaches the announcements within it (quota checks at connect always read afresh).
+_USERS_CACHED_S = 5.0
 _STORAGE_ERRORS = (nats.errors.Error, asyncio.TimeoutError)
 
 
@@ -104,6 +107,7 @@ class Metering:
         # user → (ledger, its KV revision; 0: no record yet), as this process last wrote or read it.
         self._ledgers: OrderedDict[str, tuple[UsageLedger, int]] = OrderedDict()
         self._batch_in_hand = False
+        self._users: dict[str, tuple[User | None, float]] = {}  # user → (record, monotonic expiry)
 
     def stop(self) -> None:
         """Finish the batch in hand, then stop."""
@@ -237,8 +241,19 @@ class Metering:
             tasks = [tg.create_task(apply_one(user_id, entries)) for user_id, entries in by_user.items()]
         return dict(task.result() for task in tasks)
 
-    async def _apply_to_user(self, user_id: str, entries: list[UsageEntry], seq: int, at_ms: int) -> QuotaAnswer:
+    async def _user(self, user_id: str) -> User | None:
+        now = time.monotonic()
+        cached = self._users.get(user_id)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        if len(self._users) > _LEDGERS_CACHED:
+            self._users = {u: c for u, c in self._users.items() if c[1] > now}
         user = await self._accounts.get_user(user_id)
+        self._users[user_id] = (user, now + _USERS_CACHED_S)
+        return user
+
+    async def _apply_to_user(self, user_id: str, entries: list[UsageEntry], seq: int, at_ms: int) -> QuotaAnswer:
+        user = await self._user(user_id)
         key = usage_ledger_key(user_id)
         while True:
             ledger, revision = await self._ledger(user_id)
