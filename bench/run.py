@@ -5,7 +5,8 @@
     .venv/bin/python -m bench.run --quick   # small numbers, for development (about a minute)
 
 Starts its own `nats-server`, one product edge (`relay-edge`, auth required, a tiers file
-that gives the bench user unlimited rooms and credits, no inbound rate limit) and the
+that gives the bench user unlimited rooms and credits, no inbound rate limit), one
+`relay-metering` (the edge publishes usage and checks the quota of every connection) and the
 reference relay (`bench.reference_relay`), each a child process; makes the bench user and
 its API key; pins the relay under test to one CPU and nats-server and the load generator
 to the other(s) when the machine allows. Then, for each relay in turn:
@@ -114,6 +115,18 @@ class Children:
                 proc.wait(timeout=5)
 
 
+def _wait_log_line(log: Path, line: str, proc: subprocess.Popen[bytes], what: str, timeout: float = 30.0) -> None:
+    """Wait until `proc` has written `line` to `log`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}: {log.read_text()[-1500:]}")
+        if log.exists() and line in log.read_text(errors="replace"):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} did not start; see {log}")
+
+
 def _wait_http_ok(port: int, path: str, proc: subprocess.Popen[bytes], what: str, log: Path, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -203,6 +216,12 @@ def run_benchmark(plan: Plan, quick: bool, only: str | None = None) -> Path:
 
         account = asyncio.run(make_account(nats_server.url, tier="bench"))
 
+        metering_log = workdir / "metering.log"
+        metering_args = [sys.executable, "-m", "metering.cli", "--nats-url", nats_server.url, "--tiers-file", str(tiers)]
+        metering = children.start("metering", metering_args, metering_log, load_cpus)
+        _wait_log_line(metering_log, "metering ready", metering, "metering")
+        print(f"metering pid {metering.pid} (on the load CPUs, with nats-server)")
+
         edge_port = free_port()
         edge_log = workdir / "edge.log"
         edge_args = [
@@ -248,8 +267,15 @@ def run_benchmark(plan: Plan, quick: bool, only: str | None = None) -> Path:
                 print(summary(report), flush=True)
                 time.sleep(1.0)  # let the relay finish with the departed sockets
         final_rss = {name: proc_rss_kib(proc.pid) for name, (proc, _) in targets.items() if proc.poll() is None}
+        # Proof that metering was on and answering: the edge's counters at the end.
+        with urllib.request.urlopen(f"http://127.0.0.1:{edge_port}/metrics", timeout=5) as response:
+            edge_metrics = dict(line.split(" ", 1) for line in response.read().decode().splitlines())
     except Exception:
-        for name, log in (("edge", workdir / "edge.log"), ("reference relay", workdir / "reference.log")):
+        for name, log in (
+            ("edge", workdir / "edge.log"),
+            ("metering", workdir / "metering.log"),
+            ("reference relay", workdir / "reference.log"),
+        ):
             if log.exists():
                 print(f"--- last lines of the {name}'s log ---\n{log.read_text()[-1500:]}", file=sys.stderr)
         raise
@@ -266,6 +292,8 @@ def run_benchmark(plan: Plan, quick: bool, only: str | None = None) -> Path:
         "machine": _machine(),
         "pinning": pin_note,
         "plan": plan.__dict__ | {"pairs": list(plan.pairs)},
+        "product": "relay-edge: auth required, KV state, accounts, metering on (one relay-metering running)",
+        "edge_metrics": edge_metrics,
         "final_rss_kib": final_rss,
         "results": results,
     }

@@ -548,3 +548,34 @@ def test_an_edge_death_during_a_room_request_is_judged_after_it():
     )
     assert [m["type"] for m in wire_all(actions)] == ["room_registered", "peer_joined", "peer_disconnected"]
     assert s.peer is None
+
+
+# --- usage and quota (§12 items 18–20) ------------------------------------------------
+
+
+def test_a_forwarded_relay_carries_one_payload_and_a_batch_its_payload_count():
+    s = in_room("mac", peer=holder("ios1"))
+    [single] = s.receive(frame("relay", payload="p"), 1.0)
+    [batch] = s.receive(frame("relay_batch", payloads=["a", "b", "c"]), 1.0)
+    assert (single.payloads, batch.payloads) == (1, 3)
+
+
+def test_quota_exceeded_sends_the_message_then_closes_1000_quota_exceeded():
+    s = in_room("ios", peer=holder("mac1"))
+    message = b'{"type":"quota_exceeded","usage":10,"limit":10,"period":"5h-1","resets_at":"x"}'
+    assert s.quota_exceeded(message) == [Close(1000, "quota exceeded", farewell=message)]
+
+
+def test_a_replaced_socket_is_not_closed_again_for_quota():
+    s = in_room("mac", peer=holder("ios1"))
+    s.receive_event(ReplacedEvent(by_socket_id="s2"), "s2")
+    assert s.quota_exceeded(b"{}") == []
+
+
+def test_a_session_is_a_mac_in_its_room_with_its_iphone_there():
+    assert in_room("mac", peer=holder("ios1")).in_session
+    assert not in_room("mac").in_session  # the Mac alone
+    assert not in_room("ios", peer=holder("mac1")).in_session  # counted once, on the Mac's side
+    s = in_room("mac", peer=holder("ios1"))
+    s.receive_event(PeerLeftEvent(reason="client_left"), "ios1")
+    assert not s.in_session
