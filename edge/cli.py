@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import nats.errors
 
@@ -26,16 +26,27 @@ def configure_logging() -> None:
     logging.getLogger("edge.websockets").setLevel(logging.WARNING)  # the same, for our server's connections
 
 
-async def serve_until_signalled(edge: Edge) -> None:
-    """Run `edge`; SIGTERM/SIGINT starts its graceful shutdown, or ends a start that is still waiting."""
+class Service(Protocol):
+    """A long-running service (`Edge`, `Metering`): runs until stopped."""
+
+    @property
+    def serving(self) -> bool: ...
+
+    def stop(self) -> None: ...
+
+    async def run(self) -> None: ...
+
+
+async def serve_until_signalled(service: Service) -> None:
+    """Run `service`; SIGTERM/SIGINT starts its graceful stop, or ends a start that is still waiting."""
     loop = asyncio.get_running_loop()
-    run = asyncio.create_task(edge.run())
+    run = asyncio.create_task(service.run())
 
     def on_signal() -> None:
-        if edge.serving:
-            edge.stop()
+        if service.serving:
+            service.stop()
         else:
-            run.cancel()  # still waiting for NATS: there is nothing to hand over
+            run.cancel()  # still waiting for NATS: there is nothing to hand over or finish
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
@@ -44,7 +55,7 @@ async def serve_until_signalled(edge: Edge) -> None:
     except asyncio.CancelledError:
         if not run.cancelled():
             raise
-        logging.getLogger("edge").info("stopped before it was serving")
+        logging.getLogger(type(service).__name__.lower()).info("stopped before it was serving")
 
 
 def run_event_loop(main: Coroutine[Any, Any, None], use_uvloop: bool) -> None:

@@ -45,7 +45,7 @@ class MeteringLink:
                 QUOTA_CHECK_SUBJECT, msgspec.json.encode(QuotaCheck(user_id=user_id)), timeout=self._check_timeout_s
             )
             answer = quota_answer_decoder.decode(reply.data)
-        except (nats.errors.Error, asyncio.TimeoutError, msgspec.DecodeError) as exc:
+        except (TimeoutError, nats.errors.Error, msgspec.DecodeError) as exc:
             self.quota_checks_unanswered += 1
             if not self._metering_away:
                 self._metering_away = True
@@ -81,7 +81,7 @@ class MeteringLink:
                 if failing:
                     log.info("usage batch %s published after retries", batch.msg_id)
                 return
-            except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            except (TimeoutError, nats.errors.Error) as exc:
                 self.usage_publish_failures += 1
                 if not failing:
                     log.warning("usage batch %s not acknowledged (%s); retrying", batch.msg_id, type(exc).__name__ or exc)

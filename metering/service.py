@@ -109,6 +109,11 @@ class Metering:
         self._batch_in_hand = False
         self._users: dict[str, tuple[User | None, float]] = {}  # user → (record, monotonic expiry)
 
+    @property
+    def serving(self) -> bool:
+        """Whether it is consuming and answering (and so has a batch to finish at a stop)."""
+        return self.ready.is_set()
+
     def stop(self) -> None:
         """Finish the batch in hand, then stop."""
         self._stopping.set()

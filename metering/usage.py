@@ -16,7 +16,13 @@ from edge.kv import get_present, open_bucket
 from metering.ledger import USAGE_TTL_MS, bonus_remaining, effective_limit, window_of
 from metering.windows import iso_ms, period_label, period_of, period_start_ms, resets_at
 from schemas.http_api import ExtraQuota, HistoryEntry, Usage, UsageHistory
-from schemas.records import BonusUsage, UsageLedger, UsageWindow, User, usage_ledger_decoder
+from schemas.records import (
+    BonusUsage,
+    UsageLedger,
+    UsageWindow,
+    User,
+    usage_ledger_decoder,
+)
 from schemas.subjects import USAGE_BUCKET, usage_ledger_key
 
 

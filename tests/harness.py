@@ -281,42 +281,40 @@ async def make_account(nats_url: str, tier: str = "free", deleted: bool = False,
     return Account(user_id, email, api_key, refresh)
 
 
-class EdgeProcess:
-    """A `relay-edge` child process, for the tests that stop or kill a real process by PID."""
+class ChildProcess:
+    """A relay command run as a child process, for the tests that stop or kill one by PID.
 
-    def __init__(self, nats_url: str, **settings: Any) -> None:
-        from edge.embedded_nats import free_port
+    Logs go to a file: a pipe nobody reads would block the child once it fills.
+    """
 
-        self.port = free_port()
-        self.edge_id = f"proc-{secrets.token_hex(3)}"
-        self.args = ["--nats-url", nats_url, "--port", str(self.port), "--edge-id", self.edge_id]
-        if settings.get("auth", "none") == "none":
-            settings.setdefault("auth", "none")
-            settings.setdefault("local_user_id", TEST_USER.get())
+    module = ""  # what `python -m` runs
+    name = ""
+
+    def __init__(self, args: list[str], settings: dict[str, Any]) -> None:
+        self.args = args
         for name, value in settings.items():
             self.args += ["--" + name.replace("_", "-"), str(value)]
         self.process: asyncio.subprocess.Process | None = None
 
-    async def start(self, timeout: float = 20.0) -> "EdgeProcess":
+    async def is_ready(self) -> bool:
+        raise NotImplementedError
+
+    async def start(self, timeout: float = 20.0) -> Any:
         import sys
 
-        # Logs go to a file: a pipe nobody reads would block the edge once it fills.
-        self.log_file = tempfile.NamedTemporaryFile(prefix="relay-edge-", suffix=".log", delete=False)
+        self.log_file = tempfile.NamedTemporaryFile(prefix=f"{self.name}-", suffix=".log", delete=False)
         atexit.register(_remove, self.log_file.name)
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "edge.cli", *self.args, stdout=asyncio.subprocess.DEVNULL, stderr=self.log_file
+            sys.executable, "-m", self.module, *self.args, stdout=asyncio.subprocess.DEVNULL, stderr=self.log_file
         )
         deadline = asyncio.get_running_loop().time() + timeout
         while asyncio.get_running_loop().time() < deadline:
             if self.process.returncode is not None:
-                raise RuntimeError(f"relay-edge exited with {self.process.returncode}")
-            try:
-                if (await http_get(self.port, "/readyz"))[0] == 200:
-                    return self
-            except OSError:
-                pass
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}: {self.log_text()[-1500:]}")
+            if await self.is_ready():
+                return self
             await asyncio.sleep(0.05)
-        raise TimeoutError("relay-edge did not become ready")
+        raise TimeoutError(f"{self.name} did not become ready")
 
     async def stop(self, sig: int) -> int:
         """Send `sig` to this process (by PID) and wait for it to exit; returns the exit code."""
@@ -325,18 +323,38 @@ class EdgeProcess:
             self.process.send_signal(sig)
         return await asyncio.wait_for(self.process.wait(), 20)
 
-    async def __aenter__(self) -> "EdgeProcess":
+    async def __aenter__(self) -> Any:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop(signal.SIGKILL)  # only if it is still running: by PID, ours alone
 
     def log_text(self) -> str:
-        """Everything the edge has logged so far."""
+        """Everything the process has logged so far."""
         with open(self.log_file.name, encoding="utf-8", errors="replace") as log:
             return log.read()
 
-    # The harness's Client.connect needs only `.port`.
+
+class EdgeProcess(ChildProcess):
+    """A `relay-edge` child process. The harness's Client.connect needs only `.port`."""
+
+    module, name = "edge.cli", "relay-edge"
+
+    def __init__(self, nats_url: str, **settings: Any) -> None:
+        from edge.embedded_nats import free_port
+
+        self.port = free_port()
+        self.edge_id = f"proc-{secrets.token_hex(3)}"
+        if settings.get("auth", "none") == "none":
+            settings.setdefault("auth", "none")
+            settings.setdefault("local_user_id", TEST_USER.get())
+        super().__init__(["--nats-url", nats_url, "--port", str(self.port), "--edge-id", self.edge_id], settings)
+
+    async def is_ready(self) -> bool:
+        try:
+            return (await http_get(self.port, "/readyz"))[0] == 200
+        except OSError:
+            return False
 
 
 def _remove(path: str) -> None:
@@ -368,48 +386,16 @@ async def running_metering(nats_url: str, **overrides: Any) -> AsyncIterator[Any
         await asyncio.gather(task, return_exceptions=True)
 
 
-class MeteringProcess:
+class MeteringProcess(ChildProcess):
     """A `relay-metering` child process, for the tests that kill one by PID."""
 
+    module, name = "metering.cli", "relay-metering"
+
     def __init__(self, nats_url: str, **settings: Any) -> None:
-        self.args = ["--nats-url", nats_url]
-        for name, value in settings.items():
-            self.args += ["--" + name.replace("_", "-"), str(value)]
-        self.process: asyncio.subprocess.Process | None = None
+        super().__init__(["--nats-url", nats_url], settings)
 
-    async def start(self, timeout: float = 20.0) -> "MeteringProcess":
-        import sys
-
-        self.log_file = tempfile.NamedTemporaryFile(prefix="relay-metering-", suffix=".log", delete=False)
-        atexit.register(_remove, self.log_file.name)
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "metering.cli", *self.args, stdout=asyncio.subprocess.DEVNULL, stderr=self.log_file
-        )
-        deadline = asyncio.get_running_loop().time() + timeout
-        while asyncio.get_running_loop().time() < deadline:
-            if self.process.returncode is not None:
-                raise RuntimeError(f"relay-metering exited with {self.process.returncode}: {self.log_text()}")
-            if "metering ready" in self.log_text():
-                return self
-            await asyncio.sleep(0.05)
-        raise TimeoutError("relay-metering did not become ready")
-
-    async def stop(self, sig: int) -> int:
-        """Send `sig` to this process (by PID) and wait for it to exit; returns the exit code."""
-        assert self.process is not None
-        if self.process.returncode is None:
-            self.process.send_signal(sig)
-        return await asyncio.wait_for(self.process.wait(), 20)
-
-    async def __aenter__(self) -> "MeteringProcess":
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop(signal.SIGKILL)
-
-    def log_text(self) -> str:
-        with open(self.log_file.name, encoding="utf-8", errors="replace") as log:
-            return log.read()
+    async def is_ready(self) -> bool:
+        return "metering ready" in self.log_text()
 
 
 async def read_ledger(nats_url: str, user_id: str) -> Any:
