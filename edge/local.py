@@ -26,11 +26,20 @@ async def _run(settings: EdgeSettings) -> None:
     # Metering in the same process: it shares nothing with the edge but the NATS server.
     metering = Metering(MeteringSettings(nats_url=settings.nats_url, tiers_file=settings.tiers_file))
     metering_task = asyncio.create_task(metering.run())
+    metering_task.add_done_callback(_report_metering_end)
     try:
         await _run_edge(edge, settings)
     finally:
         metering.stop()
         await asyncio.gather(metering_task, return_exceptions=True)
+
+
+def _report_metering_end(task: asyncio.Task[None]) -> None:
+    """Metering shares this process: should it end early, say so (the edge serves on)."""
+    if not task.cancelled() and task.exception() is not None:
+        logging.getLogger("metering").error(
+            "metering stopped: %r; usage is not applied and quotas are not checked until a restart", task.exception()
+        )
 
 
 async def _run_edge(edge: Edge, settings: EdgeSettings) -> None:

@@ -60,11 +60,15 @@ _JETSTREAM_TIMEOUT_S = 2.0
 # How long one fetch waits for a batch; also how soon a stop is noticed when idle.
 _FETCH_WAIT_S = 1.0
 # Ledgers kept in memory (with their KV revision) to skip a read per user per batch.
-_LEDGERS_CACHED = 100_000
+_LEDGERS_CACHED = 20_000
 # Accounts read while applying batches are reused this long: a tier, override or bonus
 # change reaches the announcements within it (quota checks at connect always read afresh).
 _USERS_CACHED_S = 5.0
 _STORAGE_ERRORS = (nats.errors.Error, asyncio.TimeoutError)
+
+
+class _StorageTrouble(Exception):
+    """Storage failed while a batch was applied: wait it out and apply the batch again."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -193,12 +197,16 @@ class Metering:
                 self._batch_in_hand = False
 
     async def _process(self, msg: Msg) -> None:
-        """Apply one batch to every ledger it names, then acknowledge it. Storage trouble is
-        waited out (the batch stays ours meanwhile); a batch that cannot be read is dropped."""
+        """Apply one batch to every ledger it names, then acknowledge it.
+
+        Storage trouble is waited out (the batch stays ours meanwhile). A batch that cannot
+        be read, or names what no ledger can take, is dropped with an error in the log: it
+        would fail again at every delivery, and hold up every batch behind it.
+        """
         seq = msg.metadata.sequence.stream
         try:
             batch = usage_batch_decoder.decode(msg.data)
-        except msgspec.DecodeError as exc:
+        except msgspec.DecodeError as exc:  # ValidationError included
             log.error("usage batch %d cannot be read (%s); dropped", seq, exc)
             await msg.term()
             return
@@ -209,12 +217,16 @@ class Metering:
                 try:
                     answers = await self._apply(batch, seq)
                     break
-                except _STORAGE_ERRORS as exc:
+                except _StorageTrouble as exc:
                     if self._stopping.is_set():
                         return  # not acknowledged: redelivered to whoever runs next
-                    log.warning("usage batch %d: storage error (%s); retrying", seq, exc or type(exc).__name__)
+                    log.warning("usage batch %d: storage error (%s); retrying", seq, exc)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
+                except Exception:
+                    log.exception("usage batch %d from %s cannot be applied; dropped", seq, batch.msg_id)
+                    await msg.term()
+                    return
         finally:
             progress.cancel()
         for user_id, answer in answers.items():
@@ -242,8 +254,14 @@ class Metering:
             async with limit:
                 return user_id, await self._apply_to_user(user_id, entries, seq, batch.at_ms)
 
-        async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(apply_one(user_id, entries)) for user_id, entries in by_user.items()]
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(apply_one(user_id, entries)) for user_id, entries in by_user.items()]
+        except ExceptionGroup as group:
+            storage, other = group.split(_STORAGE_ERRORS)
+            if other is not None:
+                raise other
+            raise _StorageTrouble(type(storage.exceptions[0]).__name__) from group
         return dict(task.result() for task in tasks)
 
     async def _user(self, user_id: str) -> User | None:
@@ -253,7 +271,12 @@ class Metering:
             return cached[0]
         if len(self._users) > _LEDGERS_CACHED:
             self._users = {u: c for u, c in self._users.items() if c[1] > now}
-        user = await self._accounts.get_user(user_id)
+        try:
+            user = await self._accounts.get_user(user_id)
+        except msgspec.DecodeError:
+            # Usage still counts; the quota of an account metering cannot read is not judged.
+            log.error("account %s cannot be read; its usage counts without bonus or quota", user_id)
+            user = None
         self._users[user_id] = (user, now + _USERS_CACHED_S)
         return user
 
@@ -302,22 +325,20 @@ class Metering:
             self._tg.create_task(self._answer_quota_check(msg))
 
     async def _answer_quota_check(self, msg: Msg) -> None:
+        """Answer one quota check. Never raises: no answer lets the user in after the edge's
+        timeout, as with metering down, and one bad check must not stop the service."""
         try:
             check = quota_check_decoder.decode(msg.data)
             user, entry = await asyncio.gather(
                 self._accounts.get_user(check.user_id), get_present(self._usage, usage_ledger_key(check.user_id))
             )
-        except (msgspec.DecodeError, ValueError) as exc:
-            log.warning("unreadable quota check (%s); not answered", exc)
-            return
-        except _STORAGE_ERRORS as exc:
-            # No answer: the edge lets the user in after its timeout, as with metering down.
-            log.warning("quota check for %s: storage error (%s); not answered", check.user_id, type(exc).__name__)
-            return
-        ledger = usage_ledger_decoder.decode(entry.value) if entry is not None else UsageLedger(user_id=check.user_id)
-        tier = self.tiers.get(user.tier) if user is not None else None
-        with contextlib.suppress(*_STORAGE_ERRORS):
+            ledger = usage_ledger_decoder.decode(entry.value) if entry is not None else UsageLedger(user_id=check.user_id)
+            tier = self.tiers.get(user.tier) if user is not None else None
             await msg.respond(msgspec.json.encode(quota_answer(ledger, user, tier, _now_ms())))
+        except _STORAGE_ERRORS as exc:
+            log.warning("a quota check was not answered: storage error (%s)", type(exc).__name__)
+        except Exception as exc:  # an unreadable check, account or ledger
+            log.error("a quota check was not answered: %s: %s", type(exc).__name__, exc)
 
     async def _nats_error(self, exc: Exception) -> None:
         log.warning("NATS: %s", exc or type(exc).__name__)

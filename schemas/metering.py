@@ -7,10 +7,18 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
-from msgspec import Struct
+from msgspec import Meta, Struct
 
 from schemas.client import QuotaExceeded
+
+# What a batch may name: checked when it is decoded, so that a batch metering cannot
+# apply is refused whole (and dropped, logged) instead of failing halfway.
+UserId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+Period = Annotated[str, Meta(pattern=r"^5h-[0-9]{1,12}$")]
+Credits = Annotated[int, Meta(ge=0, le=2**53)]
 
 
 class UsageEntry(Struct, array_like=True):
@@ -20,10 +28,10 @@ class UsageEntry(Struct, array_like=True):
     session time (§12 item 19), the edge keeps the fraction of a credit for the next batch.
     """
 
-    user_id: str
-    period: str  # "5h-N": the window the credits were incurred in
-    message_tokens: int
-    duration_tokens: int
+    user_id: UserId
+    period: Period  # "5h-N": the window the credits were incurred in
+    message_tokens: Credits
+    duration_tokens: Credits
 
 
 class UsageBatch(Struct, kw_only=True):
@@ -32,8 +40,8 @@ class UsageBatch(Struct, kw_only=True):
 
     edge_id: str
     boot_id: str
-    seq: int  # 1, 2, … per edge incarnation
-    at_ms: int  # epoch ms when the batch was sealed; decides the welcome bonus's expiry
+    seq: Annotated[int, Meta(ge=1)]  # 1, 2, … per edge incarnation
+    at_ms: Annotated[int, Meta(ge=0)]  # epoch ms when the batch was sealed; decides the welcome bonus's expiry
     entries: list[UsageEntry]
 
     @property

@@ -19,6 +19,8 @@ from websockets.exceptions import ConnectionClosed
 
 from edge.embedded_nats import EmbeddedNatsServer
 from metering.ledger import window_of
+from metering.service import Metering, MeteringSettings
+from metering.stream import open_usage_stream
 from metering.usage import open_usage_bucket
 from metering.windows import WINDOW_MS, iso_ms, period_of, resets_at
 from schemas.metering import UsageBatch, UsageEntry
@@ -211,8 +213,6 @@ async def test_a_batch_redelivered_after_a_crash_between_applying_and_acknowledg
     await put_ledger(own_nats, applied)
     nc = await nats.connect(own_nats)
     try:
-        from metering.stream import open_usage_stream
-
         js = nc.jetstream()
         await open_usage_stream(js, 1)
         batch = UsageBatch(edge_id="e1", boot_id="b1", seq=1, at_ms=now_ms(), entries=[UsageEntry(account.user_id, period, 7, 0)])
@@ -477,3 +477,96 @@ async def test_two_metering_processes_take_turns_and_count_exactly_while_one_sto
             ledger = await ledger_when(own_nats, account.user_id, lambda l: totals(l)[0] >= 1_500)
             assert totals(ledger)[0] == 1_500
             assert first.batches_applied > 0 and second.batches_applied > 0
+
+
+# --- batches metering cannot apply, storage that refuses writes ----------------------------
+
+
+async def start_metering(url: str, **overrides: Any) -> tuple[Metering, asyncio.Task[None]]:
+    """A metering service in this process, ready; the caller watches its task."""
+    metering = Metering(MeteringSettings(nats_url=url, **overrides))
+    task = asyncio.create_task(metering.run())
+    ready = asyncio.create_task(metering.ready.wait())
+    done, _ = await asyncio.wait({ready, task}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
+    assert ready in done, f"metering did not become ready: {task.exception() if task.done() else 'timeout'}"
+    return metering, task
+
+
+async def stop_metering(metering: Metering, task: asyncio.Task[None]) -> None:
+    metering.stop()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def publish_batch(js: Any, batch: UsageBatch) -> None:
+    await js.publish(usage_events_subject(batch.edge_id), msgspec.json.encode(batch), headers={"Nats-Msg-Id": batch.msg_id})
+
+
+async def wait_for(predicate: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await predicate():
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_a_storage_error_while_applying_a_batch_is_waited_out_not_fatal(own_nats):
+    """Found in review: the per-user writes run in a TaskGroup, whose ExceptionGroup the
+    storage-error retry did not catch, so one refused write ended the whole process."""
+    account = await make_account(own_nats, tier="premium")
+    nc = await nats.connect(own_nats)
+    try:
+        js = nc.jetstream()
+        # The usage bucket as an operator (or a full disk / a leader election) makes it refuse
+        # writes for a while: here, values over 16 bytes are refused (a JetStream API error).
+        from nats.js.api import KeyValueConfig
+
+        from metering.ledger import USAGE_TTL_MS
+        from schemas.subjects import USAGE_BUCKET
+
+        await js.create_key_value(KeyValueConfig(bucket=USAGE_BUCKET, history=1, ttl=USAGE_TTL_MS / 1000, max_value_size=16))
+        await open_usage_stream(js, 1)
+        period = period_of(now_ms())
+        await publish_batch(js, UsageBatch(edge_id="e1", boot_id="b1", seq=1, at_ms=now_ms(), entries=[UsageEntry(account.user_id, period, 7, 0)]))
+        metering, task = await start_metering(own_nats)
+        try:
+            await asyncio.sleep(1.5)  # metering tries to write the ledger, and is refused
+            assert not task.done(), f"metering stopped on a storage error: {task.exception()!r}"
+            # The trouble ends: the batch (still metering's) is applied.
+            info = await js.stream_info(f"KV_{USAGE_BUCKET}")
+            info.config.max_msg_size = -1
+            await js.update_stream(info.config)
+            assert await wait_for(lambda: _has(own_nats, account.user_id, 7), 8)
+        finally:
+            await stop_metering(metering, task)
+    finally:
+        await nc.close()
+
+
+async def _has(url: str, user_id: str, credits: int) -> bool:
+    ledger = await read_ledger(url, user_id)
+    return sum(w.message_tokens for w in ledger.windows) == credits
+
+
+async def test_a_batch_that_decodes_but_cannot_be_applied_is_dropped_and_the_next_is_applied(own_nats):
+    """Found in review: a batch naming a period that is not `5h-N` ended every metering process
+    that took it, and stayed first in the stream (a poison message)."""
+    account = await make_account(own_nats, tier="premium")
+    nc = await nats.connect(own_nats)
+    try:
+        js = nc.jetstream()
+        await open_usage_stream(js, 1)
+        period = period_of(now_ms())
+        await publish_batch(js, UsageBatch(edge_id="e1", boot_id="b1", seq=1, at_ms=now_ms(), entries=[UsageEntry(account.user_id, "5h-soon", 3, 0)]))
+        await publish_batch(js, UsageBatch(edge_id="e1", boot_id="b1", seq=2, at_ms=now_ms(), entries=[UsageEntry(account.user_id, period, 5, 0)]))
+        for attempt in range(2):  # a restarted metering fares no better
+            metering, task = await start_metering(own_nats)
+            try:
+                await asyncio.sleep(1.0)
+                assert not task.done(), f"metering (start {attempt + 1}) ended on a bad batch: {task.exception()!r}"
+            finally:
+                await stop_metering(metering, task)
+        ledger = await read_ledger(own_nats, account.user_id)
+        assert window_of(ledger, period).message_tokens == 5
+    finally:
+        await nc.close()
