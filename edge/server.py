@@ -14,7 +14,7 @@ import http
 import logging
 import secrets
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,11 +26,11 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.js.api import DeliverPolicy
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 from websockets.http11 import Request, Response
 
 from accounts.store import AccountStore
@@ -50,7 +50,6 @@ from edge.session import (
     RoomRequest,
     Send,
     Session,
-    Subscribe,
     other_role,
 )
 from edge.settings import EdgeSettings, redact_urls
@@ -81,11 +80,11 @@ from schemas.subjects import (
     ROLES,
     USER_FILTER,
     addressed_subject,
+    addressee_sender_and_kind,
+    edge_filter,
     edge_id_of_lease_key,
     is_valid_room_id,
     room_subject,
-    sender_and_kind,
-    socket_filter,
 )
 
 log = logging.getLogger("edge")
@@ -123,11 +122,19 @@ _DELETED_USERS_KEPT = 10_000
 _BATCH = 100
 # How long shutdown tries to hand the last usage to the stream before it gives up (and logs).
 _SHUTDOWN_USAGE_S = 10.0
+# The answer to a control event for a socket this edge no longer has (the socket is gone:
+# nobody to tell, as when a whole edge is gone and NATS answers "no responders").
+_NO_SUCH_SOCKET = b"gone"
+# What may wait in NATS's client for the edge's one subscription before it drops (and
+# logs): only an edge out of CPU gets near it, since delivering never waits for a socket.
+_INBOX_PENDING_BYTES = 512 * 1024 * 1024
+# The largest WebSocket frame header the server writes (no mask): 2 + 8 bytes.
+_FRAME_HEADER_MAX = 10
 
 
 @dataclass(eq=False)
 class Connection:
-    """A live client socket on this edge: the socket, its protocol state, its subscription."""
+    """A live client socket on this edge: the socket, its protocol state, what waits to be written to it."""
 
     ws: ServerConnection
     session: Session
@@ -135,7 +142,6 @@ class Connection:
     # role → the room subject of that role, built once (the room id was validated at the
     # upgrade; re-validating it per forwarded frame would be work on the hot path).
     subjects: dict[str, str] = field(default_factory=dict)
-    subscription: Subscription | None = None
     last_message_ms: int = 0  # wall clock of the last inbound frame, for lastSeen
     last_seen_written_ms: int = 0
     closing: bool = False
@@ -147,6 +153,12 @@ class Connection:
     # Held while writing what the session decided about its peer, and while writing a
     # frame from NATS, so that the client never sees a peer's frame before its peer_joined.
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # What arrived from NATS for this socket and could not be written at once (the socket
+    # is slow, or news about the peer is being written), in arrival order: a frame's bytes
+    # or a control event, each with its sender. Written by `drainer`; bounded.
+    backlog: deque[tuple[bytes | Any, str]] = field(default_factory=deque)
+    backlog_bytes: int = 0
+    drainer: asyncio.Task[None] | None = None
 
 
 @dataclass(frozen=True)
@@ -183,7 +195,6 @@ class Edge:
         self._presence: Presence | None = None
         self._lease_revision = 0
         self._tg: asyncio.TaskGroup | None = None
-        self._by_sid: dict[int, Connection] = {}
         self._accepted = False
         self._lease_watcher: Any = None
         self._max_forward_bytes = 0  # see _learn_max_payload
@@ -258,6 +269,14 @@ class Edge:
                     self._usage_task = tg.create_task(self._usage_loop())
                     background.append(self._usage_task)
                     await self._nc.subscribe(OVER_LIMIT_SUBJECT, cb=self._over_limit)
+                # One subscription for everything addressed to this edge's sockets.
+                await self._nc.subscribe(
+                    edge_filter(s.edge_id),
+                    cb=self._dispatch,
+                    pending_msgs_limit=0,  # no count limit; the bytes are bounded
+                    pending_bytes_limit=_INBOX_PENDING_BYTES,
+                )
+                await self._nc.flush()  # the server has our interest before anyone is told of a socket here
                 await watching.wait()
                 await watching_accounts.wait()
                 self._accepted = True
@@ -446,8 +465,6 @@ class Edge:
                 if exceeded is not None:
                     await self._carry_out(conn, session.quota_exceeded(encode(exceeded)))
                     return
-            if target.role is not None:
-                await self._subscribe(conn, target.role)
             async for frame in ws:
                 conn.last_message_ms = now_ms()
                 await self._carry_out(conn, session.receive(frame, time.monotonic()))
@@ -465,10 +482,7 @@ class Edge:
         session = conn.session
         self.connections.pop(session.socket_id, None)
         self._count_session_time(conn, time.monotonic(), ending=True)
-        if conn.subscription is not None:
-            self._by_sid.pop(conn.subscription._id, None)
-            with contextlib.suppress(Exception):
-                await conn.subscription.unsubscribe()
+        conn.backlog.clear()  # nobody to write it to
         if not (session.in_room or session.uncertain) or session.replaced or session.role is None:
             return
         last_seen = conn.last_message_ms or now_ms()
@@ -504,40 +518,83 @@ class Edge:
             except (nats.errors.Error, asyncio.TimeoutError, StorageConflict):
                 backoff = min(backoff * 2, 5.0)
 
-    async def _subscribe(self, conn: Connection, role: str) -> None:
-        session = conn.session
+    async def _dispatch(self, msg: Msg) -> None:
+        """Everything NATS brings for this edge's sockets, in the order it comes.
 
-        async def deliver(msg: Msg) -> None:
-            sender, kind = sender_and_kind(msg.subject)
-            if kind == KIND_EVENT:
-                if msg.reply:
-                    # Acknowledge receipt at once, not after processing: the sender may be
-                    # holding its own socket's write lock while it waits for this.
-                    await msg.respond(b"")
-                try:
-                    event = edge_event_decoder.decode(msg.data)
-                except msgspec.DecodeError:
-                    log.error("undecodable control event on %s", msg.subject)
-                    return
-                async with conn.write_lock:
-                    await self._carry_out(conn, session.receive_event(event, sender))
+        Never waits for a socket: a frame is written at once when that cannot wait (the
+        socket is keeping up and no news about its peer is being written), else it joins
+        the socket's backlog, which the socket's own drainer writes. So a slow socket never
+        holds up the others, and the order of one socket's messages is kept.
+        """
+        to, sender, kind = addressee_sender_and_kind(msg.subject)
+        conn = self.connections.get(to)
+        if kind == KIND_EVENT:
+            if msg.reply:
+                # Acknowledged on receipt, not after processing: the sender may be holding
+                # its own socket's write lock while it waits for this.
+                await msg.respond(b"" if conn is not None else _NO_SUCH_SOCKET)
+            if conn is None:
                 return
-            if conn.write_lock.locked():  # news about the peer is being written: after it
-                # (the session's peer changes only under the lock: see `_decide_in_order`)
-                async with conn.write_lock:
-                    await self._write_frame(conn, msg.data, sender)
-            else:
-                # websockets writes a frame's bytes before it first waits (for drain), so
-                # news written after this starts still reaches the client after the frame.
-                await self._write_frame(conn, msg.data, sender)
+            try:
+                event = edge_event_decoder.decode(msg.data)
+            except msgspec.DecodeError:
+                log.error("undecodable control event on %s", msg.subject)
+                return
+            self._enqueue(conn, event, sender, 0)
+            return
+        if conn is None:
+            return
+        ws = conn.ws
+        if (
+            not conn.backlog
+            and not conn.write_lock.locked()
+            and ws.protocol.state is State.OPEN
+            and ws.transport.get_write_buffer_size() + len(msg.data) + _FRAME_HEADER_MAX < ws.write_limit_high
+        ):
+            # websockets waits in a send only for a socket that is not open or whose buffer
+            # goes over its high-water mark: neither can happen here, so this never waits.
+            await self._write_frame(conn, msg.data, sender)
+        else:
+            self._enqueue(conn, msg.data, sender, len(msg.data))
 
-        conn.subscription = await self._nc.subscribe(
-            socket_filter(conn.subjects[role], session.socket_id),
-            cb=deliver,
-            pending_msgs_limit=self.settings.socket_queue_max_msgs,
-            pending_bytes_limit=self.settings.socket_queue_max_bytes,
-        )
-        self._by_sid[conn.subscription._id] = conn
+    def _enqueue(self, conn: Connection, item: bytes | Any, sender: str, size: int) -> None:
+        """Queue `item` for the socket's drainer; a socket that cannot keep up is closed 1013."""
+        if conn.closing:
+            return
+        conn.backlog.append((item, sender))
+        conn.backlog_bytes += size
+        s = self.settings
+        if len(conn.backlog) > s.socket_queue_max_msgs or conn.backlog_bytes > s.socket_queue_max_bytes:
+            log.warning("socket %s cannot keep up; closing it", conn.session.socket_id)
+            conn.backlog.clear()
+            # Frames for it are being dropped: its session is broken, and to its peer it timed out.
+            conn.session.leave_reason = DisconnectReason.TIMEOUT
+            self._spawn(self._close(conn, CloseCode.TRY_AGAIN_LATER, "too slow"), "close a slow socket")
+            return
+        if conn.drainer is None and self._tg is not None:
+            conn.drainer = self._tg.create_task(self._drain(conn))
+
+    async def _drain(self, conn: Connection) -> None:
+        """Write the socket's backlog in order: frames (after any news being written) and
+        control events (decided and written under the write lock)."""
+        session = conn.session
+        try:
+            while conn.backlog:
+                item, sender = conn.backlog.popleft()
+                if type(item) is bytes:
+                    conn.backlog_bytes -= len(item)
+                    if conn.write_lock.locked():
+                        async with conn.write_lock:
+                            await self._write_frame(conn, item, sender)
+                    else:
+                        await self._write_frame(conn, item, sender)
+                else:
+                    async with conn.write_lock:
+                        await self._carry_out(conn, session.receive_event(item, sender))
+        except Exception:
+            log.exception("socket %s: writing its backlog failed", session.socket_id)
+        finally:
+            conn.drainer = None
 
     async def _write_frame(self, conn: Connection, data: bytes, sender: str) -> None:
         """Write a frame from NATS to the client if it comes from the session's current peer."""
@@ -562,7 +619,7 @@ class Edge:
                 if to != conn.forward_to:  # the subject changes only with the peer
                     conn.forward_to = to
                     conn.forward_subject = addressed_subject(
-                        conn.subjects[session.peer_role], to, session.socket_id, KIND_FRAME
+                        conn.subjects[session.peer_role], action.to.edge_id, to, session.socket_id, KIND_FRAME
                     )
                 await self._nc.publish(conn.forward_subject, action.data)
                 # Charged once it is on its way, and only when a peer was there (§12 item 18).
@@ -574,8 +631,6 @@ class Edge:
                 await self._carry_out_room_request(conn, action.message)
             elif isinstance(action, Notify):
                 await self._publish_event(session, action.to, action.role, action.event)
-            elif isinstance(action, Subscribe):
-                await self._subscribe(conn, action.role)
             elif isinstance(action, Close):
                 await self._close(conn, action.code, action.reason, action.farewell)
 
@@ -711,17 +766,20 @@ class Edge:
         lost frame is handled by restarting the session (see `_nats_reconnected`).
         """
         data = msgspec.json.encode(event)
-        subject = addressed_subject(room_subject(session.room_id, role), to.socket_id, session.socket_id, KIND_EVENT)
+        subject = addressed_subject(
+            room_subject(session.room_id, role), to.edge_id, to.socket_id, session.socket_id, KIND_EVENT
+        )
         for _ in range(_EVENT_ATTEMPTS):
             try:
-                await self._nc.request(subject, data, timeout=_EVENT_ACK_TIMEOUT_S)
-                return
+                reply = await self._nc.request(subject, data, timeout=_EVENT_ACK_TIMEOUT_S)
             except nats.errors.NoRespondersError:
-                # Nobody holds that socket any more: there is no one to tell.
-                log.info("room %s: no %s socket to take a %s event", session.room_id, role, type(event).__name__)
-                return
+                reply = None  # that edge is gone
             except nats.errors.TimeoutError:
                 continue
+            if reply is None or reply.data == _NO_SUCH_SOCKET:
+                # Nobody holds that socket any more: there is no one to tell.
+                log.info("room %s: no %s socket to take a %s event", session.room_id, role, type(event).__name__)
+            return
         log.warning("room %s: a %s event to a %s socket went unacknowledged", session.room_id, type(event).__name__, role)
 
     async def _room_request_with_retries(
@@ -1039,15 +1097,9 @@ class Edge:
 
     async def _nats_error(self, exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError):
-            conn = self._by_sid.get(exc.sid)
-            if conn is not None and conn.closing:
-                return  # reported once already, when we began closing it
-            if conn is not None:
-                log.warning("socket %s cannot keep up; closing it", conn.session.socket_id)
-                # Frames for it were dropped: its session is broken, and to its peer it timed out.
-                conn.session.leave_reason = DisconnectReason.TIMEOUT
-                self._spawn(self._close(conn, CloseCode.TRY_AGAIN_LATER, "too slow"), "close a slow socket")
-                return
+            # Only an edge that has run out of CPU for a long while: messages were dropped.
+            log.error("NATS dropped messages for this edge's sockets: the edge cannot keep up (%s)", exc.subject)
+            return
         log.error("NATS error: %s", exc)
 
     async def _nats_disconnected(self) -> None:

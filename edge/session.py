@@ -69,13 +69,6 @@ class Notify:
 
 
 @dataclass(frozen=True)
-class Subscribe:
-    """The session's role is now known: subscribe to the room subject of that role."""
-
-    role: str
-
-
-@dataclass(frozen=True)
 class Close:
     """Close the session's socket, after sending `farewell` if the client still reads."""
 
@@ -84,7 +77,7 @@ class Close:
     farewell: bytes | None = None
 
 
-Action = Send | Forward | RoomRequest | Notify | Subscribe | Close
+Action = Send | Forward | RoomRequest | Notify | Close
 
 
 @dataclass(frozen=True)
@@ -171,7 +164,6 @@ class Session:
         actions: list[Action] = []
         if self.role is None:
             self.role = wanted
-            actions.append(Subscribe(wanted))
         elif self.role != wanted:
             return [_error(ErrorCode.BAD_ROLE, f"{msg.__struct_config__.tag} is for the {wanted} role, this socket is {self.role}")]
         if msg.room_id != self.room_id:

@@ -11,7 +11,6 @@ import re
 
 ROOM_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 EDGE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
-SOCKET_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 USER_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 TOKEN_HASH_PATTERN = re.compile(r"[0-9a-f]{64}")
 ROLES = ("mac", "ios")
@@ -54,37 +53,37 @@ def _role(role: str) -> str:
 
 def room_subject(room_id: str, role: str) -> str:
     """The subject of a room and role: frames and control events *to* that role's socket
-    travel on subjects below it, `<room subject>.<to socket>.<from socket>.<kind>`."""
+    travel on subjects below it, `<room subject>.<to edge>.<to socket>.<from socket>.<kind>`."""
     return f"{_SUBJECT_ROOT}.{_room(room_id)}.{_role(role)}"
 
 
-def _socket(socket_id: str) -> str:
-    if SOCKET_ID_PATTERN.fullmatch(socket_id) is None:
-        raise ValueError(f"invalid socket id: {socket_id!r}")
-    return socket_id
+def edge_filter(edge_id: str) -> str:
+    """What one edge subscribes to: everything addressed to any of its sockets, in any room.
 
-
-def socket_filter(room_subject_: str, socket_id: str) -> str:
-    """What one socket subscribes to: everything addressed to it below its room subject.
-
-    The addressee is a token of the subject, not a header: the server drops what is meant
-    for another socket (say, during a takeover), and nobody parses headers per frame.
+    One subscription per edge, made before it serves, not one per socket: no per-socket
+    subscription state, and no window after a socket opens in which a NATS cluster has
+    not yet learnt of its interest. The addressee's edge and socket are tokens of the
+    subject, not headers: the server delivers a message only to the edge it is for, and
+    nobody parses headers per frame.
     """
-    return f"{room_subject_}.{_socket(socket_id)}.*.*"
+    if not is_valid_edge_id(edge_id):
+        raise ValueError(f"invalid edge id: {edge_id!r}")
+    return f"{_SUBJECT_ROOT}.*.*.{edge_id}.*.*.*"
 
 
-def addressed_subject(room_subject_: str, to_socket: str, from_socket: str, kind: str) -> str:
-    """The subject of one message from socket `from_socket` to socket `to_socket`.
+def addressed_subject(room_subject_: str, to_edge: str, to_socket: str, from_socket: str, kind: str) -> str:
+    """The subject of one message from socket `from_socket` to socket `to_socket` on edge `to_edge`.
 
-    On the hot path: both ids are the relay's own (made by `new_socket_id`), not a client's.
+    On the hot path: the ids are the relay's own (edge ids are checked at start, socket ids
+    made by the edge), not a client's.
     """
-    return f"{room_subject_}.{to_socket}.{from_socket}.{kind}"
+    return f"{room_subject_}.{to_edge}.{to_socket}.{from_socket}.{kind}"
 
 
-def sender_and_kind(subject: str) -> tuple[str, str]:
-    """The sender's socket id and the kind token of an `addressed_subject`."""
-    _, sender, kind = subject.rsplit(".", 2)
-    return sender, kind
+def addressee_sender_and_kind(subject: str) -> tuple[str, str, str]:
+    """The addressed socket, the sender's socket and the kind token of an `addressed_subject`."""
+    _, to, sender, kind = subject.rsplit(".", 3)
+    return to, sender, kind
 
 
 def room_key(room_id: str) -> str:

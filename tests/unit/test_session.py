@@ -11,7 +11,7 @@ import pytest
 
 from edge import rooms
 from edge.rooms import Outcome
-from edge.session import Close, Forward, Notify, RoomRequest, Send, Session, Subscribe
+from edge.session import Close, Forward, Notify, RoomRequest, Send, Session
 from schemas.client import Error, JoinRoom, PeerJoined, RegisterRoom, RoomRegistered
 from schemas.edge_events import PeerJoinedEvent, PeerLeftEvent, ReplacedEvent
 from schemas.records import RoomRecord, SlotHolder
@@ -85,23 +85,16 @@ def test_role_inferred_from_first_message_register_means_mac():
     s = session(role=None)
     actions = s.receive(reg_frame(), now=1.0)
     assert s.role == "mac"
-    assert actions[0] == Subscribe("mac")
-    assert len(actions) == 2 and isinstance(actions[1], RoomRequest)
-    assert isinstance(actions[1].message, RegisterRoom)
-    assert actions[1].message.secret_hash == SECRET
+    assert len(actions) == 1 and isinstance(actions[0], RoomRequest)
+    assert isinstance(actions[0].message, RegisterRoom)
+    assert actions[0].message.secret_hash == SECRET
 
 
 def test_role_inferred_from_first_message_join_means_ios():
     s = session(role=None)
     actions = s.receive(join_frame(), now=1.0)
     assert s.role == "ios"
-    assert actions[0] == Subscribe("ios")
-    assert isinstance(actions[1], RoomRequest) and isinstance(actions[1].message, JoinRoom)
-
-
-def test_role_from_url_needs_no_subscribe_on_request():
-    actions = session(role="mac").receive(reg_frame(), now=1.0)
-    assert len(actions) == 1 and isinstance(actions[0], RoomRequest)
+    assert len(actions) == 1 and isinstance(actions[0], RoomRequest) and isinstance(actions[0].message, JoinRoom)
 
 
 def test_register_on_ios_socket_gives_bad_role():
