@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import msgspec
 import nats.errors
@@ -69,7 +69,7 @@ class MeteringLink:
         )
         self.usage_batches_published += 1
 
-    async def publish_until_acked(self, batch: UsageBatch, between_attempts: Callable[[], None]) -> None:
+    async def publish_until_acked(self, batch: UsageBatch, between_attempts: Callable[[], Awaitable[None]]) -> None:
         """Publish `batch` until the stream acknowledges it (the caller bounds the time, if at all).
 
         `between_attempts` runs while waiting to retry (the edge keeps its meter ticking).
@@ -86,6 +86,6 @@ class MeteringLink:
                 if not failing:
                     log.warning("usage batch %s not acknowledged (%s); retrying", batch.msg_id, type(exc).__name__ or exc)
                     failing = True
-            between_attempts()
+            await between_attempts()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)

@@ -118,8 +118,10 @@ _EVENT_ATTEMPTS = 3
 _REQUEST_BUDGET_S = 8.0
 # How many deleted accounts an edge remembers (for sockets admitted during a deletion).
 _DELETED_USERS_KEPT = 10_000
-# Periodic writes for many sockets go out in batches of this many, with frames in between.
-_BATCH = 100
+# Periodic work over many sockets (lastSeen writes, liveness, session time) goes in slices
+# of this many, with frames in between: a slice holds frames back ~0.2 ms, where one pass
+# over 2000 sockets held them 2 ms (and showed in the p99 latency).
+_SLICE = 25
 # How long shutdown tries to hand the last usage to the stream before it gives up (and logs).
 _SHUTDOWN_USAGE_S = 10.0
 # The answer to a control event for a socket this edge no longer has (the socket is gone:
@@ -940,10 +942,12 @@ class Edge:
         threshold = self.settings.heartbeat_dead_threshold_ms / 1000
         while not await self._sleep(self.settings.liveness_sweep_interval_s):
             now = time.monotonic()
-            for conn in list(self.connections.values()):
+            for n, conn in enumerate(list(self.connections.values())):
                 if not conn.closing and not conn.timed_out and conn.session.is_silent(now, threshold):
                     conn.timed_out = True  # one time-out per socket, however long its close takes
                     self._spawn(self._carry_out(conn, conn.session.time_out()), "time out a silent socket")
+                if n % (_SLICE * 8) == _SLICE * 8 - 1:  # a check is cheap: larger slices
+                    await asyncio.sleep(0)
 
     async def _last_seen_loop(self) -> None:
         """Write lastSeen of sockets that spoke since the last write: at most one write per socket per interval."""
@@ -957,8 +961,8 @@ class Edge:
                         conn.session.room_id, conn.session.role, conn.last_message_ms, self._seen_ttl_s
                     )
                     conn.last_seen_written_ms = conn.last_message_ms
-                    if n % _BATCH == _BATCH - 1:
-                        await asyncio.sleep(0)  # let frames through between batches
+                    if n % _SLICE == _SLICE - 1:
+                        await asyncio.sleep(0)  # let frames through between slices
             except nats.errors.Error as exc:
                 log.warning("lastSeen flush stopped (%s); the next one retries", type(exc).__name__)
 
@@ -970,8 +974,8 @@ class Edge:
                 for c in self.connections.values()
                 if c.session.role == "mac" and c.session.in_room and not c.session.replaced and not c.closing
             ]
-            for start in range(0, len(due), _BATCH):  # in batches: frames go on meanwhile
-                await asyncio.gather(*(self._refresh_registration(c) for c in due[start : start + _BATCH]))
+            for start in range(0, len(due), _SLICE):  # in slices: frames go on meanwhile
+                await asyncio.gather(*(self._refresh_registration(c) for c in due[start : start + _SLICE]))
 
     # --- metering --------------------------------------------------------------------
 
@@ -987,11 +991,13 @@ class Edge:
             self.meter.add_session_time(session.owner_user_id or session.user_id, (now - conn.in_session_since) * 1000)
         conn.in_session_since = now if session.in_session and not ending else None
 
-    def _tick_meter(self) -> None:
-        now = time.monotonic()
-        for conn in self.connections.values():
+    async def _tick_meter(self) -> None:
+        """Session time up to now, then close the meter's interval (frames go on meanwhile)."""
+        for n, conn in enumerate(list(self.connections.values())):
             if conn.in_session_since is not None or conn.session.in_session:
-                self._count_session_time(conn, now)
+                self._count_session_time(conn, time.monotonic())
+            if n % (_SLICE * 4) == _SLICE * 4 - 1:
+                await asyncio.sleep(0)
         self.meter.tick(now_ms())
 
     async def _usage_loop(self) -> None:
@@ -1001,7 +1007,7 @@ class Edge:
             now = now_ms()
             to_boundary = WINDOW_MS - now % WINDOW_MS
             await asyncio.sleep(min(interval_ms, to_boundary) / 1000)
-            self._tick_meter()
+            await self._tick_meter()
             while (batch := self.meter.next_batch(now_ms())) is not None:
                 await self._metering.publish_until_acked(batch, self._tick_meter)
                 self.meter.acknowledged(batch)
@@ -1013,7 +1019,7 @@ class Edge:
         self._usage_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._usage_task
-        self._tick_meter()
+        await self._tick_meter()
         try:
             async with asyncio.timeout(_SHUTDOWN_USAGE_S):
                 while (batch := self.meter.next_batch(now_ms())) is not None:
