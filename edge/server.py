@@ -161,6 +161,7 @@ class Connection:
     backlog: deque[tuple[bytes | Any, str]] = field(default_factory=deque)
     backlog_bytes: int = 0
     drainer: asyncio.Task[None] | None = None
+    closing_slow: bool = False  # being closed 1013 for a backlog over its bounds
 
 
 @dataclass(frozen=True)
@@ -485,6 +486,7 @@ class Edge:
         self.connections.pop(session.socket_id, None)
         self._count_session_time(conn, time.monotonic(), ending=True)
         conn.backlog.clear()  # nobody to write it to
+        conn.backlog_bytes = 0
         if not (session.in_room or session.uncertain) or session.replaced or session.role is None:
             return
         last_seen = conn.last_message_ms or now_ms()
@@ -548,33 +550,40 @@ class Edge:
             return
         ws = conn.ws
         if (
-            not conn.backlog
+            conn.drainer is None  # else it holds an item taken from the backlog: after it
             and not conn.write_lock.locked()
+            and not ws.paused  # paused from over the high-water mark until down to the low one
             and ws.protocol.state is State.OPEN
             and ws.transport.get_write_buffer_size() + len(msg.data) + _FRAME_HEADER_MAX < ws.write_limit_high
         ):
-            # websockets waits in a send only for a socket that is not open or whose buffer
-            # goes over its high-water mark: neither can happen here, so this never waits.
+            # websockets waits in a send only for a socket that is not open, or paused, or
+            # whose buffer this write takes over the high-water mark: none of these here.
             await self._write_frame(conn, msg.data, sender)
         else:
             self._enqueue(conn, msg.data, sender, len(msg.data))
 
     def _enqueue(self, conn: Connection, item: bytes | Any, sender: str, size: int) -> None:
         """Queue `item` for the socket's drainer; a socket that cannot keep up is closed 1013."""
-        if conn.closing:
+        if conn.closing or conn.closing_slow:
             return
         conn.backlog.append((item, sender))
         conn.backlog_bytes += size
         s = self.settings
         if len(conn.backlog) > s.socket_queue_max_msgs or conn.backlog_bytes > s.socket_queue_max_bytes:
             log.warning("socket %s cannot keep up; closing it", conn.session.socket_id)
+            conn.closing_slow = True  # said once; what comes for it until the close is dropped
             conn.backlog.clear()
+            conn.backlog_bytes = 0
             # Frames for it are being dropped: its session is broken, and to its peer it timed out.
             conn.session.leave_reason = DisconnectReason.TIMEOUT
             self._spawn(self._close(conn, CloseCode.TRY_AGAIN_LATER, "too slow"), "close a slow socket")
             return
         if conn.drainer is None and self._tg is not None:
-            conn.drainer = self._tg.create_task(self._drain(conn))
+            try:
+                conn.drainer = self._tg.create_task(self._drain(conn))
+            except RuntimeError:  # the edge's TaskGroup is finishing: its sockets are closed
+                conn.backlog.clear()
+                conn.backlog_bytes = 0
 
     async def _drain(self, conn: Connection) -> None:
         """Write the socket's backlog in order: frames (after any news being written) and
