@@ -156,3 +156,18 @@ async def test_a_slow_reader_paused_between_its_buffer_marks_does_not_stall_othe
             assert delivered["payload"] == "still-flowing"
         finally:
             phone.close()
+
+
+async def test_the_websockets_internals_a_direct_write_relies_on_are_there(nats_url):
+    """The edge writes a frame it can write at once as `ws.send` would, minus its waits:
+    with websockets' `protocol.send_text` and `send_data`, after checking `paused`,
+    `send_in_progress` and `write_limit_high`. A websockets release that renames one of
+    these fails here, by name, rather than as a stall or a lost frame elsewhere."""
+    async with running_edges(nats_url, count=1) as (edge,):
+        mac_client, ios_client, mac = await paired(edge, edge)
+        ws = _server_side(edge, mac.room_id, "ios").ws
+        assert ws.paused is False and ws.send_in_progress is None
+        assert isinstance(ws.write_limit_high, int) and ws.write_limit_high > 0
+        assert callable(ws.protocol.send_text) and callable(ws.send_data)
+        await mac_client.send(type="relay", payload="direct")
+        assert (await ios_client.expect("relay"))["payload"] == "direct"
