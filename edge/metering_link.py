@@ -4,14 +4,17 @@ to the usage stream. The counting itself is `edge.meter`; the decisions are mete
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
 import msgspec
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from metering.stream import open_usage_stream
 from schemas.client import QuotaExceeded
 from schemas.metering import QuotaCheck, UsageBatch, quota_answer_decoder
 from schemas.subjects import QUOTA_CHECK_SUBJECT, usage_events_subject
@@ -24,9 +27,10 @@ _PUBLISH_TIMEOUT_S = 2.0
 class MeteringLink:
     """Quota checks and usage publishing for one edge. Counts what went wrong, for /metrics."""
 
-    def __init__(self, nc: NATS, js: JetStreamContext, edge_id: str, quota_check_timeout_s: float) -> None:
+    def __init__(self, nc: NATS, js: JetStreamContext, edge_id: str, quota_check_timeout_s: float, replicas: int) -> None:
         self._nc = nc
         self._js = js
+        self._replicas = replicas
         self._subject = usage_events_subject(edge_id)
         self._check_timeout_s = quota_check_timeout_s
         self.quota_checks_unanswered = 0
@@ -86,6 +90,10 @@ class MeteringLink:
                 if not failing:
                     log.warning("usage batch %s not acknowledged (%s); retrying", batch.msg_id, type(exc).__name__ or exc)
                     failing = True
+                if isinstance(exc, nats.js.errors.NoStreamResponseError):
+                    # The stream is gone (deleted by hand): make it again, as at start.
+                    with contextlib.suppress(TimeoutError, nats.errors.Error):
+                        await open_usage_stream(self._js, self._replicas)
             await between_attempts()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)

@@ -329,7 +329,8 @@ class Edge:
                 if self.settings.metering:
                     await open_usage_stream(js, self.settings.kv_replicas)
                     self._metering = MeteringLink(
-                        self._nc, js, self.settings.edge_id, self.settings.quota_check_timeout_ms / 1000
+                        self._nc, js, self.settings.edge_id, self.settings.quota_check_timeout_ms / 1000,
+                        self.settings.kv_replicas,
                     )
                 await self._take_lease()
                 return

@@ -139,7 +139,7 @@ class Metering:
                 self._tg = tg
                 checks = await self._nc.subscribe(QUOTA_CHECK_SUBJECT, queue=METERING_QUEUE, cb=self._on_quota_check)
                 consumer = await js.pull_subscribe_bind(METERING_CONSUMER, stream=USAGE_STREAM)
-                consuming = tg.create_task(self._consume(consumer))
+                consuming = tg.create_task(self._consume(js, consumer))
                 self.ready.set()
                 log.info("metering ready")
                 await self._stopping.wait()
@@ -174,7 +174,7 @@ class Metering:
 
     # --- the usage stream ----------------------------------------------------------------
 
-    async def _consume(self, consumer: nats.js.JetStreamContext.PullSubscription) -> None:
+    async def _consume(self, js: nats.js.JetStreamContext, consumer: nats.js.JetStreamContext.PullSubscription) -> None:
         outage = False
         while not self._stopping.is_set():
             try:
@@ -187,6 +187,8 @@ class Metering:
                     log.warning("cannot fetch usage batches (%s); retrying", exc or type(exc).__name__)
                     outage = True
                 await asyncio.sleep(0.5)
+                if isinstance(exc, (nats.js.errors.ServiceUnavailableError, nats.js.errors.NotFoundError)):
+                    await self._recreate_consumer(js)
                 continue
             outage = False
             self._batch_in_hand = True
@@ -195,6 +197,14 @@ class Metering:
                     await self._process(msg)
             finally:
                 self._batch_in_hand = False
+
+    async def _recreate_consumer(self, js: nats.js.JetStreamContext) -> None:
+        """The stream or the consumer is gone (deleted by hand): make them again, as at start."""
+        try:
+            await open_usage_stream(js, self.settings.kv_replicas)
+            await js.add_consumer(USAGE_STREAM, metering_consumer_config(self.settings.ack_wait_ms / 1000))
+        except _STORAGE_ERRORS as exc:
+            log.debug("usage stream or consumer not re-created yet (%s)", type(exc).__name__)
 
     async def _process(self, msg: Msg) -> None:
         """Apply one batch to every ledger it names, then acknowledge it.

@@ -4,6 +4,7 @@ definition, used by both sides (whichever starts first creates it)."""
 from __future__ import annotations
 
 import logging
+import time
 
 import nats.js.errors
 from nats.js import JetStreamContext
@@ -29,7 +30,14 @@ USAGE_DEDUP_WINDOW_S = 3_600
 
 
 async def open_usage_stream(js: JetStreamContext, replicas: int) -> None:
-    """Create the usage stream, or use it as it is if it exists with another configuration."""
+    """Create the usage stream, or use it as it is if it exists with another configuration.
+
+    A stream created now starts its sequence at the current time in microseconds. Ledgers
+    record the sequence of the last batch applied to them; a stream deleted and created
+    again (by an operator, or re-created by an edge or metering that finds it gone) must
+    start above any sequence the old one reached, or metering would skip its batches as
+    applied. It does, unless the old one stored more than a million batches a second.
+    """
     config = StreamConfig(
         name=USAGE_STREAM,
         subjects=[USAGE_EVENTS_FILTER],
@@ -39,11 +47,18 @@ async def open_usage_stream(js: JetStreamContext, replicas: int) -> None:
         num_replicas=replicas,
         max_age=USAGE_STREAM_MAX_AGE_S,
         duplicate_window=USAGE_DEDUP_WINDOW_S,
+        first_seq=time.time_ns() // 1000,
     )
     try:
+        await js.stream_info(USAGE_STREAM)
+        return  # there: used as it is (its replicas or limits may be the operator's choice)
+    except nats.js.errors.NotFoundError:
+        pass
+    try:
         await js.add_stream(config)
+        log.info("created the usage stream %s (first sequence %d)", USAGE_STREAM, config.first_seq)
     except nats.js.errors.BadRequestError:
-        log.warning("stream %s exists with another configuration; using it as is", USAGE_STREAM)
+        pass  # created meanwhile by another edge or metering process
 
 
 def metering_consumer_config(ack_wait_s: float) -> ConsumerConfig:

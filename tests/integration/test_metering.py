@@ -204,13 +204,6 @@ async def test_metering_killed_mid_traffic_and_restarted_counts_exactly(own_nats
 async def test_a_batch_redelivered_after_a_crash_between_applying_and_acknowledging_is_not_counted_again(own_nats):
     account = await make_account(own_nats, tier="premium")
     period = period_of(now_ms())
-    # As a metering process that died after writing the ledger leaves it: batch 1 applied.
-    applied = UsageLedger(
-        user_id=account.user_id,
-        applied_seq=1,
-        windows=[UsageWindow(user_id=account.user_id, period=period, message_tokens=7, total_tokens=7)],
-    )
-    await put_ledger(own_nats, applied)
     nc = await nats.connect(own_nats)
     try:
         js = nc.jetstream()
@@ -218,13 +211,20 @@ async def test_a_batch_redelivered_after_a_crash_between_applying_and_acknowledg
         batch = UsageBatch(edge_id="e1", boot_id="b1", seq=1, at_ms=now_ms(), entries=[UsageEntry(account.user_id, period, 7, 0)])
         again = UsageBatch(edge_id="e1", boot_id="b1", seq=2, at_ms=now_ms(), entries=[UsageEntry(account.user_id, period, 5, 0)])
         first = await js.publish(usage_events_subject("e1"), msgspec.json.encode(batch), headers={"Nats-Msg-Id": batch.msg_id})
-        assert first.seq == 1  # the stream sequence the ledger says it has
-        # The edge's retry of batch 1 (its ack was lost) is stored once.
+        # As a metering process that died after writing the ledger leaves it: the first batch
+        # applied (its stream sequence recorded), not acknowledged.
+        applied = UsageLedger(
+            user_id=account.user_id,
+            applied_seq=first.seq,
+            windows=[UsageWindow(user_id=account.user_id, period=period, message_tokens=7, total_tokens=7)],
+        )
+        await put_ledger(own_nats, applied)
+        # The edge's retry of the first batch (its ack was lost) is stored once.
         retry = await js.publish(usage_events_subject("e1"), msgspec.json.encode(batch), headers={"Nats-Msg-Id": batch.msg_id})
         assert retry.duplicate
         await js.publish(usage_events_subject("e1"), msgspec.json.encode(again), headers={"Nats-Msg-Id": again.msg_id})
         async with running_metering(own_nats) as metering:
-            ledger = await ledger_when(own_nats, account.user_id, lambda l: l.applied_seq >= 3)
+            ledger = await ledger_when(own_nats, account.user_id, lambda l: l.applied_seq > first.seq)
             assert window_of(ledger, period).message_tokens == 12  # 7 once, then 5
             assert metering.batches_applied == 2
             assert (await js.stream_info("relay_usage_events")).state.messages == 0  # both acknowledged
@@ -570,3 +570,28 @@ async def test_a_batch_that_decodes_but_cannot_be_applied_is_dropped_and_the_nex
         assert window_of(ledger, period).message_tokens == 5
     finally:
         await nc.close()
+
+
+async def test_a_usage_stream_deleted_by_hand_is_made_again_and_later_usage_still_counts(own_nats):
+    account = await make_account(own_nats, tier="premium")
+    async with running_metering(own_nats), running_edges(own_nats, 1, auth="required", **FAST) as (edge,):
+        mac, ios = await pair(edge, edge, account)
+        for _ in range(30):
+            await mac.send(type="relay", payload="before")
+        await receive_relays(ios, 30)
+        assert totals(await ledger_when(own_nats, account.user_id, lambda l: totals(l)[0] >= 30))[0] == 30
+        nc = await nats.connect(own_nats)
+        try:
+            await nc.jetstream().delete_stream("relay_usage_events")
+        finally:
+            await nc.close()
+        for _ in range(20):
+            await mac.send(type="relay", payload="after")
+        await receive_relays(ios, 20)
+        # The edge makes the stream again (starting above every sequence the old one had, so
+        # the ledger, which has batch sequences of the old stream, skips none), metering its
+        # consumer: the usage after the deletion counts, once.
+        ledger = await ledger_when(own_nats, account.user_id, lambda l: totals(l)[0] >= 50, timeout=15)
+        assert totals(ledger)[0] == 50
+        await asyncio.sleep(0.5)
+        assert totals(await read_ledger(own_nats, account.user_id))[0] == 50
