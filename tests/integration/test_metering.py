@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 import nats
+import nats.js.errors
 import pytest
 from websockets.exceptions import ConnectionClosed
 
@@ -595,3 +596,30 @@ async def test_a_usage_stream_deleted_by_hand_is_made_again_and_later_usage_stil
         assert totals(ledger)[0] == 50
         await asyncio.sleep(0.5)
         assert totals(await read_ledger(own_nats, account.user_id))[0] == 50
+
+
+async def test_an_edge_makes_a_deleted_usage_stream_again_without_metering_running(own_nats):
+    account = await make_account(own_nats, tier="premium")
+    async with running_edges(own_nats, 1, auth="required", **FAST) as (edge,):
+        mac, ios = await pair(edge, edge, account)
+        nc = await nats.connect(own_nats)
+        try:
+            js = nc.jetstream()
+            await js.delete_stream("relay_usage_events")
+            for _ in range(10):
+                await mac.send(type="relay", payload="kept")
+            await receive_relays(ios, 10)
+            deadline = time.monotonic() + 10
+            while True:  # the edge's next publish finds no stream, makes it, and publishes
+                try:
+                    if (await js.stream_info("relay_usage_events")).state.messages >= 1:
+                        break
+                except nats.js.errors.NotFoundError:
+                    pass
+                assert time.monotonic() < deadline, "the usage stream was not made again"
+                await asyncio.sleep(0.05)
+        finally:
+            await nc.close()
+        async with running_metering(own_nats):
+            ledger = await ledger_when(own_nats, account.user_id, lambda l: totals(l)[0] >= 10)
+            assert totals(ledger)[0] == 10
