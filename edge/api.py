@@ -80,12 +80,14 @@ class HttpApi:
         presence: Presence,
         usage: UsageReader,
         is_alive: Callable[[SlotHolder], bool],
+        live_last_seen: Callable[[RoomRecord], Awaitable[tuple[int | None, int | None]]],
     ) -> None:
         self.access = access
         self.rooms = room_store
         self.presence = presence
         self.usage = usage
         self.is_alive = is_alive
+        self.live_last_seen = live_last_seen
         self.settings = access.settings
 
     def route(self, method: str, path: str) -> Route | HttpReply | None:
@@ -131,8 +133,21 @@ class HttpApi:
         return HttpReply.json(RoomsListing(rooms=listed, limit=principal.tier.max_rooms, tier=principal.tier.name))
 
     async def _room_state(self, room_id: str) -> tuple[RoomRecord | None, tuple[int | None, int | None]]:
-        (record, _), seen = await asyncio.gather(self.rooms.get(room_id), self.presence.get_room_last_seen(room_id))
-        return record, seen
+        (record, _), stored = await asyncio.gather(self.rooms.get(room_id), self.presence.get_room_last_seen(room_id))
+        return record, await self._last_seen(record, stored)
+
+    async def _last_seen(
+        self, record: RoomRecord | None, stored: tuple[int | None, int | None]
+    ) -> tuple[int | None, int | None]:
+        """The Mac's and the iPhone's lastSeen: what KV has (written when a socket leaves, and
+        every RELAY_LAST_SEEN_INTERVAL_MS while connected), or, for a connected socket, what
+        its edge knows, to the millisecond."""
+        if record is None:
+            return stored
+        live = await self.live_last_seen(record)
+        return tuple(  # type: ignore[return-value]
+            max((t for t in (kv, now) if t is not None), default=None) for kv, now in zip(stored, live, strict=True)
+        )
 
     async def delete_room(self, request: ApiRequest) -> HttpReply:
         """DELETE /api/rooms/{id}: free the registration and the room; 409 while its Mac is connected."""
@@ -171,7 +186,7 @@ class HttpApi:
             return HttpReply.json({"exists": False})
         if not principal.operator and record.owner_user_id != principal.user_id:
             return HttpReply.text(403, "this room belongs to another account")
-        seen = await self.presence.get_room_last_seen(room_id)
+        seen = await self._last_seen(record, await self.presence.get_room_last_seen(room_id))
         now = now_ms()
         record = rooms.expire_idle(record, now, self.settings.room_idle_timeout_ms, self.is_alive, seen)
         return HttpReply.json(

@@ -69,8 +69,12 @@ from schemas.client import (
 from schemas.edge_events import (
     KIND_EVENT,
     KIND_FRAME,
+    LastSeenAnswer,
+    LastSeenQuery,
     PeerLeftEvent,
     edge_event_decoder,
+    last_seen_answer_decoder,
+    last_seen_query_decoder,
 )
 from schemas.metering import over_limit_decoder
 from schemas.records import EdgeLease, RoomRecord, SlotHolder, user_decoder
@@ -82,6 +86,7 @@ from schemas.subjects import (
     addressed_subject,
     addressee_sender_and_kind,
     edge_filter,
+    edge_last_seen_subject,
     edge_id_of_lease_key,
     is_valid_room_id,
     room_subject,
@@ -130,6 +135,8 @@ _NO_SUCH_SOCKET = b"gone"
 # What may wait in NATS's client for the edge's one subscription before it drops (and
 # logs): only an edge out of CPU gets near it, since delivering never waits for a socket.
 _INBOX_PENDING_BYTES = 512 * 1024 * 1024
+# How long /status and /api/rooms wait for another edge to say when its sockets last spoke.
+_LAST_SEEN_QUERY_TIMEOUT_S = 0.5
 # The largest WebSocket frame header the server writes (no mask): 2 + 8 bytes.
 _FRAME_HEADER_MAX = 10
 
@@ -279,6 +286,7 @@ class Edge:
                     pending_msgs_limit=0,  # no count limit; the bytes are bounded
                     pending_bytes_limit=_INBOX_PENDING_BYTES,
                 )
+                await self._nc.subscribe(edge_last_seen_subject(s.edge_id), cb=self._answer_last_seen)
                 await self._nc.flush()  # the server has our interest before anyone is told of a socket here
                 await watching.wait()
                 await watching_accounts.wait()
@@ -323,7 +331,9 @@ class Edge:
                 accounts = await AccountStore.open(js, self.settings.kv_replicas)
                 usage = UsageReader(await open_usage_bucket(js, self.settings.kv_replicas))
                 self._access = Access(self.settings, accounts, self.tiers)
-                self._api = HttpApi(self._access, self._rooms, self._presence, usage, self._is_alive)
+                self._api = HttpApi(
+                    self._access, self._rooms, self._presence, usage, self._is_alive, self._live_last_seen
+                )
                 if self.settings.auth == "none":
                     await self._access.ensure_local_user()
                 if self.settings.metering:
@@ -990,6 +1000,55 @@ class Edge:
             ]
             for start in range(0, len(due), _SLICE):  # in slices: frames go on meanwhile
                 await asyncio.gather(*(self._refresh_registration(c) for c in due[start : start + _SLICE]))
+
+    # --- lastSeen of connected sockets ---------------------------------------------------
+
+    async def _answer_last_seen(self, msg: Msg) -> None:
+        """Another edge asks when our sockets last sent something (for /status, /api/rooms)."""
+        try:
+            query = last_seen_query_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            return
+        seen = {}
+        for socket_id in query.socket_ids:
+            conn = self.connections.get(socket_id)
+            if conn is not None and conn.last_message_ms:
+                seen[socket_id] = conn.last_message_ms
+        with contextlib.suppress(nats.errors.Error):
+            await msg.respond(msgspec.json.encode(LastSeenAnswer(last_seen=seen)))
+
+    async def _live_last_seen(self, record: RoomRecord) -> tuple[int | None, int | None]:
+        """lastSeen of the room's connected sockets, from the edges that hold them: KV has it
+        only every RELAY_LAST_SEEN_INTERVAL_MS (writing it more often for every socket costs
+        the latency of every frame). None for a socket not connected or an edge that does not
+        answer in time (the caller then has KV's)."""
+        holders = [h if h is not None and self._is_alive(h) else None for h in (record.mac, record.ios)]
+        by_edge: dict[str, list[str]] = {}
+        for holder in holders:
+            if holder is not None and holder.edge_id != self.settings.edge_id:
+                by_edge.setdefault(holder.edge_id, []).append(holder.socket_id)
+
+        async def ask(edge_id: str, socket_ids: list[str]) -> dict[str, int]:
+            try:
+                reply = await self._nc.request(
+                    edge_last_seen_subject(edge_id),
+                    msgspec.json.encode(LastSeenQuery(socket_ids=socket_ids)),
+                    timeout=_LAST_SEEN_QUERY_TIMEOUT_S,
+                )
+                return last_seen_answer_decoder.decode(reply.data).last_seen
+            except (nats.errors.Error, TimeoutError, msgspec.DecodeError):
+                return {}
+
+        answers: dict[str, int] = {}
+        for found in await asyncio.gather(*(ask(e, ids) for e, ids in by_edge.items())):
+            answers.update(found)
+        for holder in holders:
+            if holder is not None and holder.edge_id == self.settings.edge_id:
+                conn = self.connections.get(holder.socket_id)
+                if conn is not None and conn.last_message_ms:
+                    answers[holder.socket_id] = conn.last_message_ms
+        mac, ios = (answers.get(h.socket_id) if h is not None else None for h in holders)
+        return mac, ios
 
     # --- metering --------------------------------------------------------------------
 

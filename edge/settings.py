@@ -83,7 +83,10 @@ class EdgeSettings:
 
     # Presence.
     edge_lease_ttl_ms: int = field(default=15_000, metadata={"help": "an edge that stops renewing is declared dead after this"})
-    last_seen_interval_ms: int = field(default=5_000, metadata={"help": "how often a socket's lastSeen is written to KV at most"})
+    last_seen_interval_ms: int = field(
+        default=30_000,
+        metadata={"help": "how often a connected socket's lastSeen is written to KV at most (/status asks its edge for the exact one)"},
+    )
 
     # Storage.
     kv_replicas: int = field(default=1, metadata={"help": "replicas of the KV buckets (3 in a production cluster)"})

@@ -49,3 +49,19 @@ class ReplacedEvent(Struct, tag="replaced", tag_field="event"):
 EdgeEvent = Union[PeerJoinedEvent, PeerLeftEvent, ReplacedEvent]
 
 edge_event_decoder = msgspec.json.Decoder(EdgeEvent)
+
+
+class LastSeenQuery(Struct, kw_only=True):
+    """To the edge holding these sockets: when did each last send something?"""
+
+    socket_ids: list[str]
+
+
+class LastSeenAnswer(Struct, kw_only=True):
+    """socket id → epoch ms of its last inbound message (sockets it no longer has are left out)."""
+
+    last_seen: dict[str, int]
+
+
+last_seen_query_decoder = msgspec.json.Decoder(LastSeenQuery)
+last_seen_answer_decoder = msgspec.json.Decoder(LastSeenAnswer)

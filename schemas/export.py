@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 from schemas.client import ClientMessage, ServerMessage
-from schemas.edge_events import EdgeEvent
+from schemas.edge_events import EdgeEvent, LastSeenAnswer, LastSeenQuery
 from schemas.http_api import API_BODIES, RefreshRequest
 from schemas.metering import OverLimit, QuotaAnswer, QuotaCheck, UsageBatch
 from schemas.records import (
@@ -32,6 +32,7 @@ DOCUMENTS: dict[str, tuple[str, Any]] = {
     "client-to-server.schema.json": ("Messages a TermOnMac client sends to the relay", ClientMessage),
     "server-to-client.schema.json": ("Messages the relay sends to a TermOnMac client", ServerMessage),
     "edge-events.schema.json": ("Control events edges send each other over NATS", EdgeEvent),
+    "edge-last-seen.schema.json": ("An edge's question to another about its sockets' lastSeen, and the answer", (LastSeenQuery, LastSeenAnswer)),
     "room-record.schema.json": ("A room's record in the relay_rooms KV bucket", RoomRecord),
     "edge-lease.schema.json": ("An edge's lease in the relay_presence KV bucket", EdgeLease),
     "http-api-responses.schema.json": ("JSON bodies of the relay's HTTP API answers (protocol.md §8)", API_BODIES),

@@ -86,6 +86,13 @@ def addressee_sender_and_kind(subject: str) -> tuple[str, str, str]:
     return to, sender, kind
 
 
+def edge_last_seen_subject(edge_id: str) -> str:
+    """Where an edge answers what its sockets last sent (a `LastSeenQuery`)."""
+    if not is_valid_edge_id(edge_id):
+        raise ValueError(f"invalid edge id: {edge_id!r}")
+    return f"relay.edge.{edge_id}.last_seen"
+
+
 def room_key(room_id: str) -> str:
     """Key of a room's record in the rooms bucket."""
     return _room(room_id)

@@ -39,6 +39,22 @@ async def test_status_reports_connection_flags_last_seen_and_idle_seconds(nats_u
         assert report["mac_connected"] is True and report["ios_connected"] is False
 
 
+async def test_status_asks_the_edges_holding_the_sockets_for_their_exact_last_seen(nats_url):
+    # KV gets a connected socket's lastSeen only every RELAY_LAST_SEEN_INTERVAL_MS (here: not
+    # during the test); /status asks the edge holding each socket, wherever it is.
+    async with running_edges(nats_url, last_seen_interval_ms=600_000, admin_token=TOKEN) as (a, b):
+        mac_client, ios_client, mac = await paired(a, b)
+        before = int(time.time() * 1000)
+        await mac_client.heartbeat()
+        await ios_client.heartbeat()
+        after = int(time.time() * 1000)
+        for edge in (a, b):  # the Mac's edge is a, the iPhone's b: one of them is asked
+            report = json.loads((await http_get(edge.port, f"/status?room_id={mac.room_id}", AUTH))[1])
+            assert before <= report["mac_last_seen"] <= after
+            assert before <= report["ios_last_seen"] <= after
+            assert report["idle_seconds"] == 0
+
+
 async def test_status_of_unknown_room_says_exists_false(nats_url):
     async with running_edges(nats_url, count=1, admin_token=TOKEN) as (edge,):
         assert await http_get(edge.port, "/status?room_id=NOSUCHROOM", AUTH) == (200, '{"exists":false}')
