@@ -13,11 +13,12 @@ import msgspec
 from msgspec import Meta, Struct
 
 from schemas.client import QuotaExceeded
+from schemas.subjects import PERIOD_PATTERN, USER_ID_PATTERN
 
 # What a batch may name: checked when it is decoded, so that a batch metering cannot
 # apply is refused whole (and dropped, logged) instead of failing halfway.
-UserId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
-Period = Annotated[str, Meta(pattern=r"^5h-[0-9]{1,12}$")]
+UserId = Annotated[str, Meta(pattern=f"^{USER_ID_PATTERN.pattern}$")]
+Period = Annotated[str, Meta(pattern=f"^{PERIOD_PATTERN.pattern}$")]
 Credits = Annotated[int, Meta(ge=0, le=2**53)]
 
 
