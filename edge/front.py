@@ -10,11 +10,15 @@ A WebSocket upgrade passes through unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from websockets.asyncio.server import ServerConnection
+from websockets.frames import Frame, Opcode
 
 # Limits for the requests this front reads itself; WebSocket upgrades are websockets' business.
 MAX_HEAD_BYTES = 16 * 1024
 MAX_BODY_BYTES = 64 * 1024
+_DATA_OPCODES = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT)
 
 
 class HttpConnection(ServerConnection):
@@ -22,6 +26,14 @@ class HttpConnection(ServerConnection):
 
     http_method: str = "GET"
     http_body: bytes = b""
+    # Set by the edge while the socket's handler waits for its next message with nothing
+    # queued: takes a whole text message there and then and says whether it did; what it
+    # declines goes the usual way, through websockets' queue to the handler.
+    take_message_now: Callable[[bytes], bool] | None = None
+    # Set by the edge once it closes the socket: messages are dropped as they arrive, so
+    # that a client sending fast cannot fill websockets' queue, which would stop reading
+    # and leave the client's answer to the close frame unread until the close timeout.
+    drop_messages: bool = False
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
@@ -70,6 +82,16 @@ class HttpConnection(ServerConnection):
         kept = [line for line, name in zip(headers, names) if name not in (b"content-length", b"expect")]
         self._front_buffer = None
         super().data_received(b"\r\n".join([b"GET " + target, *kept]) + b"\r\n\r\n")
+
+    def process_event(self, event: object) -> None:
+        if type(event) is Frame and event.opcode in _DATA_OPCODES:
+            if self.drop_messages:
+                return
+            take = self.take_message_now
+            if take is not None and event.fin and event.opcode is Opcode.TEXT and take(event.data):
+                return
+            self.take_message_now = None  # it queues for the handler: what follows must queue behind it
+        super().process_event(event)
 
     def _refuse(self, status: int, reason: str) -> None:
         """Answer a request this front cannot take, and hang up."""

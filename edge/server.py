@@ -30,14 +30,15 @@ from nats.js.api import DeliverPolicy
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
-from websockets.protocol import State
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from accounts.store import AccountStore
 from accounts.tiers import load_tiers
 from edge import rooms
 from edge.access import STORAGE_ERRORS, Access, Principal, Refusal
 from edge.api import BAD_ROOM_ID, ApiRequest, HttpApi, HttpReply
+from edge.eager import run_eagerly
 from edge.front import HttpConnection
 from edge.limits import TokenBucket
 from edge.meter import UsageMeter
@@ -86,8 +87,8 @@ from schemas.subjects import (
     addressed_subject,
     addressee_sender_and_kind,
     edge_filter,
-    edge_last_seen_subject,
     edge_id_of_lease_key,
+    edge_last_seen_subject,
     is_valid_room_id,
     room_subject,
 )
@@ -218,6 +219,8 @@ class Edge:
         self._metering: MeteringLink | None = None  # with settings.metering, once NATS is there
         self._usage_task: asyncio.Task[None] | None = None
         self._charge_per_payload = settings.charge_per_payload
+        self.frames_forwarded = 0
+        self.frames_forwarded_at_once = 0  # of those: taken as they arrived, see _take_message_now
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -423,6 +426,8 @@ class Edge:
         link = self._metering
         values = {
             "relay_connections": len(self.connections),
+            "relay_frames_forwarded_total": self.frames_forwarded,
+            "relay_frames_forwarded_at_once_total": self.frames_forwarded_at_once,
             "relay_quota_checks_unanswered_total": link.quota_checks_unanswered if link else 0,
             "relay_usage_batches_published_total": link.usage_batches_published if link else 0,
             "relay_usage_publish_failures_total": link.usage_publish_failures if link else 0,
@@ -479,7 +484,17 @@ class Edge:
                 if exceeded is not None:
                     await self._carry_out(conn, session.quota_exceeded(encode(exceeded)))
                     return
-            async for frame in ws:
+            take_message_now = functools.partial(self._take_message_now, conn)
+            while True:
+                # Armed only while this waits with nothing queued: a message taken at once is
+                # then in its place in the socket's order.
+                ws.take_message_now = take_message_now
+                try:
+                    frame = await ws.recv()
+                finally:
+                    ws.take_message_now = None
+                if conn.closing:
+                    continue  # sent after the edge began to close this socket: not acted on
                 conn.last_message_ms = now_ms()
                 await self._carry_out(conn, session.receive(frame, time.monotonic()))
         except ConnectionClosed:
@@ -630,6 +645,47 @@ class Edge:
             except ConnectionClosed:
                 pass
 
+    def _take_message_now(self, conn: Connection, data: bytes) -> bool:
+        """A whole text message, as it arrives, while the socket's handler waits with
+        nothing queued: a `relay` or `relay_batch` for a present peer is published here and
+        now (no wake-up of the handler, no task); anything else is declined, for the handler.
+        """
+        if len(data) > self._max_forward_bytes or not self._nc.is_connected or conn.closing:
+            return False  # the handler's way says why (1009), or waits for the reconnect
+        forward = conn.session.forward_if_relay(data, time.monotonic())
+        if forward is None:
+            return False
+        conn.last_message_ms = now_ms()
+        try:
+            waiting = run_eagerly(self._forward(conn, forward))
+        except Exception:  # as the handler does with what its own publish raises
+            log.exception("socket %s in room %s failed", conn.session.socket_id, conn.session.room_id)
+            conn.ws.take_message_now = None
+            self._spawn(self._close(conn, CloseCode.INTERNAL, "Internal error"), "close a failed socket")
+            return True
+        self.frames_forwarded_at_once += 1
+        if waiting is not None:
+            # nats-py's buffer is full: the frame is in it, in order, but the publish waits
+            # for the flush. Like the handler's own wait, this socket's next message goes
+            # to the handler, which waits too: what a fast sender floods stays bounded.
+            conn.ws.take_message_now = None
+            self._spawn(waiting, "publish a frame")
+        return True
+
+    async def _forward(self, conn: Connection, action: Forward) -> None:
+        """Publish a frame for the peer; does not wait unless nats-py's buffer is full."""
+        session = conn.session
+        to = action.to.socket_id
+        if to != conn.forward_to:  # the subject changes only with the peer
+            conn.forward_to = to
+            conn.forward_subject = addressed_subject(
+                conn.subjects[session.peer_role], action.to.edge_id, to, session.socket_id, KIND_FRAME
+            )
+        await self._nc.publish(conn.forward_subject, action.data)
+        self.frames_forwarded += 1
+        # Charged once it is on its way, and only when a peer was there (§12 item 18).
+        self.meter.charge_messages(session.user_id, action.payloads if self._charge_per_payload else 1)
+
     async def _carry_out(self, conn: Connection, actions: list[Action]) -> None:
         session = conn.session
         for action in actions:
@@ -641,15 +697,7 @@ class Edge:
                     )
                     await self._close(conn, CloseCode.TOO_BIG, "frame too large for this relay")
                     return
-                to = action.to.socket_id
-                if to != conn.forward_to:  # the subject changes only with the peer
-                    conn.forward_to = to
-                    conn.forward_subject = addressed_subject(
-                        conn.subjects[session.peer_role], action.to.edge_id, to, session.socket_id, KIND_FRAME
-                    )
-                await self._nc.publish(conn.forward_subject, action.data)
-                # Charged once it is on its way, and only when a peer was there (§12 item 18).
-                self.meter.charge_messages(session.user_id, action.payloads if self._charge_per_payload else 1)
+                await self._forward(conn, action)
             elif isinstance(action, Send):
                 with contextlib.suppress(ConnectionClosed):
                     await conn.ws.send(action.data, text=True)
@@ -744,6 +792,10 @@ class Edge:
         if conn.closing:
             return
         conn.closing = True
+        # What the client sends from now on is not acted on: drop it as it comes, and read on
+        # if a full queue had stopped reading (the handler may be the one waiting here).
+        conn.ws.drop_messages = True
+        conn.ws.transport.resume_reading()
         try:
             if farewell is not None:
                 await asyncio.wait_for(conn.ws.send(farewell, text=True), self._close_timeout_s)

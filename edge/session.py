@@ -94,6 +94,11 @@ def other_role(role: str) -> str:
     return "ios" if role == "mac" else "mac"
 
 
+def _forward(msg: Relay | RelayBatch, to: SlotHolder) -> Forward:
+    # Re-serialised: the peer gets only `type` and the payload fields.
+    return Forward(encode(msg), to, len(msg.payloads) if type(msg) is RelayBatch else 1)
+
+
 def _error(code: str, message: str) -> Send:
     return Send(encode(Error(code=code, message=message)))
 
@@ -154,8 +159,7 @@ class Session:
                 return [_error(ErrorCode.NOT_IN_ROOM, "Register or join the room first")]
             if self.peer is None:
                 return [_error(ErrorCode.NO_PEER, "Peer not connected")]
-            # Re-serialised: the peer gets only `type` and the payload fields.
-            return [Forward(encode(msg), self.peer, len(msg.payloads) if type(msg) is RelayBatch else 1)]
+            return [_forward(msg, self.peer)]
 
         if isinstance(msg, Heartbeat):
             return [Send(encode(HeartbeatAck(mac_connected=self._mac_connected(), account_match=self._account_match())))]
@@ -171,6 +175,26 @@ class Session:
         self._busy = True
         actions.append(RoomRequest(msg))
         return actions
+
+    def forward_if_relay(self, data: bytes | str, now: float) -> Forward | None:
+        """The frame as `receive` would take it when that is only a `Forward`, else None
+        and nothing changed: then `receive` decides (errors, control messages, limits).
+
+        The edge's fast path, for a frame that arrives while nothing else of this socket's
+        is being decided.
+        """
+        if not self.in_room or self.peer is None or self._busy:
+            return None
+        try:
+            msg = client_decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
+        if type(msg) is not Relay and type(msg) is not RelayBatch:
+            return None
+        if self.rate is not None and not self.rate.take(now):
+            return None  # `receive` spends another token, finds none, and says so
+        self.last_message_at = now
+        return _forward(msg, self.peer)
 
     def _mac_connected(self) -> bool:
         if self.role == "mac":

@@ -10,6 +10,7 @@ import msgspec
 import pytest
 
 from edge import rooms
+from edge.limits import TokenBucket
 from edge.rooms import Outcome
 from edge.session import Close, Forward, Notify, RoomRequest, Send, Session
 from schemas.client import Error, JoinRoom, PeerJoined, RegisterRoom, RoomRegistered
@@ -572,3 +573,61 @@ def test_a_session_is_a_mac_in_its_room_with_its_iphone_there():
     s = in_room("mac", peer=holder("ios1"))
     s.receive_event(PeerLeftEvent(reason="client_left"), "ios1")
     assert not s.in_session
+
+
+# --- the edge's fast path: forward_if_relay -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        frame("relay", payload="cGF5bG9hZA==", extra={"x": 1}),
+        frame("relay_batch", payloads=["a", "b", "c"], junk=True),
+    ],
+)
+def test_forward_if_relay_forwards_exactly_what_receive_would(data):
+    fast, full = in_room("mac", peer=IOS_PEER), in_room("mac", peer=IOS_PEER)
+    forward = fast.forward_if_relay(data, now=5.0)
+    (expected,) = full.receive(data, now=5.0)
+    assert isinstance(forward, Forward) and isinstance(expected, Forward)
+    assert (forward.data, forward.to, forward.payloads) == (expected.data, expected.to, expected.payloads)
+    assert fast.last_message_at == full.last_message_at == 5.0
+
+
+@pytest.mark.parametrize(
+    "state, data",
+    [
+        ("not in a room", frame("relay", payload="x")),
+        ("no peer", frame("relay", payload="x")),
+        ("request in flight", frame("relay", payload="x")),
+        ("in a room", frame("heartbeat")),
+        ("in a room", b'{"type":"relay"'),
+        ("in a room", frame("relay_batch", payloads=["p"] * 257)),
+        ("in a room", frame("relay", payload=1)),
+    ],
+)
+def test_forward_if_relay_leaves_everything_else_to_receive_and_changes_nothing(state, data):
+    if state == "not in a room":
+        s = session("mac")
+    elif state == "no peer":
+        s = in_room("mac", peer=None)
+    elif state == "request in flight":
+        s = in_room("mac", peer=IOS_PEER)
+        s.receive(reg_frame(), now=1.5)  # a re-register: busy until its outcome
+    else:
+        s = in_room("mac", peer=IOS_PEER)
+    before = (s.last_message_at, s.in_room, s.peer, s.role)
+    assert s.forward_if_relay(data, now=9.0) is None
+    assert (s.last_message_at, s.in_room, s.peer, s.role) == before
+
+
+def test_forward_if_relay_leaves_a_relay_over_the_rate_to_receive_which_closes_1008():
+    s = in_room("mac", peer=IOS_PEER)
+    s.rate = TokenBucket(rate_per_s=1, burst=2)
+    data = frame("relay", payload="x")
+    assert isinstance(s.forward_if_relay(data, now=2.0), Forward)
+    assert isinstance(s.forward_if_relay(data, now=2.0), Forward)
+    assert s.forward_if_relay(data, now=2.0) is None  # the bucket is empty
+    (close,) = s.receive(data, now=2.0)
+    assert isinstance(close, Close) and close.code == 1008
+    assert wire(Send(close.farewell))["code"] == "RATE_LIMITED"

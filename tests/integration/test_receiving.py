@@ -1,0 +1,129 @@
+"""Frames taken as they arrive: a `relay` that reaches a socket whose handler is waiting
+with nothing queued is published from websockets' data callback, without waking the
+handler; anything else, and whatever arrives behind it, goes through the handler.
+
+Real edges, a real nats-server, real WebSocket clients. Several messages "in one write"
+are framed by the client's websockets and handed to its transport at once, so the edge
+reads them together, as it does from a fast sender.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import nats
+
+from edge.eager import run_eagerly
+from tests.harness import Client, http_get, paired, running_edges
+
+
+def _send_in_one_write(client: Client, *messages: dict[str, Any]) -> None:
+    for message in messages:
+        client.ws.protocol.send_text(json.dumps(message).encode())
+    client.ws.send_data()
+
+
+async def _metric(port: int, name: str) -> int:
+    status, body = await http_get(port, "/metrics")
+    assert status == 200
+    values = dict(line.split(" ", 1) for line in body.splitlines())
+    return int(values[name])
+
+
+async def test_relays_reaching_a_waiting_socket_are_forwarded_as_they_arrive(nats_url):
+    async with running_edges(nats_url) as (a, b):
+        mac_client, ios_client, _ = await paired(a, b)
+        for n in range(20):
+            await mac_client.send(type="relay", payload=f"p{n}")
+            assert (await ios_client.expect("relay"))["payload"] == f"p{n}"
+        assert await _metric(a.port, "relay_frames_forwarded_total") == 20
+        assert await _metric(a.port, "relay_frames_forwarded_at_once_total") == 20
+
+
+async def test_messages_written_together_keep_their_order_across_both_paths(nats_url):
+    async with running_edges(nats_url) as (a, b):
+        mac_client, ios_client, _ = await paired(a, b)
+        relays = [{"type": "relay", "payload": f"p{n}"} for n in range(12)]
+        _send_in_one_write(
+            mac_client,
+            relays[0],
+            {"type": "heartbeat"},  # for the handler: what follows queues behind it
+            relays[1],
+            {"type": "nonsense"},
+            *relays[2:],
+        )
+        assert [(await ios_client.expect("relay"))["payload"] for _ in relays] == [
+            r["payload"] for r in relays
+        ]
+        assert (await mac_client.expect("heartbeat_ack"))["mac_connected"] is True
+        await mac_client.expect_error("BAD_MESSAGE")
+        # Later, with the handler waiting again, relays are taken as they arrive again.
+        taken_before = await _metric(a.port, "relay_frames_forwarded_at_once_total")
+        assert 1 <= taken_before < len(relays)
+        await mac_client.send(type="relay", payload="later")
+        assert (await ios_client.expect("relay"))["payload"] == "later"
+        assert (
+            await _metric(a.port, "relay_frames_forwarded_at_once_total")
+            == taken_before + 1
+        )
+        assert await _metric(a.port, "relay_frames_forwarded_total") == len(relays) + 1
+
+
+async def test_a_relay_behind_a_frame_too_large_for_nats_is_never_forwarded(tmp_path):
+    from edge.embedded_nats import EmbeddedNatsServer
+
+    with EmbeddedNatsServer(
+        store_dir=tmp_path / "nats", max_payload=64 * 1024
+    ) as small:
+        async with running_edges(small.url) as (a, b):
+            mac_client, ios_client, _ = await paired(a, b)
+            _send_in_one_write(
+                mac_client,
+                {"type": "relay", "payload": "C" * 100_000},
+                {"type": "relay", "payload": "behind"},
+            )
+            assert (await mac_client.expect_close())[0] == 1009
+            # The socket's order ends at the frame it was closed for.
+            assert (await ios_client.expect("peer_disconnected"))[
+                "reason"
+            ] == "client_left"
+
+
+async def test_sustained_relay_excess_closes_the_socket_1008(nats_url):
+    async with running_edges(
+        nats_url, socket_rate_limit_per_s=20, socket_rate_burst=10
+    ) as (a, b):
+        mac_client, ios_client, _ = await paired(a, b)
+        _send_in_one_write(
+            mac_client, *({"type": "relay", "payload": f"p{n}"} for n in range(40))
+        )
+        assert await mac_client.expect_error("RATE_LIMITED")
+        assert (await mac_client.expect_close())[0] == 1008
+        received = []
+        while (message := await ios_client.recv())["type"] == "relay":
+            received.append(message["payload"])
+        assert message["type"] == "peer_disconnected"
+        # The burst (less the token register_room spent), and at most what the bucket
+        # refilled meanwhile (20/s), in order; then nothing of what the client sent after.
+        assert 9 <= len(received) <= 11 and received == [
+            f"p{n}" for n in range(len(received))
+        ]
+
+
+async def test_a_nats_publish_with_room_in_its_buffer_finishes_without_waiting(
+    nats_url,
+):
+    """What makes taking a frame at once cheap: nats-py's `publish` only appends to its
+    buffer while there is room. A nats-py release that waits in every publish fails here
+    by name (the edge would still be right, but pay a task per frame)."""
+    nc = await nats.connect(nats_url)
+    try:
+        sub = await nc.subscribe("test.eager.publish")
+        for n in range(100):
+            assert run_eagerly(nc.publish("test.eager.publish", b"%d" % n)) is None
+        assert [(await sub.next_msg(timeout=2)).data for _ in range(100)] == [
+            b"%d" % n for n in range(100)
+        ]
+    finally:
+        await nc.close()
