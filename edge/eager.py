@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 
-def run_eagerly(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
+def run_eagerly(
+    coro: Coroutine[Any, Any, None],
+    create_task: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None] | None],
+) -> asyncio.Task[None] | None:
     """Run `coro` now up to its first wait. Returns None if it finished (exceptions are
-    raised here), else the task that finishes it; keep a reference to that task."""
+    raised here), else what `create_task` (the owner's task group) made of the rest."""
     try:
         waiting_for = coro.send(None)
     except StopIteration:
         return None
-    return asyncio.get_running_loop().create_task(_resume(coro, waiting_for))
+    return create_task(_resume(coro, waiting_for))
 
 
 async def _resume(coro: Coroutine[Any, Any, None], waiting_for: Any) -> None:

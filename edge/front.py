@@ -10,6 +10,7 @@ A WebSocket upgrade passes through unchanged.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from websockets.asyncio.server import ServerConnection
@@ -34,6 +35,7 @@ class HttpConnection(ServerConnection):
     # that a client sending fast cannot fill websockets' queue, which would stop reading
     # and leave the client's answer to the close frame unread until the close timeout.
     drop_messages: bool = False
+    last_dropped_ms: int = 0
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
@@ -86,6 +88,7 @@ class HttpConnection(ServerConnection):
     def process_event(self, event: object) -> None:
         if type(event) is Frame and event.opcode in _DATA_OPCODES:
             if self.drop_messages:
+                self.last_dropped_ms = int(time.time() * 1000)  # still a sign of life, for lastSeen
                 return
             take = self.take_message_now
             if take is not None and event.fin and event.opcode is Opcode.TEXT and take(event.data):

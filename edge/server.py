@@ -15,7 +15,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
@@ -146,7 +146,7 @@ _FRAME_HEADER_MAX = 10
 class Connection:
     """A live client socket on this edge: the socket, its protocol state, what waits to be written to it."""
 
-    ws: ServerConnection
+    ws: HttpConnection
     session: Session
     target: "WsTarget"
     # role → the room subject of that role, built once (the room id was validated at the
@@ -221,6 +221,7 @@ class Edge:
         self._charge_per_payload = settings.charge_per_payload
         self.frames_forwarded = 0
         self.frames_forwarded_at_once = 0  # of those: taken as they arrived, see _take_message_now
+        self._waiting_publishes: set[asyncio.Task[None]] = set()
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -360,6 +361,7 @@ class Edge:
         # outlive that, or peers would hear `timeout` instead.
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(server.wait_closed(), self._close_timeout_s + _SHUTDOWN_RELEASE_S)
+        await self._settle_waiting_publishes()  # charged before the last usage goes out
         await self._flush_usage_at_exit()
         with contextlib.suppress(Exception):
             await self._nc.flush(timeout=2)
@@ -493,9 +495,9 @@ class Edge:
                     frame = await ws.recv()
                 finally:
                     ws.take_message_now = None
+                conn.last_message_ms = now_ms()  # any message is a sign of life (§5.2)
                 if conn.closing:
                     continue  # sent after the edge began to close this socket: not acted on
-                conn.last_message_ms = now_ms()
                 await self._carry_out(conn, session.receive(frame, time.monotonic()))
         except ConnectionClosed:
             pass
@@ -515,7 +517,7 @@ class Edge:
         conn.backlog_bytes = 0
         if not (session.in_room or session.uncertain) or session.replaced or session.role is None:
             return
-        last_seen = conn.last_message_ms or now_ms()
+        last_seen = max(conn.last_message_ms, conn.ws.last_dropped_ms) or now_ms()
         try:
             await self._release_and_announce(session, last_seen)
         except (nats.errors.Error, asyncio.TimeoutError, StorageConflict) as exc:
@@ -650,29 +652,49 @@ class Edge:
         nothing queued: a `relay` or `relay_batch` for a present peer is published here and
         now (no wake-up of the handler, no task); anything else is declined, for the handler.
         """
-        if len(data) > self._max_forward_bytes or not self._nc.is_connected or conn.closing:
-            return False  # the handler's way says why (1009), or waits for the reconnect
-        forward = conn.session.forward_if_relay(data, time.monotonic())
+        if len(data) > self._max_forward_bytes or conn.closing or self._tg is None or not self._nc.is_connected:
+            return False  # the handler's way says why (1009), drops it, or waits for NATS
+        try:
+            text = data.decode()  # as websockets would for the handler: text frames are UTF-8
+        except UnicodeDecodeError:
+            return False  # the handler's `recv` fails the connection with 1007
+        forward = conn.session.forward_if_relay(text, time.monotonic())
         if forward is None:
             return False
         conn.last_message_ms = now_ms()
         try:
-            waiting = run_eagerly(self._forward(conn, forward))
+            waiting = run_eagerly(self._forward(conn, forward, at_once=True), self._spawn_publish)
         except Exception:  # as the handler does with what its own publish raises
             log.exception("socket %s in room %s failed", conn.session.socket_id, conn.session.room_id)
             conn.ws.take_message_now = None
             self._spawn(self._close(conn, CloseCode.INTERNAL, "Internal error"), "close a failed socket")
             return True
-        self.frames_forwarded_at_once += 1
         if waiting is not None:
             # nats-py's buffer is full: the frame is in it, in order, but the publish waits
             # for the flush. Like the handler's own wait, this socket's next message goes
             # to the handler, which waits too: what a fast sender floods stays bounded.
             conn.ws.take_message_now = None
-            self._spawn(waiting, "publish a frame")
         return True
 
-    async def _forward(self, conn: Connection, action: Forward) -> None:
+    def _spawn_publish(self, publish: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
+        """Finish a publish that waits for nats-py's flush; shutdown bounds the wait."""
+        task = self._spawn(publish, "publish a frame")
+        if task is not None:
+            self._waiting_publishes.add(task)
+            task.add_done_callback(self._waiting_publishes.discard)
+        return task
+
+    async def _settle_waiting_publishes(self) -> None:
+        """At shutdown: publishes still waiting for NATS get the close timeout, then end.
+        (With NATS gone, nats-py's flush waits for the reconnect, which may never come.)"""
+        if self._waiting_publishes:
+            _, late = await asyncio.wait(set(self._waiting_publishes), timeout=self._close_timeout_s)
+            for task in late:
+                task.cancel()
+            if late:
+                log.warning("%d frames not confirmed published at shutdown", len(late))
+
+    async def _forward(self, conn: Connection, action: Forward, at_once: bool = False) -> None:
         """Publish a frame for the peer; does not wait unless nats-py's buffer is full."""
         session = conn.session
         to = action.to.socket_id
@@ -683,6 +705,7 @@ class Edge:
             )
         await self._nc.publish(conn.forward_subject, action.data)
         self.frames_forwarded += 1
+        self.frames_forwarded_at_once += at_once
         # Charged once it is on its way, and only when a peer was there (§12 item 18).
         self.meter.charge_messages(session.user_id, action.payloads if self._charge_per_payload else 1)
 
@@ -807,7 +830,7 @@ class Edge:
         except Exception:
             log.debug("closing socket %s failed", conn.session.socket_id, exc_info=True)
 
-    def _spawn(self, work: Awaitable[None], what: str) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None], what: str) -> asyncio.Task[None] | None:
         """Run `work` in the edge's TaskGroup; a failure is logged, never fatal to the edge."""
 
         async def supervised() -> None:
@@ -817,9 +840,9 @@ class Edge:
                 log.exception("%s failed", what)
 
         if self._tg is None:
-            work.close()  # type: ignore[attr-defined]  # shutting down: nothing runs any more
-            return
-        self._tg.create_task(supervised())
+            work.close()  # shutting down: nothing runs any more
+            return None
+        return self._tg.create_task(supervised())
 
     async def _close_all(self, code: int, reason: str, leave_reason: str, unless_boot: str | None = None) -> None:
         """Close every socket (but those of incarnation `unless_boot`) at once; peers hear `leave_reason`."""

@@ -187,8 +187,8 @@ class Session:
             return None
         try:
             msg = client_decoder.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            return None
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+            return None  # msgspec checks UTF-8 in bytes itself, and says so with the last
         if type(msg) is not Relay and type(msg) is not RelayBatch:
             return None
         if self.rate is not None and not self.rate.take(now):

@@ -9,6 +9,7 @@ reads them together, as it does from a fast sender.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -121,9 +122,22 @@ async def test_a_nats_publish_with_room_in_its_buffer_finishes_without_waiting(
     try:
         sub = await nc.subscribe("test.eager.publish")
         for n in range(100):
-            assert run_eagerly(nc.publish("test.eager.publish", b"%d" % n)) is None
+            assert run_eagerly(nc.publish("test.eager.publish", b"%d" % n), asyncio.create_task) is None
         assert [(await sub.next_msg(timeout=2)).data for _ in range(100)] == [
             b"%d" % n for n in range(100)
         ]
     finally:
         await nc.close()
+
+
+async def test_a_relay_that_is_not_utf8_closes_the_socket_1007_and_reaches_nobody(nats_url):
+    async with running_edges(nats_url) as (a, b):
+        mac_client, ios_client, _ = await paired(a, b)
+        mac_client.ws.protocol.send_text(b'{"type":"relay","payload":"\xff"}')  # a text frame that is not UTF-8
+        mac_client.ws.protocol.send_text(b'{"type":"relay","payload":"behind"}')
+        mac_client.ws.send_data()
+        assert (await mac_client.expect_close())[0] == 1007
+        assert (await ios_client.expect("peer_disconnected"))["reason"] == "client_left"
+        bystander_mac, bystander_ios, _ = await paired(a, b)  # the edge serves on
+        await bystander_mac.send(type="relay", payload="fine")
+        assert (await bystander_ios.expect("relay"))["payload"] == "fine"

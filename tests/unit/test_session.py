@@ -604,6 +604,7 @@ def test_forward_if_relay_forwards_exactly_what_receive_would(data):
         ("in a room", b'{"type":"relay"'),
         ("in a room", frame("relay_batch", payloads=["p"] * 257)),
         ("in a room", frame("relay", payload=1)),
+        ("in a room", b'{"type":"relay","payload":"\xff"}'),
     ],
 )
 def test_forward_if_relay_leaves_everything_else_to_receive_and_changes_nothing(state, data):
