@@ -1049,32 +1049,54 @@ class Edge:
                     await asyncio.sleep(0)
 
     async def _last_seen_loop(self) -> None:
-        """Write lastSeen of sockets that spoke since the last write: at most one write per socket per interval."""
-        while not await self._sleep(self.settings.last_seen_interval_ms / 1000):
+        """Write lastSeen of sockets that spoke since their last write: at most one write
+        per socket per interval, spread over the first half of it.
+
+        Spread, not in one go: 2000 sockets' writes at once are 2000 JetStream stores on
+        the NATS server that also routes every frame, felt as a blip in frame latency.
+        """
+        interval_s = self.settings.last_seen_interval_ms / 1000
+        while not await self._sleep(interval_s / 2):
             if not self._nc.is_connected:
                 continue  # nats-py would buffer these ahead of what matters at the reconnect
             due = [c for c in self.connections.values() if c.session.in_room and c.last_message_ms > c.last_seen_written_ms]
             try:
-                for n, conn in enumerate(due):
-                    await self._presence.put_last_seen_unacknowledged(
-                        conn.session.room_id, conn.session.role, conn.last_message_ms, self._seen_ttl_s
-                    )
-                    conn.last_seen_written_ms = conn.last_message_ms
-                    if n % _SLICE == _SLICE - 1:
-                        await asyncio.sleep(0)  # let frames through between slices
+                if await self._spread(due, interval_s / 2, self._write_last_seen):
+                    return
             except nats.errors.Error as exc:
                 log.warning("lastSeen flush stopped (%s); the next one retries", type(exc).__name__)
 
+    async def _write_last_seen(self, conn: Connection) -> None:
+        if conn.closing or conn.session.socket_id not in self.connections:
+            return  # gone since the pass began: its leave writes it
+        await self._presence.put_last_seen_unacknowledged(
+            conn.session.room_id, conn.session.role, conn.last_message_ms, self._seen_ttl_s
+        )
+        conn.last_seen_written_ms = conn.last_message_ms
+
+    async def _spread(self, conns: list[Connection], over_s: float, work: Callable[[Connection], Awaitable[None]]) -> bool:
+        """`work` on every socket, a slice at a time (a slice's at once), the slices spread
+        evenly over `over_s`; True if the edge began to stop meanwhile (the rest is undone)."""
+        slices = [conns[i : i + _SLICE] for i in range(0, len(conns), _SLICE)]
+        gap_s = over_s / len(slices) if slices else 0.0
+        for n, slice_ in enumerate(slices):
+            await asyncio.gather(*(work(conn) for conn in slice_))
+            if n < len(slices) - 1 and await self._sleep(gap_s):
+                return True
+        return False
+
     async def _registration_loop(self) -> None:
-        """Refresh the room registrations of our registered Mac sockets well inside ROOM_REG_TTL."""
-        while not await self._sleep(self.settings.room_reg_refresh_interval_s):
+        """Refresh the room registrations of our registered Mac sockets well inside
+        ROOM_REG_TTL, spread over half the refresh interval (like lastSeen, not in a burst)."""
+        interval_s = self.settings.room_reg_refresh_interval_s
+        while not await self._sleep(interval_s / 2):
             due = [
                 c
                 for c in self.connections.values()
                 if c.session.role == "mac" and c.session.in_room and not c.session.replaced and not c.closing
             ]
-            for start in range(0, len(due), _SLICE):  # in slices: frames go on meanwhile
-                await asyncio.gather(*(self._refresh_registration(c) for c in due[start : start + _SLICE]))
+            if await self._spread(due, interval_s / 2, self._refresh_registration):
+                return
 
     # --- lastSeen of connected sockets ---------------------------------------------------
 

@@ -36,6 +36,26 @@ async def test_no_kv_write_per_relayed_frame(nats_url):
         assert await stream_last_seq(nats_url, PRESENCE_BUCKET) - presence_before < 20
 
 
+async def test_connected_sockets_last_seen_reaches_kv_while_they_stay_connected(nats_url):
+    # Sixty sockets on one edge: the flush writes them in slices spread over half the
+    # interval. KV's copy is what /status falls back on when an edge dies.
+    async with running_edges(nats_url, count=1, last_seen_interval_ms=400) as (edge,):
+        pairs = [await paired(edge, edge) for _ in range(30)]
+        await asyncio.sleep(0.5)  # whatever the set-up left to flush
+        spoke_at = int(time.time() * 1000)
+        for mac_client, ios_client, _ in pairs:
+            await mac_client.heartbeat()
+            await ios_client.heartbeat()
+        rooms = [mac.room_id for _, _, mac in pairs]
+        deadline = time.monotonic() + 3
+        while True:
+            seen = await asyncio.gather(*(edge._presence.get_room_last_seen(room) for room in rooms))
+            if all(mac_seen and ios_seen and min(mac_seen, ios_seen) >= spoke_at for mac_seen, ios_seen in seen):
+                break
+            assert time.monotonic() < deadline, f"lastSeen not flushed: {seen}"
+            await asyncio.sleep(0.05)
+
+
 async def test_racing_registers_on_two_edges_leave_exactly_one_mac_in_the_slot(nats_url):
     async with running_edges(nats_url) as (a, b):
         mac = MacIdentity.new()
