@@ -114,8 +114,6 @@ _ws_log.addFilter(_RedactCredentials())
 
 # How long one JetStream request may take; short, so that the budget allows retries.
 _JETSTREAM_TIMEOUT_S = 2.0
-# How long shutdown waits, after the closes, for departed sockets' slots to be released.
-_SHUTDOWN_RELEASE_S = 10.0
 # Control events are acknowledged by the addressee's edge; these bound the waiting.
 _EVENT_ACK_TIMEOUT_S = 1.0
 _EVENT_ATTEMPTS = 3
@@ -360,7 +358,7 @@ class Edge:
         # The handlers are releasing slots and telling peers `server_restart`: the lease must
         # outlive that, or peers would hear `timeout` instead.
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(server.wait_closed(), self._close_timeout_s + _SHUTDOWN_RELEASE_S)
+            await asyncio.wait_for(server.wait_closed(), self._close_timeout_s + self.settings.shutdown_release_ms / 1000)
         await self._settle_waiting_publishes()  # charged before the last usage goes out
         await self._flush_usage_at_exit()
         with contextlib.suppress(Exception):

@@ -103,6 +103,10 @@ class EdgeSettings:
 
     # Closing.
     close_timeout_ms: int = field(default=5_000, metadata={"help": "time a closing handshake may take before the connection is dropped"})
+    shutdown_release_ms: int = field(
+        default=10_000,
+        metadata={"help": "at shutdown, after the closes: how long to wait for departed sockets' slots to be released (longer when NATS is slow)"},
+    )
 
     def __post_init__(self) -> None:
         if not is_valid_edge_id(self.edge_id):
@@ -117,7 +121,7 @@ class EdgeSettings:
             raise ValueError("edge_lease_ttl_ms must be at least 1000 (NATS rejects TTLs under one second)")
         for name in (
             "heartbeat_dead_threshold_ms", "room_idle_timeout_ms", "last_seen_interval_ms", "max_frame_bytes",
-            "usage_flush_interval_ms", "quota_check_timeout_ms", "session_ms_per_credit",
+            "usage_flush_interval_ms", "quota_check_timeout_ms", "session_ms_per_credit", "shutdown_release_ms",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

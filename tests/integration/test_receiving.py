@@ -141,3 +141,42 @@ async def test_a_relay_that_is_not_utf8_closes_the_socket_1007_and_reaches_nobod
         bystander_mac, bystander_ios, _ = await paired(a, b)  # the edge serves on
         await bystander_mac.send(type="relay", payload="fine")
         assert (await bystander_ios.expect("relay"))["payload"] == "fine"
+
+
+async def test_publishes_waiting_for_a_stalled_nats_do_not_hold_the_shutdown(tmp_path, caplog):
+    """Frames taken at once while NATS does not read: nats-py's buffer fills and the
+    publishes wait for a flush that may never come. At shutdown they get the close
+    timeout, then end (logged); the rest of the shutdown goes on."""
+    import os
+    import signal
+
+    from edge.embedded_nats import EmbeddedNatsServer
+
+    with EmbeddedNatsServer(store_dir=tmp_path / "nats") as server:
+        async with running_edges(
+            server.url, count=1, close_timeout_ms=300, shutdown_release_ms=300, metering=False
+        ) as (edge,):
+            mac_client, _ios_client, _ = await paired(edge, edge)
+            os.kill(server.process.pid, signal.SIGSTOP)
+            try:
+                payload = "W" * 300_000
+                for _ in range(200):  # ~60 MB at most; the socket buffers and nats-py's 2 MiB fill long before
+                    taken = edge.frames_forwarded_at_once + len(edge._waiting_publishes)
+                    await mac_client.send(type="relay", payload=payload)
+                    for _ in range(200):  # until the edge took it (it takes one at a time here)
+                        if edge._waiting_publishes or edge.frames_forwarded_at_once > taken:
+                            break
+                        await asyncio.sleep(0.005)
+                    if edge._waiting_publishes:
+                        break
+                assert edge._waiting_publishes, "nats-py's buffer never filled"
+                edge.stop()
+                # The shutdown first closes the sockets (their slots cannot be released
+                # while NATS is stalled: each leave gives up after its JetStream timeouts).
+                for _ in range(1500):
+                    if "not confirmed published at shutdown" in caplog.text:
+                        break
+                    await asyncio.sleep(0.01)
+                assert "1 frames not confirmed published at shutdown" in caplog.text
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
