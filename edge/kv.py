@@ -6,6 +6,7 @@ Shared by the edge's stores, `accounts.store` (relay-admin) and `metering.usage`
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 
 import nats.js.errors
 from nats.js import JetStreamContext
@@ -43,6 +44,51 @@ async def get_present(kv: KeyValue, key: str) -> KeyValue.Entry | None:
     return entry if present(entry) else None
 
 
+class ValuesWatch:
+    """A KV watcher whose one `None` means for sure "the values there at the start are all in".
+
+    nats-py 2.16's watcher can put its own start marker (None) ahead of entries already
+    delivered to it (nats-io/nats.py#842, fixed after 2.16): a listing would then miss keys,
+    and the edges' view of live leases would look empty for a moment, its edges "dead".
+    This one counts instead. Right after the watcher starts, the consumer's delivered and
+    pending messages are the values there at the start (and maybe a few changes since,
+    which only make the marker a little later); the marker comes once that many entries
+    (deletions included) came through. nats-py's own markers are dropped.
+    Start it with `await ValuesWatch.start(kv, key_filter)`; `stop()` ends the iteration.
+    """
+
+    def __init__(self, watcher: KeyValue.KeyWatcher, initial: int) -> None:
+        self._watcher, self._initial = watcher, initial
+
+    @classmethod
+    async def start(cls, kv: KeyValue, key_filter: str) -> ValuesWatch:
+        watcher = await kv.watch(key_filter)  # deletions too: every message is counted
+        try:
+            info = await watcher._sub.consumer_info()  # the subscription nats-py's own keys() asks
+        except BaseException:
+            await watcher.stop()
+            raise
+        return cls(watcher, (info.num_pending or 0) + (info.delivered.consumer_seq if info.delivered else 0))
+
+    async def stop(self) -> None:
+        await self._watcher.stop()
+
+    def __aiter__(self) -> AsyncIterator[KeyValue.Entry | None]:
+        return self._entries()
+
+    async def _entries(self) -> AsyncIterator[KeyValue.Entry | None]:
+        if self._initial == 0:
+            yield None
+        seen = 0
+        async for entry in self._watcher:
+            if entry is None:
+                continue  # nats-py's marker: maybe early
+            seen += 1
+            yield entry
+            if seen == self._initial:
+                yield None
+
+
 async def present_values(kv: KeyValue, key_filter: str) -> dict[str, bytes]:
     """key → value of every key matching `key_filter` that holds a value.
 
@@ -50,13 +96,15 @@ async def present_values(kv: KeyValue, key_filter: str) -> dict[str, bytes]:
     consumer reset) counts once.
     """
     found: dict[str, bytes] = {}
-    watcher = await kv.watch(key_filter, ignore_deletes=True)
+    watch = await ValuesWatch.start(kv, key_filter)
     try:
-        async for entry in watcher:
+        async for entry in watch:
             if entry is None:  # the current values are all in
                 break
             if present(entry):
                 found[entry.key] = entry.value
+            else:
+                found.pop(entry.key, None)
     finally:
-        await watcher.stop()
+        await watch.stop()
     return found

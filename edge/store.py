@@ -23,7 +23,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
-from edge.kv import NOT_FOUND, get_present, open_bucket, present
+from edge.kv import NOT_FOUND, ValuesWatch, get_present, open_bucket, present
 from schemas.records import (
     EdgeLease,
     RoomRecord,
@@ -168,9 +168,9 @@ class Presence:
     async def drop_lease(self, edge_id: str) -> None:
         await self._kv.delete(edge_lease_key(edge_id))
 
-    async def watch_leases(self) -> KeyValue.KeyWatcher:
+    async def watch_leases(self) -> ValuesWatch:
         """A watcher over all edge leases (one per edge: each watcher is a server-side consumer)."""
-        return await self._kv.watch(EDGE_LEASE_FILTER)
+        return await ValuesWatch.start(self._kv, EDGE_LEASE_FILTER)
 
     @staticmethod
     def decode_lease(entry: KeyValue.Entry) -> EdgeLease | None:

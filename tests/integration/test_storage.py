@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 
 import nats
@@ -179,3 +180,68 @@ async def test_a_join_that_cannot_be_confirmed_gets_1011_and_leaves_no_phantom_i
         await mac_again.expect_silence()
         await mac_again.send(type="relay", payload="eA==")
         await mac_again.expect_error("NO_PEER")
+
+
+# --- listings and watchers (edge/kv.py) -------------------------------------------------
+
+
+async def _scratch_bucket(nc):
+    from nats.js.api import KeyValueConfig
+
+    return await nc.jetstream().create_key_value(KeyValueConfig(bucket=f"scratch_{secrets.token_hex(4)}"))
+
+
+async def test_a_listing_holds_every_present_key_and_no_deleted_or_purged_one(nats_url):
+    from edge.kv import present_values
+
+    nc = await nats.connect(nats_url)
+    try:
+        kv = await _scratch_bucket(nc)
+        for n in range(300):
+            await kv.put(f"k.{n}", b"v%d" % n)
+        for n in range(0, 50):
+            await kv.delete(f"k.{n}")
+        for n in range(50, 70):
+            await kv.purge(f"k.{n}")
+        expected = {f"k.{n}": b"v%d" % n for n in range(70, 300)}
+        for _ in range(10):
+            assert await present_values(kv, "k.>") == expected
+        assert await present_values(kv, "none.>") == {}
+    finally:
+        await nc.close()
+
+
+async def test_a_values_watch_marks_the_start_once_then_follows_changes(nats_url):
+    from edge.kv import ValuesWatch
+
+    nc = await nats.connect(nats_url)
+    try:
+        kv = await _scratch_bucket(nc)
+        for n in range(5):
+            await kv.put(f"k.{n}", b"v")
+        await kv.delete("k.4")
+        watch = await ValuesWatch.start(kv, "k.>")
+        seen: list = []
+
+        async def follow() -> None:
+            async for entry in watch:
+                seen.append(entry if entry is None else (entry.key, entry.operation))
+
+        following = asyncio.create_task(follow())
+        await _until(lambda: None in seen)
+        assert seen[:5] == [("k.0", None), ("k.1", None), ("k.2", None), ("k.3", None), ("k.4", "DEL")]
+        assert seen[5] is None
+        await kv.put("k.9", b"later")
+        await _until(lambda: len(seen) == 7)
+        assert seen[6] == ("k.9", None)  # and no second start marker
+        await watch.stop()
+        await asyncio.wait_for(following, 2)
+    finally:
+        await nc.close()
+
+
+async def _until(predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
