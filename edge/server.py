@@ -217,6 +217,7 @@ class Edge:
         self._metering: MeteringLink | None = None  # with settings.metering, once NATS is there
         self._usage_task: asyncio.Task[None] | None = None
         self._charge_per_payload = settings.charge_per_payload
+        self._metering_on = settings.metering  # off: nothing is counted (nothing would take it)
         self.frames_forwarded = 0
         self.frames_forwarded_at_once = 0  # of those: taken as they arrived, see _take_message_now
         self._waiting_publishes: set[asyncio.Task[None]] = set()
@@ -704,8 +705,8 @@ class Edge:
         await self._nc.publish(conn.forward_subject, action.data)
         self.frames_forwarded += 1
         self.frames_forwarded_at_once += at_once
-        # Charged once it is on its way, and only when a peer was there (§12 item 18).
-        self.meter.charge_messages(session.user_id, action.payloads if self._charge_per_payload else 1)
+        if self._metering_on:  # charged once it is on its way, and only when a peer was there (§12 item 18)
+            self.meter.charge_messages(session.user_id, action.payloads if self._charge_per_payload else 1)
 
     async def _carry_out(self, conn: Connection, actions: list[Action]) -> None:
         session = conn.session
@@ -1154,6 +1155,8 @@ class Edge:
         between two samples counts from the next sample or up to the previous one (less
         than one flush interval each time).
         """
+        if not self._metering_on:
+            return
         session = conn.session
         if conn.in_session_since is not None:
             self.meter.add_session_time(session.owner_user_id or session.user_id, (now - conn.in_session_since) * 1000)

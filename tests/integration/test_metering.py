@@ -178,6 +178,20 @@ async def test_a_relay_batch_counts_one_credit_per_payload_when_the_operator_say
         assert totals(ledger)[0] == 41
 
 
+async def test_with_metering_off_an_edge_counts_nothing_and_publishes_nothing(own_nats):
+    account = await make_account(own_nats, tier="premium")
+    async with running_edges(own_nats, 1, auth="required", metering=False, **FAST) as (edge,):
+        mac, ios = await pair(edge, edge, account)
+        for n in range(20):
+            await mac.send(type="relay", payload=f"p{n}")
+        assert await receive_relays(ios, 20) == 20
+        await asyncio.sleep(0.3)  # several flush intervals of FAST
+        metrics = dict(line.split(" ", 1) for line in (await http_get(edge.port, "/metrics"))[1].splitlines())
+        assert metrics["relay_frames_forwarded_total"] == "20"
+        assert metrics["relay_usage_unpublished_credits"] == "0"
+        assert metrics["relay_usage_batches_published_total"] == "0"
+
+
 async def test_metering_killed_mid_traffic_and_restarted_counts_exactly(own_nats):
     account = await make_account(own_nats, tier="premium")
     settings = {"ack_wait_ms": 1_000}
