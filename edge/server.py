@@ -199,6 +199,7 @@ class Edge:
         # edge_id → boot_id of every edge incarnation whose lease is alive.
         self.live_edges: dict[str, str] = {}
         self._stopping = asyncio.Event()
+        self._lease_dropping = asyncio.Event()  # set by the shutdown once the slots are released
         self._nc: NATS | None = None
         self._rooms: RoomStore | None = None
         self._presence: Presence | None = None
@@ -362,6 +363,7 @@ class Edge:
             await asyncio.wait_for(server.wait_closed(), self._close_timeout_s + self.settings.shutdown_release_ms / 1000)
         await self._settle_waiting_publishes()  # charged before the last usage goes out
         await self._flush_usage_at_exit()
+        self._lease_dropping.set()
         with contextlib.suppress(Exception):
             await self._nc.flush(timeout=2)
             await self._presence.drop_lease(self.settings.edge_id)
@@ -795,6 +797,15 @@ class Edge:
             )
         )
 
+    async def _refresh_listed_registration(self, conn: Connection) -> None:
+        """The refresh pass's: a Mac it listed when it began (a pass takes up to half the
+        refresh interval) and that has gone since is skipped: its room may have been
+        deleted meanwhile, and must not be registered again."""
+        session = conn.session
+        if conn.closing or session.replaced or not session.in_room or self.connections.get(session.socket_id) is not conn:
+            return
+        await self._refresh_registration(conn)
+
     async def _refresh_registration(self, conn: Connection) -> None:
         """Keep a registered Mac's room registration alive (ROOM_REG_TTL); a failure is retried by the loop."""
         try:
@@ -949,7 +960,9 @@ class Edge:
         interval = self.settings.edge_lease_renew_interval_s
         lease_ttl = self.settings.edge_lease_ttl_ms / 1000
         lost = False
-        while not await self._sleep(interval):
+        # Renewed through the shutdown too, until it drops the lease: releasing the slots
+        # may outlast the lease, and then other edges would tell our peers `timeout`.
+        while not await self._sleep(interval, until=self._lease_dropping):
             try:
                 if not lost:
                     lease = EdgeLease(edge_id=self.settings.edge_id, boot_id=self.boot_id, started_at=now_ms())
@@ -960,6 +973,8 @@ class Edge:
                         # Our lease expired (a stall or a partition): other edges have told
                         # our sockets' peers that we are gone. Start over as a new incarnation,
                         # accepting no socket until then (it would belong to the dead one).
+                        if self._stopping.is_set():
+                            return  # its sockets are being closed anyway
                         log.error("edge %s lost its lease; closing its sockets and starting over", self.settings.edge_id)
                         lost = True
                         self.ready.clear()
@@ -1094,7 +1109,7 @@ class Edge:
                 for c in self.connections.values()
                 if c.session.role == "mac" and c.session.in_room and not c.session.replaced and not c.closing
             ]
-            if await self._spread(due, interval_s / 2, self._refresh_registration):
+            if await self._spread(due, interval_s / 2, self._refresh_listed_registration):
                 return
 
     # --- lastSeen of connected sockets ---------------------------------------------------
@@ -1262,10 +1277,10 @@ class Edge:
                 conn.session.leave_reason = DisconnectReason.CLIENT_LEFT
                 self._spawn(self._decide_in_order(conn, conn.session.account_deleted), "close a deleted account's socket")
 
-    async def _sleep(self, seconds: float) -> bool:
-        """Sleep, or return True at once when the edge is stopping."""
+    async def _sleep(self, seconds: float, until: asyncio.Event | None = None) -> bool:
+        """Sleep, or return True at once when the edge is stopping (or `until` is set)."""
         try:
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+            await asyncio.wait_for((until or self._stopping).wait(), seconds)
             return True
         except asyncio.TimeoutError:
             return False

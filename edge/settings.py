@@ -105,7 +105,7 @@ class EdgeSettings:
     close_timeout_ms: int = field(default=5_000, metadata={"help": "time a closing handshake may take before the connection is dropped"})
     shutdown_release_ms: int = field(
         default=10_000,
-        metadata={"help": "at shutdown, after the closes: how long to wait for departed sockets' slots to be released (longer when NATS is slow)"},
+        metadata={"help": "at shutdown, after the closes: how long to wait for departed sockets' slots to be released (the edge's lease is renewed meanwhile)"},
     )
 
     def __post_init__(self) -> None:

@@ -75,6 +75,23 @@ async def test_delete_room_frees_the_registration_and_the_room(nats_url):
         await connect_mac(edge, claimed, headers=newcomer.auth)
 
 
+async def test_a_deleted_room_is_not_registered_again_by_a_refresh_pass_that_began_before(nats_url):
+    # The refresh pass spreads its writes over minutes: it lists the Macs when it begins.
+    account = await make_account(nats_url, tier="free")
+    async with running_edges(nats_url, count=1, auth="required") as (edge,):
+        mac = MacIdentity.new()
+        client, _ = await connect_mac(edge, mac, headers=account.auth)
+        (listed,) = [c for c in edge.connections.values() if c.session.room_id == mac.room_id]
+        await client.close()  # the Mac leaves after the pass listed it
+        while edge.connections:
+            await asyncio.sleep(0.01)
+        status, _ = await http_request(edge.port, "DELETE", f"/api/rooms/{mac.room_id}", account.auth)
+        assert status == 200
+        await edge._refresh_listed_registration(listed)  # the pass reaches it
+        rooms = body_of(await http_get(edge.port, "/api/rooms", account.auth))["rooms"]
+        assert mac.room_id not in [r["room_id"] for r in rooms]
+
+
 async def test_delete_room_is_409_while_its_mac_is_connected(nats_url):
     account = await make_account(nats_url)
     async with running_edges(nats_url, count=1, auth="required") as (edge,):

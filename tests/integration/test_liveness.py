@@ -104,6 +104,21 @@ async def test_sigterm_closes_every_socket_1001_and_peers_hear_server_restart(na
                 await ios_client.expect("peer_joined")
 
 
+async def test_peers_hear_server_restart_even_when_the_shutdown_outlasts_the_lease(nats_url):
+    # A client that does not answer the close holds the shutdown for the close timeout,
+    # here longer than the lease: the lease is renewed until the slots are released, so no
+    # other edge declares this one dead and tells the peer `timeout` instead.
+    async with running_edges(nats_url, count=1) as (survivor,):
+        async with running_edges(nats_url, count=1, edge_lease_ttl_ms=1000, close_timeout_ms=2500) as (stopping,):
+            mac_client, ios_client, _ = await paired(stopping, survivor)
+            mac_client.ws.transport.pause_reading()  # it will not see, nor answer, the close
+            stopping.stop()
+            assert await ios_client.expect("peer_disconnected", timeout=8) == {
+                "type": "peer_disconnected",
+                "reason": "server_restart",
+            }
+
+
 async def test_sigterm_frees_the_slots_so_status_shows_them_disconnected(nats_url):
     async with EdgeProcess(nats_url) as edge_process:
         async with running_edges(nats_url, count=1) as (other,):
