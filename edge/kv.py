@@ -5,6 +5,7 @@ Shared by the edge's stores, `accounts.store` (relay-admin) and `metering.usage`
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -14,6 +15,10 @@ from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
 log = logging.getLogger(__name__)
+
+#: How long a `ValuesWatch` waits for values it counted at its start once nats-py says it
+#: has delivered them all.
+MARKER_GRACE_S = 2.0
 
 #: What nats-py raises for a key that is not there (never written, deleted or purged).
 NOT_FOUND = (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError, nats.js.errors.NotFoundError)
@@ -77,15 +82,34 @@ class ValuesWatch:
         return self._entries()
 
     async def _entries(self) -> AsyncIterator[KeyValue.Entry | None]:
-        if self._initial == 0:
+        marked = self._initial == 0
+        if marked:
             yield None
-        seen = 0
-        async for entry in self._watcher:
+        seen, nats_marked = 0, False
+        while True:
+            try:
+                if nats_marked and not marked:
+                    # nats-py says it is done and we have not seen them all: the rest come at
+                    # once if they come at all (a message counted at the start can vanish
+                    # before delivery, e.g. by its TTL, and nats-py skips markers it does
+                    # not know). Waiting for ever would keep an edge from getting ready.
+                    entry = await asyncio.wait_for(anext(self._watcher), MARKER_GRACE_S)
+                else:
+                    entry = await anext(self._watcher)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                log.warning("a KV watcher got %d of the %d values it started with; going on", seen, self._initial)
+                marked = True
+                yield None
+                continue
             if entry is None:
-                continue  # nats-py's marker: maybe early
+                nats_marked = True  # maybe early: not ours to trust
+                continue
             seen += 1
             yield entry
-            if seen == self._initial:
+            if not marked and seen >= self._initial:
+                marked = True
                 yield None
 
 

@@ -245,3 +245,28 @@ async def _until(predicate, timeout: float = 5.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached"
         await asyncio.sleep(0.01)
+
+
+async def test_a_values_watch_whose_counted_values_do_not_all_come_marks_the_start_after_a_grace(nats_url, monkeypatch):
+    # As when a value counted at the start expires before it is delivered: the watch goes on.
+    from edge import kv as kv_module
+    from edge.kv import ValuesWatch
+
+    monkeypatch.setattr(kv_module, "MARKER_GRACE_S", 0.2)
+    nc = await nats.connect(nats_url)
+    try:
+        kv = await _scratch_bucket(nc)
+        for n in range(3):
+            await kv.put(f"k.{n}", b"v")
+        started = await ValuesWatch.start(kv, "k.>")
+        watch = ValuesWatch(started._watcher, started._initial + 1)  # one more than will come
+        entries = []
+        async with asyncio.timeout(3):
+            async for entry in watch:
+                entries.append(entry)
+                if entry is None:
+                    break
+        assert [e.key for e in entries[:-1]] == ["k.0", "k.1", "k.2"] and entries[-1] is None
+        await watch.stop()
+    finally:
+        await nc.close()
