@@ -361,7 +361,9 @@ class Edge:
         # outlive that, or peers would hear `timeout` instead.
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(server.wait_closed(), self._close_timeout_s + self.settings.shutdown_release_ms / 1000)
-        await self._settle_waiting_publishes()  # charged before the last usage goes out
+        # Those that finish are charged before the last usage goes out; those given up are
+        # still in nats-py's buffer and may go out at the drain, uncharged.
+        await self._settle_waiting_publishes()
         await self._flush_usage_at_exit()
         self._lease_dropping.set()
         with contextlib.suppress(Exception):
