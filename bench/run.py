@@ -208,6 +208,13 @@ def run_benchmark(plan: Plan, quick: bool, only: str | None = None) -> Path:
     relay_cpus, load_cpus, pin_note = _pinning()
     if load_cpus:
         os.sched_setaffinity(0, load_cpus)  # nats-server and the load workers inherit it
+        # Go sizes GOMAXPROCS by the affinity mask: pinned to one CPU, nats-server would get
+        # one P, and its JetStream work (the product's usage stream, KV writes) would hold
+        # frame routing up to a 10 ms preemption tick at a time, a penalty only the relay
+        # that uses JetStream pays and that no production nats-server has. Two Ps, as on
+        # any two-core machine; set GOMAXPROCS to choose otherwise.
+        os.environ.setdefault("GOMAXPROCS", "2")
+        pin_note += f"; nats-server GOMAXPROCS={os.environ['GOMAXPROCS']}"
     print(f"pinning: {pin_note}")
     workdir = Path(tempfile.mkdtemp(prefix="termrelay-bench-"))
     children = Children()
