@@ -1066,7 +1066,7 @@ class Edge:
 
     async def _last_seen_loop(self) -> None:
         """Write lastSeen of sockets that spoke since their last write: at most one write
-        per socket per interval, spread over the first half of it.
+        per socket per interval, spread over half of it (after a pause of the other half).
 
         Spread, not in one go: 2000 sockets' writes at once are 2000 JetStream stores on
         the NATS server that also routes every frame, felt as a blip in frame latency.
