@@ -35,12 +35,8 @@ async def _resume(coro: Coroutine[Any, Any, None], waiting_for: Any) -> None:
             if waiting_for is None:
                 await asyncio.sleep(0)
             else:
-                waiting_for._asyncio_future_blocking = (
-                    False  # what a task does with what it is given
-                )
-                await asyncio.wait(
-                    [waiting_for]
-                )  # the coroutine reads the result (or error) itself
+                waiting_for._asyncio_future_blocking = False  # what a task does with what it is given
+                await asyncio.wait([waiting_for])  # the coroutine reads the result (or error) itself
         except asyncio.CancelledError as cancelled:
             if waiting_for is not None:
                 waiting_for.cancel()

@@ -14,12 +14,11 @@ import time
 from collections.abc import Callable
 
 from websockets.asyncio.server import ServerConnection
-from websockets.frames import Frame, Opcode
+from websockets.frames import DATA_OPCODES, Frame, Opcode
 
 # Limits for the requests this front reads itself; WebSocket upgrades are websockets' business.
 MAX_HEAD_BYTES = 16 * 1024
 MAX_BODY_BYTES = 64 * 1024
-_DATA_OPCODES = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT)
 
 
 class HttpConnection(ServerConnection):
@@ -86,7 +85,7 @@ class HttpConnection(ServerConnection):
         super().data_received(b"\r\n".join([b"GET " + target, *kept]) + b"\r\n\r\n")
 
     def process_event(self, event: object) -> None:
-        if type(event) is Frame and event.opcode in _DATA_OPCODES:
+        if type(event) is Frame and event.opcode in DATA_OPCODES:
             if self.drop_messages:
                 self.last_dropped_ms = int(time.time() * 1000)  # still a sign of life, for lastSeen
                 return

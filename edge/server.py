@@ -219,8 +219,8 @@ class Edge:
         self._usage_task: asyncio.Task[None] | None = None
         self._charge_per_payload = settings.charge_per_payload
         self._metering_on = settings.metering  # off: nothing is counted (nothing would take it)
-        self.frames_forwarded = 0
-        self.frames_forwarded_at_once = 0  # of those: taken as they arrived, see _take_message_now
+        self.frames_forwarded_at_once = 0  # taken as they arrived, see _take_message_now
+        self.frames_forwarded_by_handler = 0
         self._waiting_publishes: set[asyncio.Task[None]] = set()
 
     # --- lifecycle ---------------------------------------------------------------
@@ -431,7 +431,7 @@ class Edge:
         link = self._metering
         values = {
             "relay_connections": len(self.connections),
-            "relay_frames_forwarded_total": self.frames_forwarded,
+            "relay_frames_forwarded_total": self.frames_forwarded_at_once + self.frames_forwarded_by_handler,
             "relay_frames_forwarded_at_once_total": self.frames_forwarded_at_once,
             "relay_quota_checks_unanswered_total": link.quota_checks_unanswered if link else 0,
             "relay_usage_batches_published_total": link.usage_batches_published if link else 0,
@@ -498,7 +498,7 @@ class Edge:
                     frame = await ws.recv()
                 finally:
                     ws.take_message_now = None
-                conn.last_message_ms = now_ms()  # any message is a sign of life (§5.2)
+                conn.last_message_ms = now_ms()  # any message is a sign of life (§4.7)
                 if conn.closing:
                     continue  # sent after the edge began to close this socket: not acted on
                 await self._carry_out(conn, session.receive(frame, time.monotonic()))
@@ -655,8 +655,8 @@ class Edge:
         nothing queued: a `relay` or `relay_batch` for a present peer is published here and
         now (no wake-up of the handler, no task); anything else is declined, for the handler.
         """
-        if len(data) > self._max_forward_bytes or conn.closing or self._tg is None or not self._nc.is_connected:
-            return False  # the handler's way says why (1009), drops it, or waits for NATS
+        if len(data) > self._max_forward_bytes or self._tg is None or not self._nc.is_connected:
+            return False  # the handler's way says why (1009), or waits for NATS
         try:
             text = data.decode()  # as websockets would for the handler: text frames are UTF-8
         except UnicodeDecodeError:
@@ -707,8 +707,10 @@ class Edge:
                 conn.subjects[session.peer_role], action.to.edge_id, to, session.socket_id, KIND_FRAME
             )
         await self._nc.publish(conn.forward_subject, action.data)
-        self.frames_forwarded += 1
-        self.frames_forwarded_at_once += at_once
+        if at_once:
+            self.frames_forwarded_at_once += 1
+        else:
+            self.frames_forwarded_by_handler += 1
         if self._metering_on:  # charged once it is on its way, and only when a peer was there (§12 item 18)
             self.meter.charge_messages(session.user_id, action.payloads if self._charge_per_payload else 1)
 
@@ -799,14 +801,17 @@ class Edge:
             )
         )
 
+    @staticmethod
+    def _holds_registered_room(conn: Connection) -> bool:
+        session = conn.session
+        return session.role == "mac" and session.in_room and not session.replaced and not conn.closing
+
     async def _refresh_listed_registration(self, conn: Connection) -> None:
         """The refresh pass's: a Mac it listed when it began (a pass takes up to half the
-        refresh interval) and that has gone since is skipped: its room may have been
+        refresh interval) that no longer holds its room is skipped: the room may have been
         deleted meanwhile, and must not be registered again."""
-        session = conn.session
-        if conn.closing or session.replaced or not session.in_room or self.connections.get(session.socket_id) is not conn:
-            return
-        await self._refresh_registration(conn)
+        if self._holds_registered_room(conn):
+            await self._refresh_registration(conn)
 
     async def _refresh_registration(self, conn: Connection) -> None:
         """Keep a registered Mac's room registration alive (ROOM_REG_TTL); a failure is retried by the loop."""
@@ -1083,8 +1088,6 @@ class Edge:
                 log.warning("lastSeen flush stopped (%s); the next one retries", type(exc).__name__)
 
     async def _write_last_seen(self, conn: Connection) -> None:
-        if conn.closing or conn.session.socket_id not in self.connections:
-            return  # gone since the pass began: its leave writes it
         await self._presence.put_last_seen_unacknowledged(
             conn.session.room_id, conn.session.role, conn.last_message_ms, self._seen_ttl_s
         )
@@ -1092,11 +1095,13 @@ class Edge:
 
     async def _spread(self, conns: list[Connection], over_s: float, work: Callable[[Connection], Awaitable[None]]) -> bool:
         """`work` on every socket, a slice at a time (a slice's at once), the slices spread
-        evenly over `over_s`; True if the edge began to stop meanwhile (the rest is undone)."""
+        evenly over `over_s`; True if the edge began to stop meanwhile (the rest is undone).
+        A socket that left or began to close since the pass began is skipped."""
         slices = [conns[i : i + _SLICE] for i in range(0, len(conns), _SLICE)]
         gap_s = over_s / len(slices) if slices else 0.0
         for n, slice_ in enumerate(slices):
-            await asyncio.gather(*(work(conn) for conn in slice_))
+            here = [c for c in slice_ if not c.closing and self.connections.get(c.session.socket_id) is c]
+            await asyncio.gather(*(work(conn) for conn in here))
             if n < len(slices) - 1 and await self._sleep(gap_s):
                 return True
         return False
@@ -1106,11 +1111,7 @@ class Edge:
         ROOM_REG_TTL, spread over half the refresh interval (like lastSeen, not in a burst)."""
         interval_s = self.settings.room_reg_refresh_interval_s
         while not await self._sleep(interval_s / 2):
-            due = [
-                c
-                for c in self.connections.values()
-                if c.session.role == "mac" and c.session.in_room and not c.session.replaced and not c.closing
-            ]
+            due = [c for c in self.connections.values() if self._holds_registered_room(c)]
             if await self._spread(due, interval_s / 2, self._refresh_listed_registration):
                 return
 
