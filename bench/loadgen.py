@@ -19,10 +19,12 @@ processes is valid).
 Modes:
 - `max`: each direction keeps `--window` frames in flight, sending the next as one arrives.
 - `rate`: each direction sends `--rate` frames/s (open loop, random phase per direction).
-- `idle`: pairs stay paired and idle (a heartbeat every 20 s); the relay's RSS before and
+- `idle`: pairs stay paired and idle; the relay's RSS before and
   after, and KiB per connection (needs `--relay-pid`).
 - `storm`: after pairing, every socket is closed at once and reconnected at once; the time
   until every pair has `peer_joined` on both new sockets, then one frame each way checks it.
+
+In every mode each socket sends a heartbeat every 20 s, at its own phase of the interval.
 
 Reports JSON (`--json FILE`, else standard output) and a one-line summary on standard error:
 delivered frames/s, one-way latency p50/p90/p99/max, loss, reordering, duplicates, pair
@@ -36,6 +38,7 @@ import argparse
 import asyncio
 import binascii
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing
@@ -356,6 +359,7 @@ class Stream:
             self.max_seq = seq
         if w.window_start_ns <= sent_ns < w.window_end_ns:
             w.latencies.append(now - sent_ns)
+            w.sent_at.append(sent_ns)
         if w.window_start_ns <= now < w.window_end_ns:
             w.delivered_in_window += 1
         if w.window_mode and w.sending:
@@ -493,6 +497,7 @@ class Worker:
         self.sending = False
         self.window_start_ns = self.window_end_ns = 0
         self.latencies = array("q")
+        self.sent_at = array("q")  # send time of each latency sample, for the timeline
         self.delivered_in_window = 0
         self.outstanding = 0
         self.send_failures = 0
@@ -625,20 +630,26 @@ class Worker:
         return {"errors": self.errors, "error_samples": self.error_samples, "disconnects": self.disconnects}
 
     async def _heartbeats(self) -> None:
-        """A heartbeat from every socket every `heartbeat_s`, spread over the interval."""
+        """A heartbeat from every socket every `heartbeat_s`, each socket at its own phase.
+
+        Phases are spread evenly over the interval, as independent clients' are: sent in
+        bursts (all sockets due in the same second at once), the heartbeats would put a
+        once-a-second stall into every relay's latency tail that real traffic never makes.
+        """
         interval = self.cfg.heartbeat_s
-        step = 1.0
-        while True:
-            await asyncio.sleep(step)
-            if not self.pairs:
-                continue
-            # Each pair's sockets beat when the pair's slot of the interval comes round.
-            slot = int(time.monotonic() / step) % max(1, int(interval / step))
-            for pair in self.pairs:
-                if pair.index % max(1, int(interval / step)) == slot:
-                    for conn in pair.conns.values():
-                        if conn is not None and conn.is_open:
-                            conn.send(HEARTBEAT)
+        slots = random.sample([(pair, role) for pair in self.pairs for role in ("mac", "ios")], 2 * len(self.pairs))
+        if not slots:
+            return
+        step = interval / len(slots)
+        start = self.loop.time()
+        for cycle in itertools.count():
+            for n, (pair, role) in enumerate(slots):
+                due = start + cycle * interval + n * step
+                if due > self.loop.time():
+                    await asyncio.sleep(due - self.loop.time())
+                conn = pair.conns[role]
+                if conn is not None and conn.is_open:
+                    conn.send(HEARTBEAT)
 
     async def _traffic(self, command: dict[str, Any]) -> dict[str, Any]:
         cfg, loop = self.cfg, self.loop
@@ -677,6 +688,7 @@ class Worker:
             "reordered": sum(s.reordered for s in streams),
             "delivered_in_window": self.delivered_in_window,
             "latencies": self.latencies.tobytes(),
+            "sent_at": self.sent_at.tobytes(),
             "cpu_s": cpu.get("end", 0.0) - cpu.get("start", 0.0),
             "send_failures": self.send_failures,
             **self._problems(),
@@ -956,10 +968,13 @@ def _measure_traffic(cfg: LoadConfig, workers: _Workers, report: dict[str, Any],
         report["nats"] = {"pid": cfg.nats_pid, "cpu_s": round(nats_cpu, 3), "cpu_util": round(nats_cpu / cfg.duration_s, 3)}
     results = workers.gather("traffic", cfg.drain_s + 30)
     latencies: list[int] = []
+    sent_at: list[int] = []
     for r in results:
-        chunk = array("q")
-        chunk.frombytes(r["latencies"])
-        latencies.extend(chunk)
+        for name, into in (("latencies", latencies), ("sent_at", sent_at)):
+            chunk = array("q")
+            chunk.frombytes(r[name])
+            into.extend(chunk)
+    timeline = latency_timeline(sent_at, latencies, int(window_start * 1e9), cfg.duration_s)
     latencies.sort()
     sent = sum(r["sent"] for r in results)
     received = sum(r["received"] for r in results)
@@ -982,8 +997,34 @@ def _measure_traffic(cfg: LoadConfig, workers: _Workers, report: dict[str, Any],
         duplicates=sum(r["duplicates"] for r in results),
         send_failures=sum(r["send_failures"] for r in results),
         loadgen={"cpu_s": round(loadgen_cpu, 3), "cpu_util": round(loadgen_cpu / cfg.duration_s, 3)},
+        latency_timeline=timeline,
     )
     return results
+
+
+TIMELINE_STEP_MS = 100
+SLOW_FRAME_MS = 5.0
+
+
+def latency_timeline(sent_at: list[int], latencies: list[int], window_start_ns: int, duration_s: float) -> dict[str, Any]:
+    """Where in the window the slow frames were: per `TIMELINE_STEP_MS` of send time, the
+    frames slower than `SLOW_FRAME_MS` and the slowest. A tail that comes from a periodic
+    stall shows as a few steps holding most slow frames; one from queueing, spread thin."""
+    steps = max(1, int(duration_s * 1000 / TIMELINE_STEP_MS))
+    slow, worst = [0] * steps, [0] * steps
+    step_ns, slow_ns = TIMELINE_STEP_MS * 1_000_000, SLOW_FRAME_MS * 1e6
+    for sent_ns, latency in zip(sent_at, latencies):
+        i = min(steps - 1, max(0, (sent_ns - window_start_ns) // step_ns))
+        if latency > slow_ns:
+            slow[i] += 1
+        worst[i] = max(worst[i], latency)
+    return {
+        "step_ms": TIMELINE_STEP_MS,
+        "slow_ms": SLOW_FRAME_MS,
+        "window_start_unix": round(time.time() - (time.monotonic_ns() - window_start_ns) / 1e9, 3),
+        "slow": slow,
+        "worst_ms": [round(w / 1e6, 2) for w in worst],
+    }
 
 
 def _measure_storm(cfg: LoadConfig, workers: _Workers, report: dict[str, Any]) -> list[dict]:
