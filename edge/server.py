@@ -12,6 +12,7 @@ import contextlib
 import functools
 import http
 import logging
+import math
 import secrets
 import time
 from collections import OrderedDict, deque
@@ -126,6 +127,13 @@ _DELETED_USERS_KEPT = 10_000
 # of this many, with frames in between: a slice holds frames back ~0.2 ms, where one pass
 # over 2000 sockets held them 2 ms (and showed in the p99 latency).
 _SLICE = 25
+# Spread passes (lastSeen writes, registration refreshes) do one slice at least this far
+# apart, smaller slices when the pass has time: 25 acknowledged registration writes at once
+# held frames ~10 ms every few seconds (bench/README.md, latency timeline); one write every
+# 150 ms is felt by nobody.
+_SPREAD_STEP_S = 0.05
+# Longer than any `heartbeat_ack` (its longest has every optional field).
+_HEARTBEAT_ACK_MAX = 128
 # How long shutdown tries to hand the last usage to the stream before it gives up (and logs).
 _SHUTDOWN_USAGE_S = 10.0
 # The answer to a control event for a socket this edge no longer has (the socket is gone:
@@ -220,6 +228,7 @@ class Edge:
         self._charge_per_payload = settings.charge_per_payload
         self._metering_on = settings.metering  # off: nothing is counted (nothing would take it)
         self.frames_forwarded_at_once = 0  # taken as they arrived, see _take_message_now
+        self.heartbeats_answered_at_once = 0
         self.frames_forwarded_by_handler = 0
         self._waiting_publishes: set[asyncio.Task[None]] = set()
 
@@ -433,6 +442,7 @@ class Edge:
             "relay_connections": len(self.connections),
             "relay_frames_forwarded_total": self.frames_forwarded_at_once + self.frames_forwarded_by_handler,
             "relay_frames_forwarded_at_once_total": self.frames_forwarded_at_once,
+            "relay_heartbeats_answered_at_once_total": self.heartbeats_answered_at_once,
             "relay_quota_checks_unanswered_total": link.quota_checks_unanswered if link else 0,
             "relay_usage_batches_published_total": link.usage_batches_published if link else 0,
             "relay_usage_publish_failures_total": link.usage_publish_failures if link else 0,
@@ -579,23 +589,34 @@ class Edge:
             return
         if conn is None:
             return
-        ws = conn.ws
-        if (
-            conn.drainer is None  # else it holds an item taken from the backlog: after it
-            and not conn.write_lock.locked()
-            and not ws.paused  # paused from over the high-water mark until down to the low one
-            and ws.send_in_progress is None
-            and ws.protocol.state is State.OPEN
-            and ws.transport.get_write_buffer_size() + len(msg.data) + _FRAME_HEADER_MAX < ws.write_limit_high
-        ):
-            # What `ws.send` would do, without its waits (there is nothing to wait for: the
-            # socket is open, not paused, and this write keeps it under the high-water mark)
-            # and without its per-call context manager, the largest cost of a delivery.
+        if self._can_write_now(conn, len(msg.data)):
             if conn.session.accepts_frame_from(sender):
-                ws.protocol.send_text(msg.data)
-                ws.send_data()
+                self._write_now(conn, msg.data)
         else:
             self._enqueue(conn, msg.data, sender, len(msg.data))
+
+    @staticmethod
+    def _can_write_now(conn: Connection, size: int) -> bool:
+        """Whether a text frame of `size` bytes can be written to the socket at once, in
+        order: nothing of the socket's is queued or being written, it is open, not paused
+        (from over the high-water mark until down to the low one), and this write keeps it
+        under the high-water mark."""
+        ws = conn.ws
+        return (
+            conn.drainer is None  # else it holds an item taken from the backlog: after it
+            and not conn.write_lock.locked()
+            and not ws.paused
+            and ws.send_in_progress is None
+            and ws.protocol.state is State.OPEN
+            and ws.transport.get_write_buffer_size() + size + _FRAME_HEADER_MAX < ws.write_limit_high
+        )
+
+    @staticmethod
+    def _write_now(conn: Connection, data: bytes) -> None:
+        """What `ws.send` would do once `_can_write_now`, without its waits (there is nothing
+        to wait for) and without its per-call context manager, the largest cost of a delivery."""
+        conn.ws.protocol.send_text(data)
+        conn.ws.send_data()
 
     def _enqueue(self, conn: Connection, item: bytes | Any, sender: str, size: int) -> None:
         """Queue `item` for the socket's drainer; a socket that cannot keep up is closed 1013."""
@@ -653,7 +674,8 @@ class Edge:
     def _take_message_now(self, conn: Connection, data: bytes) -> bool:
         """A whole text message, as it arrives, while the socket's handler waits with
         nothing queued: a `relay` or `relay_batch` for a present peer is published here and
-        now (no wake-up of the handler, no task); anything else is declined, for the handler.
+        now, a `heartbeat` answered here and now when the answer can be written at once (no
+        wake-up of the handler, no task); anything else is declined, for the handler.
         """
         if len(data) > self._max_forward_bytes or self._tg is None or not self._nc.is_connected:
             return False  # the handler's way says why (1009), or waits for NATS
@@ -661,10 +683,15 @@ class Edge:
             text = data.decode()  # as websockets would for the handler: text frames are UTF-8
         except UnicodeDecodeError:
             return False  # the handler's `recv` fails the connection with 1007
-        forward = conn.session.forward_if_relay(text, time.monotonic())
-        if forward is None:
+        taken = conn.session.take_now(text, time.monotonic(), lambda: self._can_write_now(conn, _HEARTBEAT_ACK_MAX))
+        if taken is None:
             return False
         conn.last_message_ms = now_ms()
+        if type(taken) is Send:
+            self._write_now(conn, taken.data)
+            self.heartbeats_answered_at_once += 1
+            return True
+        forward = taken
         try:
             waiting = run_eagerly(self._forward(conn, forward, at_once=True), self._spawn_publish)
         except Exception:  # as the handler does with what its own publish raises
@@ -1095,9 +1122,11 @@ class Edge:
 
     async def _spread(self, conns: list[Connection], over_s: float, work: Callable[[Connection], Awaitable[None]]) -> bool:
         """`work` on every socket, a slice at a time (a slice's at once), the slices spread
-        evenly over `over_s`; True if the edge began to stop meanwhile (the rest is undone).
-        A socket that left or began to close since the pass began is skipped."""
-        slices = [conns[i : i + _SLICE] for i in range(0, len(conns), _SLICE)]
+        evenly over `over_s` and as small as keeps them `_SPREAD_STEP_S` apart; True if the
+        edge began to stop meanwhile (the rest is undone). A socket that left or began to
+        close since the pass began is skipped."""
+        size = max(1, min(_SLICE, math.ceil(len(conns) * _SPREAD_STEP_S / over_s))) if over_s > 0 else _SLICE
+        slices = [conns[i : i + size] for i in range(0, len(conns), size)]
         gap_s = over_s / len(slices) if slices else 0.0
         for n, slice_ in enumerate(slices):
             here = [c for c in slice_ if not c.closing and self.connections.get(c.session.socket_id) is c]

@@ -7,6 +7,7 @@ then carries out the returned actions in order.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -162,7 +163,7 @@ class Session:
             return [_forward(msg, self.peer)]
 
         if isinstance(msg, Heartbeat):
-            return [Send(encode(HeartbeatAck(mac_connected=self._mac_connected(), account_match=self._account_match())))]
+            return [Send(self._heartbeat_ack())]
 
         wanted = ROLE_OF_REQUEST[type(msg)]
         actions: list[Action] = []
@@ -176,25 +177,36 @@ class Session:
         actions.append(RoomRequest(msg))
         return actions
 
-    def forward_if_relay(self, data: bytes | str, now: float) -> Forward | None:
-        """The frame as `receive` would take it when that is only a `Forward`, else None
-        and nothing changed: then `receive` decides (errors, control messages, limits).
+    def take_now(self, data: bytes | str, now: float, can_answer_now: Callable[[], bool]) -> Forward | Send | None:
+        """The frame as `receive` would take it when that is only a `Forward` (a relay for
+        a present peer) or a `Send` (a heartbeat's answer, when `can_answer_now()`), else
+        None and nothing changed: then `receive` decides (errors, control messages, limits).
 
         The edge's fast path, for a frame that arrives while nothing else of this socket's
-        is being decided.
+        is being decided. Heartbeats are most of what clients send besides relays (the Mac
+        every second while active, the iPhone every 3 s, §5).
         """
-        if not self.in_room or self.peer is None or self._busy:
+        if self._busy:
             return None
         try:
             msg = client_decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
             return None  # msgspec checks UTF-8 in bytes itself, and says so with the last
-        if type(msg) is not Relay and type(msg) is not RelayBatch:
+        kind = type(msg)
+        if kind is Relay or kind is RelayBatch:
+            if not self.in_room or self.peer is None:
+                return None
+        elif kind is not Heartbeat or not can_answer_now():
             return None
         if self.rate is not None and not self.rate.take(now):
             return None  # `receive` spends another token, finds none, and says so
         self.last_message_at = now
+        if kind is Heartbeat:
+            return Send(self._heartbeat_ack())
         return _forward(msg, self.peer)
+
+    def _heartbeat_ack(self) -> bytes:
+        return encode(HeartbeatAck(mac_connected=self._mac_connected(), account_match=self._account_match()))
 
     def _mac_connected(self) -> bool:
         if self.role == "mac":

@@ -13,7 +13,7 @@ import secrets
 import signal
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -74,6 +74,14 @@ async def http_request(
     writer.close()
     head, _, body = response.decode().partition("\r\n\r\n")
     return int(head.split(" ", 2)[1]), body
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0, step: float = 0.005) -> None:
+    """Wait until `predicate()` holds; fails the test if it does not within `timeout`."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(step)
 
 
 @asynccontextmanager

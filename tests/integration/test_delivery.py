@@ -23,6 +23,7 @@ from tests.harness import (
     join_message,
     paired,
     running_edges,
+    until,
     ws_url,
 )
 
@@ -93,13 +94,6 @@ def _server_side(edge, room_id: str, role: str):
     return conns[0]
 
 
-async def _until(predicate, timeout: float = 5.0, step: float = 0.005) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
-        await asyncio.sleep(step)
-
-
 async def test_a_slow_reader_paused_between_its_buffer_marks_does_not_stall_other_sockets_of_its_edge(
     nats_url,
 ):
@@ -131,9 +125,9 @@ async def test_a_slow_reader_paused_between_its_buffer_marks_does_not_stall_othe
 
             # A large frame: it goes to the backlog; the drainer writes it and waits in drain().
             await mac_client.send(type="relay", payload="A" * 200_000)
-            await _until(lambda: ws.transport.get_write_buffer_size() > high)
+            await until(lambda: ws.transport.get_write_buffer_size() > high)
             # The phone reads a little, until the buffer is between the marks, then reads no more.
-            await _until(lambda: not conn.backlog)
+            await until(lambda: not conn.backlog)
             while not (low + 2048 < ws.transport.get_write_buffer_size() < high - 4096):
                 await phone.read(2048)
                 await asyncio.sleep(0.005)

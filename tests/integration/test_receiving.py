@@ -16,7 +16,7 @@ from typing import Any
 import nats
 
 from edge.eager import run_eagerly
-from tests.harness import Client, http_get, paired, running_edges
+from tests.harness import Client, http_get, paired, running_edges, until
 
 
 def _send_in_one_write(client: Client, *messages: dict[str, Any]) -> None:
@@ -49,16 +49,17 @@ async def test_messages_written_together_keep_their_order_across_both_paths(nats
         _send_in_one_write(
             mac_client,
             relays[0],
-            {"type": "heartbeat"},  # for the handler: what follows queues behind it
+            {"type": "nonsense"},  # for the handler: what follows queues behind it
             relays[1],
-            {"type": "nonsense"},
+            {"type": "heartbeat"},  # answered by the handler, in its turn
             *relays[2:],
         )
         assert [(await ios_client.expect("relay"))["payload"] for _ in relays] == [
             r["payload"] for r in relays
         ]
-        assert (await mac_client.expect("heartbeat_ack"))["mac_connected"] is True
         await mac_client.expect_error("BAD_MESSAGE")
+        assert (await mac_client.expect("heartbeat_ack"))["mac_connected"] is True
+        assert await _metric(a.port, "relay_heartbeats_answered_at_once_total") == 0
         # Later, with the handler waiting again, relays are taken as they arrive again.
         taken_before = await _metric(a.port, "relay_frames_forwarded_at_once_total")
         assert 1 <= taken_before < len(relays)
@@ -69,6 +70,52 @@ async def test_messages_written_together_keep_their_order_across_both_paths(nats
             == taken_before + 1
         )
         assert await _metric(a.port, "relay_frames_forwarded_total") == len(relays) + 1
+        await mac_client.send(type="heartbeat")
+        assert (await mac_client.expect("heartbeat_ack"))["mac_connected"] is True
+        assert await _metric(a.port, "relay_heartbeats_answered_at_once_total") == 1
+
+
+def _waiting_with_nothing_queued(conn: Any) -> bool:
+    """The socket's handler waits for its next message, and nothing is being written to it
+    (just after pairing, the news of the peer may still be on its way out)."""
+    return conn.ws.take_message_now is not None and conn.drainer is None and not conn.write_lock.locked()
+
+
+async def test_heartbeats_reaching_a_waiting_socket_are_answered_as_they_arrive(nats_url):
+    async with running_edges(nats_url) as (a, b):
+        mac_client, ios_client, _ = await paired(a, b)
+        mac_conn, ios_conn = (next(iter(edge.connections.values())) for edge in (a, b))
+        await until(lambda: _waiting_with_nothing_queued(mac_conn) and _waiting_with_nothing_queued(ios_conn))
+        for n in range(10):
+            await mac_client.send(type="heartbeat")
+            await ios_client.send(type="heartbeat")
+            assert await mac_client.expect("heartbeat_ack") == {"type": "heartbeat_ack", "mac_connected": True, "account_match": "match"}
+            assert await ios_client.expect("heartbeat_ack") == {"type": "heartbeat_ack", "mac_connected": True, "account_match": "match"}
+        assert await _metric(a.port, "relay_heartbeats_answered_at_once_total") == 10
+        assert await _metric(b.port, "relay_heartbeats_answered_at_once_total") == 10
+        # The Mac leaves: the iPhone's next answer says so, from the same fast path.
+        await mac_client.close()
+        await ios_client.expect("peer_disconnected")
+        await until(lambda: _waiting_with_nothing_queued(ios_conn))
+        await ios_client.send(type="heartbeat")
+        assert (await ios_client.expect("heartbeat_ack"))["mac_connected"] is False
+        assert await _metric(b.port, "relay_heartbeats_answered_at_once_total") == 11
+
+
+async def test_a_heartbeat_for_a_socket_with_frames_queued_is_answered_by_its_handler(nats_url):
+    """The fast path writes an answer only when nothing of the socket's is queued or being
+    written; otherwise the heartbeat goes the handler's way, and is answered all the same."""
+    async with running_edges(nats_url) as (a, b):
+        mac_client, ios_client, _ = await paired(a, b)
+        conn = next(c for c in b.connections.values() if c.session.role == "ios")
+        async with conn.write_lock:  # as while news about its peer is written: frames queue
+            for n in range(5):
+                await mac_client.send(type="relay", payload=f"p{n}")
+            await until(lambda: conn.drainer is not None)
+            await ios_client.send(type="heartbeat")
+            assert (await ios_client.expect("heartbeat_ack"))["mac_connected"] is True
+        assert [(await ios_client.expect("relay"))["payload"] for _ in range(5)] == [f"p{n}" for n in range(5)]
+        assert b.heartbeats_answered_at_once == 0
 
 
 async def test_a_relay_behind_a_frame_too_large_for_nats_is_never_forwarded(tmp_path):

@@ -10,7 +10,7 @@ import nats
 import nats.errors
 
 from schemas.subjects import PRESENCE_BUCKET, ROOMS_BUCKET
-from tests.harness import Client, MacIdentity, connect_ios, connect_mac, paired, running_edges, sha256_hex
+from tests.harness import Client, MacIdentity, connect_ios, connect_mac, paired, running_edges, sha256_hex, until
 
 
 async def stream_last_seq(nats_url: str, bucket: str) -> int:
@@ -228,23 +228,16 @@ async def test_a_values_watch_marks_the_start_once_then_follows_changes(nats_url
                 seen.append(entry if entry is None else (entry.key, entry.operation))
 
         following = asyncio.create_task(follow())
-        await _until(lambda: None in seen)
+        await until(lambda: None in seen)
         assert seen[:5] == [("k.0", None), ("k.1", None), ("k.2", None), ("k.3", None), ("k.4", "DEL")]
         assert seen[5] is None
         await kv.put("k.9", b"later")
-        await _until(lambda: len(seen) == 7)
+        await until(lambda: len(seen) == 7)
         assert seen[6] == ("k.9", None)  # and no second start marker
         await watch.stop()
         await asyncio.wait_for(following, 2)
     finally:
         await nc.close()
-
-
-async def _until(predicate, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 async def test_a_values_watch_whose_counted_values_do_not_all_come_marks_the_start_after_a_grace(nats_url, monkeypatch):

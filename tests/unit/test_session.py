@@ -575,7 +575,15 @@ def test_a_session_is_a_mac_in_its_room_with_its_iphone_there():
     assert not s.in_session
 
 
-# --- the edge's fast path: forward_if_relay -------------------------------------------
+# --- the edge's fast path: take_now ----------------------------------------------------
+
+
+def _answer_now() -> bool:
+    return True
+
+
+def _no_answer_now() -> bool:
+    return False
 
 
 @pytest.mark.parametrize(
@@ -585,13 +593,54 @@ def test_a_session_is_a_mac_in_its_room_with_its_iphone_there():
         frame("relay_batch", payloads=["a", "b", "c"], junk=True),
     ],
 )
-def test_forward_if_relay_forwards_exactly_what_receive_would(data):
+def test_take_now_forwards_a_relay_exactly_as_receive_would(data):
     fast, full = in_room("mac", peer=IOS_PEER), in_room("mac", peer=IOS_PEER)
-    forward = fast.forward_if_relay(data, now=5.0)
+    forward = fast.take_now(data, now=5.0, can_answer_now=_no_answer_now)
     (expected,) = full.receive(data, now=5.0)
     assert isinstance(forward, Forward) and isinstance(expected, Forward)
     assert (forward.data, forward.to, forward.payloads) == (expected.data, expected.to, expected.payloads)
     assert fast.last_message_at == full.last_message_at == 5.0
+
+
+def _mismatched_ios() -> Session:
+    s = in_room("ios", peer=MAC_PEER)
+    s.owner_user_id = "someone-else"
+    return s
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: session(),  # before register/join (§4.7: answered at any time)
+        lambda: in_room("mac"),  # the Mac alone
+        lambda: in_room("mac", peer=IOS_PEER),
+        lambda: in_room("ios"),  # the iPhone without its Mac: mac_connected false
+        lambda: in_room("ios", peer=MAC_PEER),
+        _mismatched_ios,  # account_match "mismatch" (§12 item 15)
+    ],
+)
+def test_take_now_answers_a_heartbeat_exactly_as_receive_would(make):
+    fast, full = make(), make()
+    answer = fast.take_now(frame("heartbeat"), now=5.0, can_answer_now=_answer_now)
+    (expected,) = full.receive(frame("heartbeat"), now=5.0)
+    assert isinstance(answer, Send) and isinstance(expected, Send)
+    assert answer.data == expected.data
+    assert wire(answer)["type"] == "heartbeat_ack"
+    assert fast.last_message_at == full.last_message_at == 5.0
+
+
+def test_take_now_leaves_a_heartbeat_to_receive_when_its_answer_cannot_be_written_at_once():
+    s = in_room("mac", peer=IOS_PEER)
+    assert s.take_now(frame("heartbeat"), now=9.0, can_answer_now=_no_answer_now) is None
+    assert s.last_message_at == 1.0  # unchanged: `receive` will count it
+
+
+def test_the_longest_heartbeat_ack_fits_the_room_the_fast_path_checks_for():
+    from edge.server import _HEARTBEAT_ACK_MAX
+    from schemas.client import HeartbeatAck, encode
+
+    longest = encode(HeartbeatAck(mac_connected=False, account_match="mismatch", account_deleted=True))
+    assert len(longest) <= _HEARTBEAT_ACK_MAX
 
 
 @pytest.mark.parametrize(
@@ -600,14 +649,16 @@ def test_forward_if_relay_forwards_exactly_what_receive_would(data):
         ("not in a room", frame("relay", payload="x")),
         ("no peer", frame("relay", payload="x")),
         ("request in flight", frame("relay", payload="x")),
-        ("in a room", frame("heartbeat")),
+        ("request in flight", frame("heartbeat")),
+        ("in a room", frame("join_room", room_id=ROOM)),
         ("in a room", b'{"type":"relay"'),
         ("in a room", frame("relay_batch", payloads=["p"] * 257)),
         ("in a room", frame("relay", payload=1)),
         ("in a room", b'{"type":"relay","payload":"\xff"}'),
+        ("in a room", frame("heartbeat_ack")),
     ],
 )
-def test_forward_if_relay_leaves_everything_else_to_receive_and_changes_nothing(state, data):
+def test_take_now_leaves_everything_else_to_receive_and_changes_nothing(state, data):
     if state == "not in a room":
         s = session("mac")
     elif state == "no peer":
@@ -618,17 +669,17 @@ def test_forward_if_relay_leaves_everything_else_to_receive_and_changes_nothing(
     else:
         s = in_room("mac", peer=IOS_PEER)
     before = (s.last_message_at, s.in_room, s.peer, s.role)
-    assert s.forward_if_relay(data, now=9.0) is None
+    assert s.take_now(data, now=9.0, can_answer_now=_answer_now) is None
     assert (s.last_message_at, s.in_room, s.peer, s.role) == before
 
 
-def test_forward_if_relay_leaves_a_relay_over_the_rate_to_receive_which_closes_1008():
+@pytest.mark.parametrize("data", [frame("relay", payload="x"), frame("heartbeat")])
+def test_take_now_leaves_a_message_over_the_rate_to_receive_which_closes_1008(data):
     s = in_room("mac", peer=IOS_PEER)
     s.rate = TokenBucket(rate_per_s=1, burst=2)
-    data = frame("relay", payload="x")
-    assert isinstance(s.forward_if_relay(data, now=2.0), Forward)
-    assert isinstance(s.forward_if_relay(data, now=2.0), Forward)
-    assert s.forward_if_relay(data, now=2.0) is None  # the bucket is empty
+    assert s.take_now(data, now=2.0, can_answer_now=_answer_now) is not None
+    assert s.take_now(data, now=2.0, can_answer_now=_answer_now) is not None
+    assert s.take_now(data, now=2.0, can_answer_now=_answer_now) is None  # the bucket is empty
     (close,) = s.receive(data, now=2.0)
     assert isinstance(close, Close) and close.code == 1008
     assert wire(Send(close.farewell))["code"] == "RATE_LIMITED"
