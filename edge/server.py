@@ -833,13 +833,6 @@ class Edge:
         session = conn.session
         return session.role == "mac" and session.in_room and not session.replaced and not conn.closing
 
-    async def _refresh_listed_registration(self, conn: Connection) -> None:
-        """The refresh pass's: a Mac it listed when it began (a pass takes up to half the
-        refresh interval) that no longer holds its room is skipped: the room may have been
-        deleted meanwhile, and must not be registered again."""
-        if self._holds_registered_room(conn):
-            await self._refresh_registration(conn)
-
     async def _refresh_registration(self, conn: Connection) -> None:
         """Keep a registered Mac's room registration alive (ROOM_REG_TTL); a failure is retried by the loop."""
         try:
@@ -1107,12 +1100,15 @@ class Edge:
         while not await self._sleep(interval_s / 2):
             if not self._nc.is_connected:
                 continue  # nats-py would buffer these ahead of what matters at the reconnect
-            due = [c for c in self.connections.values() if c.session.in_room and c.last_message_ms > c.last_seen_written_ms]
             try:
-                if await self._spread(due, interval_s / 2, self._write_last_seen):
+                if await self._spread(list(self.connections.values()), interval_s / 2, self._write_last_seen, self._last_seen_due):
                     return
             except nats.errors.Error as exc:
                 log.warning("lastSeen flush stopped (%s); the next one retries", type(exc).__name__)
+
+    @staticmethod
+    def _last_seen_due(conn: Connection) -> bool:
+        return conn.session.in_room and conn.last_message_ms > conn.last_seen_written_ms
 
     async def _write_last_seen(self, conn: Connection) -> None:
         await self._presence.put_last_seen_unacknowledged(
@@ -1120,16 +1116,29 @@ class Edge:
         )
         conn.last_seen_written_ms = conn.last_message_ms
 
-    async def _spread(self, conns: list[Connection], over_s: float, work: Callable[[Connection], Awaitable[None]]) -> bool:
-        """`work` on every socket, a slice at a time (a slice's at once), the slices spread
-        evenly over `over_s` and as small as keeps them `_SPREAD_STEP_S` apart; True if the
-        edge began to stop meanwhile (the rest is undone). A socket that left or began to
-        close since the pass began is skipped."""
+    async def _spread(
+        self,
+        conns: list[Connection],
+        over_s: float,
+        work: Callable[[Connection], Awaitable[None]],
+        due: Callable[[Connection], bool],
+    ) -> bool:
+        """`work` on every socket of `conns` that is still here and `due`, a slice at a time
+        (a slice's at once), the slices spread evenly over `over_s` and as small as keeps
+        them `_SPREAD_STEP_S` apart; True if the edge began to stop meanwhile (the rest is
+        undone).
+
+        `due` is asked slice by slice, just before the work: a socket that left, began to
+        close or stopped being due since the pass began is skipped (a Mac whose room was
+        deleted must not register it again). And no pass walks every socket in one go: with
+        2000 sockets, passes that began with such a walk began with 20-30 ms in which no
+        frame moved (bench/README.md, "latency timeline").
+        """
         size = max(1, min(_SLICE, math.ceil(len(conns) * _SPREAD_STEP_S / over_s))) if over_s > 0 else _SLICE
         slices = [conns[i : i + size] for i in range(0, len(conns), size)]
         gap_s = over_s / len(slices) if slices else 0.0
         for n, slice_ in enumerate(slices):
-            here = [c for c in slice_ if not c.closing and self.connections.get(c.session.socket_id) is c]
+            here = [c for c in slice_ if self.connections.get(c.session.socket_id) is c and not c.closing and due(c)]
             await asyncio.gather(*(work(conn) for conn in here))
             if n < len(slices) - 1 and await self._sleep(gap_s):
                 return True
@@ -1140,9 +1149,11 @@ class Edge:
         ROOM_REG_TTL, spread over half the refresh interval (like lastSeen, not in a burst)."""
         interval_s = self.settings.room_reg_refresh_interval_s
         while not await self._sleep(interval_s / 2):
-            due = [c for c in self.connections.values() if self._holds_registered_room(c)]
-            if await self._spread(due, interval_s / 2, self._refresh_listed_registration):
+            if await self._registration_pass(list(self.connections.values()), interval_s / 2):
                 return
+
+    async def _registration_pass(self, conns: list[Connection], over_s: float) -> bool:
+        return await self._spread(conns, over_s, self._refresh_registration, self._holds_registered_room)
 
     # --- lastSeen of connected sockets ---------------------------------------------------
 
