@@ -194,6 +194,16 @@ class WsTarget:
         return self.principal.user_id
 
 
+def spread_plan(count: int, over_s: float) -> tuple[int, float]:
+    """(sockets per slice, seconds from one slice to the next) for a pass over `count`
+    sockets spread over `over_s`: slices at least `_SPREAD_STEP_S` apart, of at most
+    `_SLICE` sockets (more sockets than that allows: slices closer together)."""
+    if count == 0 or over_s <= 0:
+        return _SLICE, 0.0
+    size = max(1, min(_SLICE, math.ceil(count * _SPREAD_STEP_S / over_s)))
+    return size, over_s / math.ceil(count / size)
+
+
 class Edge:
     """One edge process. `await Edge(settings).run()` serves until `stop()` is called."""
 
@@ -1134,9 +1144,8 @@ class Edge:
         2000 sockets, passes that began with such a walk began with 20-30 ms in which no
         frame moved (bench/README.md, "latency timeline").
         """
-        size = max(1, min(_SLICE, math.ceil(len(conns) * _SPREAD_STEP_S / over_s))) if over_s > 0 else _SLICE
+        size, gap_s = spread_plan(len(conns), over_s)
         slices = [conns[i : i + size] for i in range(0, len(conns), size)]
-        gap_s = over_s / len(slices) if slices else 0.0
         for n, slice_ in enumerate(slices):
             here = [c for c in slice_ if self.connections.get(c.session.socket_id) is c and not c.closing and due(c)]
             await asyncio.gather(*(work(conn) for conn in here))

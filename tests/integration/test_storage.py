@@ -57,6 +57,24 @@ async def test_connected_sockets_last_seen_reaches_kv_while_they_stay_connected(
             await asyncio.sleep(0.05)
 
 
+async def test_a_spread_pass_asks_whether_a_socket_is_due_just_before_its_slice(nats_url):
+    # A pass takes its sockets when it begins and works through them for up to minutes:
+    # one that stopped being due meanwhile (its room deleted, say) must be left alone.
+    async with running_edges(nats_url, count=1) as (edge,):
+        for _ in range(3):
+            await paired(edge, edge)
+        conns = list(edge.connections.values())
+        stopped: set[str] = set()
+        done = []
+
+        async def work(conn):
+            done.append(conn)
+            stopped.add(conns[-1].session.socket_id)  # the last one stops being due
+
+        assert not await edge._spread(conns, 0.3, work, lambda c: c.session.socket_id not in stopped)
+        assert done == conns[:-1]
+
+
 async def test_racing_registers_on_two_edges_leave_exactly_one_mac_in_the_slot(nats_url):
     async with running_edges(nats_url) as (a, b):
         mac = MacIdentity.new()

@@ -1,0 +1,35 @@
+"""How the edge spreads a periodic pass (lastSeen writes, registration refreshes) over
+its time: small slices, evenly apart, never a burst."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from edge.server import _SLICE, _SPREAD_STEP_S, spread_plan
+
+
+@pytest.mark.parametrize(
+    "count, over_s, size, gap_s",
+    [
+        (1000, 150.0, 1, 0.15),  # registrations of 1000 Macs: one write every 150 ms
+        (2000, 15.0, 7, 15.0 / 286),  # lastSeen of 2000 sockets: 7 writes every ~52 ms
+        (1, 15.0, 1, 15.0),
+        (100_000, 15.0, _SLICE, 15.0 / 4000),  # more than slices 50 ms apart allow: closer
+        (60, 0.2, 15, 0.05),  # the tests' short intervals
+    ],
+)
+def test_a_pass_goes_in_slices_as_small_as_keeps_them_apart(count, over_s, size, gap_s):
+    got_size, got_gap = spread_plan(count, over_s)
+    assert got_size == size
+    assert got_gap == pytest.approx(gap_s)
+    slices = math.ceil(count / got_size)
+    assert slices * got_gap == pytest.approx(over_s)  # the whole pass fits its time
+    assert got_gap >= _SPREAD_STEP_S or got_size == _SLICE
+
+
+@pytest.mark.parametrize("count, over_s", [(0, 15.0), (0, 0.0), (5, 0.0), (5, -1.0)])
+def test_an_empty_pass_or_one_without_time_goes_at_once(count, over_s):
+    size, gap_s = spread_plan(count, over_s)
+    assert size == _SLICE and gap_s == 0.0
