@@ -693,18 +693,20 @@ class Edge:
             text = data.decode()  # as websockets would for the handler: text frames are UTF-8
         except UnicodeDecodeError:
             return False  # the handler's `recv` fails the connection with 1007
-        taken = conn.session.take_now(text, time.monotonic(), lambda: self._can_write_now(conn, _HEARTBEAT_ACK_MAX))
-        if taken is None:
-            return False
-        conn.last_message_ms = now_ms()
-        if type(taken) is Send:
-            self._write_now(conn, taken.data)
-            self.heartbeats_answered_at_once += 1
-            return True
-        forward = taken
         try:
-            waiting = run_eagerly(self._forward(conn, forward, at_once=True), self._spawn_publish)
-        except Exception:  # as the handler does with what its own publish raises
+            taken = conn.session.take_now(text, time.monotonic(), lambda: self._can_write_now(conn, _HEARTBEAT_ACK_MAX))
+            if taken is None:
+                return False
+            conn.last_message_ms = now_ms()
+            if type(taken) is Send:
+                self._write_now(conn, taken.data)
+                self.heartbeats_answered_at_once += 1
+                return True
+            waiting = run_eagerly(self._forward(conn, taken, at_once=True), self._spawn_publish)
+        except Exception:
+            # As the handler does with what it raises: this socket ends (1011), nothing else.
+            # Raised out of websockets' data callback, it would abort the connection (1006)
+            # and lose the rest of what arrived with it.
             log.exception("socket %s in room %s failed", conn.session.socket_id, conn.session.room_id)
             conn.ws.take_message_now = None
             self._spawn(self._close(conn, CloseCode.INTERNAL, "Internal error"), "close a failed socket")
@@ -1111,7 +1113,7 @@ class Edge:
             if not self._nc.is_connected:
                 continue  # nats-py would buffer these ahead of what matters at the reconnect
             try:
-                if await self._spread(list(self.connections.values()), interval_s / 2, self._write_last_seen, self._last_seen_due):
+                if await self._spread(list(self.connections), interval_s / 2, self._write_last_seen, self._last_seen_due):
                     return
             except nats.errors.Error as exc:
                 log.warning("lastSeen flush stopped (%s); the next one retries", type(exc).__name__)
@@ -1128,28 +1130,31 @@ class Edge:
 
     async def _spread(
         self,
-        conns: list[Connection],
+        socket_ids: list[str],
         over_s: float,
         work: Callable[[Connection], Awaitable[None]],
         due: Callable[[Connection], bool],
     ) -> bool:
-        """`work` on every socket of `conns` that is still here and `due`, a slice at a time
-        (a slice's at once), the slices spread evenly over `over_s` and as small as keeps
-        them `_SPREAD_STEP_S` apart; True if the edge began to stop meanwhile (the rest is
-        undone).
+        """`work` on every socket of `socket_ids` that is still here and `due`, a slice at a
+        time (a slice's at once), the slices spread evenly over `over_s` (`spread_plan`);
+        True if the edge began to stop meanwhile (the rest is undone).
 
         `due` is asked slice by slice, just before the work: a socket that left, began to
         close or stopped being due since the pass began is skipped (a Mac whose room was
         deleted must not register it again). And no pass walks every socket in one go: with
         2000 sockets, passes that began with such a walk began with 20-30 ms in which no
-        frame moved (bench/README.md, "latency timeline").
+        frame moved (README, Performance). Ids, not sockets: a pass lasts up to minutes,
+        and must not keep the sockets that left meanwhile in memory.
         """
-        size, gap_s = spread_plan(len(conns), over_s)
-        slices = [conns[i : i + size] for i in range(0, len(conns), size)]
-        for n, slice_ in enumerate(slices):
-            here = [c for c in slice_ if self.connections.get(c.session.socket_id) is c and not c.closing and due(c)]
+        size, gap_s = spread_plan(len(socket_ids), over_s)
+        for start in range(0, len(socket_ids), size):
+            here = [
+                conn
+                for socket_id in socket_ids[start : start + size]
+                if (conn := self.connections.get(socket_id)) is not None and not conn.closing and due(conn)
+            ]
             await asyncio.gather(*(work(conn) for conn in here))
-            if n < len(slices) - 1 and await self._sleep(gap_s):
+            if start + size < len(socket_ids) and await self._sleep(gap_s):
                 return True
         return False
 
@@ -1158,11 +1163,11 @@ class Edge:
         ROOM_REG_TTL, spread over half the refresh interval (like lastSeen, not in a burst)."""
         interval_s = self.settings.room_reg_refresh_interval_s
         while not await self._sleep(interval_s / 2):
-            if await self._registration_pass(list(self.connections.values()), interval_s / 2):
+            if await self._registration_pass(list(self.connections), interval_s / 2):
                 return
 
-    async def _registration_pass(self, conns: list[Connection], over_s: float) -> bool:
-        return await self._spread(conns, over_s, self._refresh_registration, self._holds_registered_room)
+    async def _registration_pass(self, socket_ids: list[str], over_s: float) -> bool:
+        return await self._spread(socket_ids, over_s, self._refresh_registration, self._holds_registered_room)
 
     # --- lastSeen of connected sockets ---------------------------------------------------
 

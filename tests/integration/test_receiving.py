@@ -227,3 +227,41 @@ async def test_publishes_waiting_for_a_stalled_nats_do_not_hold_the_shutdown(tmp
                 assert "1 frames not confirmed published at shutdown" in caplog.text
             finally:
                 os.kill(server.process.pid, signal.SIGCONT)
+
+
+async def test_a_heartbeat_behind_which_the_client_closes_is_left_to_the_handler(nats_url, caplog):
+    """A close frame read with the heartbeat puts websockets in CLOSING before the heartbeat
+    is looked at: nothing may be written then (websockets would raise in its data
+    callback); the handler takes the heartbeat and the close ends cleanly."""
+    async with running_edges(nats_url) as (a, b):
+        mac_client, ios_client, _ = await paired(a, b)
+        conn = next(iter(a.connections.values()))
+        await until(lambda: _waiting_with_nothing_queued(conn))
+        mac_client.ws.protocol.send_text(b'{"type":"heartbeat"}')
+        mac_client.ws.protocol.send_close(1000, "bye")
+        mac_client.ws.send_data()
+        assert (await ios_client.expect("peer_disconnected"))["reason"] == "client_left"
+        await until(lambda: not a.connections)
+        assert a.heartbeats_answered_at_once == 0
+        assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+async def test_an_error_while_answering_a_heartbeat_at_once_ends_that_socket_only(nats_url, monkeypatch):
+    async with running_edges(nats_url) as (a, b):
+        mac_client, ios_client, mac = await paired(a, b)
+        other_mac, other_ios, _ = await paired(a, b)
+        failing = next(c for c in a.connections.values() if c.session.room_id == mac.room_id)
+        await until(lambda: _waiting_with_nothing_queued(failing))
+
+        def broken_write(conn, data):
+            if conn is failing:
+                raise RuntimeError("a bug")
+            type(a)._write_now(conn, data)
+
+        monkeypatch.setattr(a, "_write_now", broken_write)
+        await mac_client.send(type="heartbeat")
+        assert (await mac_client.expect_close())[0] == 1011
+        assert (await ios_client.expect("peer_disconnected"))["reason"] == "client_left"
+        assert (await other_mac.heartbeat())["mac_connected"] is True  # the others go on
+        await other_mac.send(type="relay", payload="still here")
+        assert (await other_ios.expect("relay"))["payload"] == "still here"

@@ -71,7 +71,8 @@ async def test_a_spread_pass_asks_whether_a_socket_is_due_just_before_its_slice(
             done.append(conn)
             stopped.add(conns[-1].session.socket_id)  # the last one stops being due
 
-        assert not await edge._spread(conns, 0.3, work, lambda c: c.session.socket_id not in stopped)
+        socket_ids = [conn.session.socket_id for conn in conns]
+        assert not await edge._spread(socket_ids, 0.3, work, lambda c: c.session.socket_id not in stopped)
         assert done == conns[:-1]
 
 
