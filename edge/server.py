@@ -293,9 +293,11 @@ class Edge:
                 background = [
                     tg.create_task(self._watch_leases(watching)),
                     tg.create_task(self._renew_lease_loop()),
-                    tg.create_task(self._liveness_loop()),
-                    tg.create_task(self._last_seen_loop()),
-                    tg.create_task(self._registration_loop()),
+                    # Upkeep that a bug or an unforeseen error must not turn into the end
+                    # of every socket here: logged, and started again.
+                    tg.create_task(self._keep_running("liveness sweep", self._liveness_loop)),
+                    tg.create_task(self._keep_running("lastSeen flush", self._last_seen_loop)),
+                    tg.create_task(self._keep_running("registration refresh", self._registration_loop)),
                     tg.create_task(self._watch_accounts(watching_accounts)),
                 ]
                 if self._metering is not None:

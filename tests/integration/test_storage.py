@@ -57,6 +57,34 @@ async def test_connected_sockets_last_seen_reaches_kv_while_they_stay_connected(
             await asyncio.sleep(0.05)
 
 
+async def test_an_unforeseen_error_in_the_last_seen_flush_is_logged_and_the_flush_goes_on(nats_url, monkeypatch, caplog):
+    # Upkeep must not end the edge, and with it every socket, over one bad write.
+    async with running_edges(nats_url, count=1, last_seen_interval_ms=200) as (edge,):
+        mac_client, ios_client, mac = await paired(edge, edge)
+        real_write, failures = edge._write_last_seen, []
+
+        async def write_failing_once(conn):
+            if not failures:
+                failures.append(conn)
+                raise RuntimeError("a bug")
+            await real_write(conn)
+
+        monkeypatch.setattr(edge, "_write_last_seen", write_failing_once)
+        spoke_at = int(time.time() * 1000)
+        await mac_client.heartbeat()
+        await ios_client.heartbeat()
+        await until(lambda: failures)
+        deadline = time.monotonic() + 5
+        while True:
+            mac_seen, ios_seen = await edge._presence.get_room_last_seen(mac.room_id)
+            if mac_seen and ios_seen and min(mac_seen, ios_seen) >= spoke_at:
+                break
+            assert time.monotonic() < deadline, "the flush did not go on"
+            await asyncio.sleep(0.05)
+        assert (await mac_client.heartbeat())["mac_connected"] is True  # the edge still serves
+        assert any("lastSeen flush failed" in r.getMessage() for r in caplog.records)
+
+
 async def test_a_spread_pass_asks_whether_a_socket_is_due_just_before_its_slice(nats_url):
     # A pass takes its sockets when it begins and works through them for up to minutes:
     # one that stopped being due meanwhile (its room deleted, say) must be left alone.
