@@ -24,7 +24,8 @@ Modes:
 - `storm`: after pairing, every socket is closed at once and reconnected at once; the time
   until every pair has `peer_joined` on both new sockets, then one frame each way checks it.
 
-In every mode each socket sends a heartbeat every 20 s, at its own phase of the interval.
+In every mode each socket sends a heartbeat every `--heartbeat` seconds (20), at its own
+phase of the interval.
 
 Reports JSON (`--json FILE`, else standard output) and a one-line summary on standard error:
 delivered frames/s, one-way latency p50/p90/p99/max, loss, reordering, duplicates, pair
@@ -116,6 +117,8 @@ class LoadConfig:
             raise ValueError("payload_bytes must be a multiple of 4 and at least 24")
         if self.mode == "rate" and self.rate <= 0:
             raise ValueError("rate must be positive")
+        if self.heartbeat_s <= 0:
+            raise ValueError("heartbeat_s must be positive")
         if self.mode == "max" and self.window < 1:
             raise ValueError("window must be at least 1")
 
@@ -1113,6 +1116,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--relay-pid", type=int, default=None, help="PID of the relay: its CPU and RSS are reported")
     parser.add_argument("--nats-pid", type=int, default=None, help="PID of nats-server: its CPU is reported")
     parser.add_argument("--setup-concurrency", type=int, default=64, help="pairs being set up at once")
+    parser.add_argument(
+        "--heartbeat", type=float, default=20.0, help="seconds between one socket's heartbeats (TermOnMac: 1 s active Mac, 3 s iPhone)"
+    )
     parser.add_argument("--storm-timeout", type=float, default=60.0)
     parser.add_argument("--json", default=None, help="write the report here (default: standard output)")
     args = parser.parse_args(argv)
@@ -1135,6 +1141,7 @@ def main(argv: list[str] | None = None) -> None:
         relay_pid=args.relay_pid,
         nats_pid=args.nats_pid,
         setup_concurrency=args.setup_concurrency,
+        heartbeat_s=args.heartbeat,
         storm_timeout_s=args.storm_timeout,
     )
     raise_nofile_limit()

@@ -69,6 +69,7 @@ class Plan:
     window: int = 8
     payload_bytes: int = 256
     warmup_s: float = 1.0
+    heartbeat_s: float = 20.0  # one socket's; TermOnMac's clients: 1 s (active Mac), 3 s (iPhone)
     modes: tuple[str, ...] = ("idle", "max", "rate", "storm")
     # The max and rate scenarios at the largest pair count (the targets') run this many
     # times, product and reference back to back each time; a target's ratio is the median
@@ -271,6 +272,7 @@ def run_benchmark(plan: Plan, quick: bool, only: str | None = None) -> Path:
                     payload_bytes=plan.payload_bytes,
                     duration_s=plan.duration_s,
                     warmup_s=plan.warmup_s,
+                    heartbeat_s=plan.heartbeat_s,
                     api_key=account.api_key,
                     relay_pid=proc.pid,
                     nats_pid=nats_server.process.pid,
@@ -435,6 +437,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", help="comma-separated subset of idle,max,rate,storm (default: all)")
     parser.add_argument("--pairs", help="comma-separated pair counts for max and rate (default: 1,100,1000)")
     parser.add_argument("--repeat", type=int, help="rounds of max and rate at the largest pair count (default: 3; --quick: 1)")
+    parser.add_argument("--heartbeat", type=float, help="seconds between one socket's heartbeats (default: 20)")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else STANDARD
     if args.modes:
@@ -443,6 +446,8 @@ def main(argv: list[str] | None = None) -> None:
         plan = dataclasses.replace(plan, pairs=tuple(int(n) for n in args.pairs.split(",")))
     if args.repeat:
         plan = dataclasses.replace(plan, repeat=max(1, args.repeat))
+    if args.heartbeat:
+        plan = dataclasses.replace(plan, heartbeat_s=args.heartbeat)
 
     def on_sigterm(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # the same clean-up path as Ctrl-C
