@@ -446,7 +446,9 @@ def main(argv: list[str] | None = None) -> None:
         plan = dataclasses.replace(plan, pairs=tuple(int(n) for n in args.pairs.split(",")))
     if args.repeat:
         plan = dataclasses.replace(plan, repeat=max(1, args.repeat))
-    if args.heartbeat:
+    if args.heartbeat is not None:
+        if args.heartbeat <= 0:
+            parser.error("--heartbeat must be a positive number of seconds")
         plan = dataclasses.replace(plan, heartbeat_s=args.heartbeat)
 
     def on_sigterm(signum: int, frame: Any) -> None:

@@ -134,6 +134,8 @@ _SLICE = 25
 _SPREAD_STEP_S = 0.05
 # Longer than any `heartbeat_ack` (its longest has every optional field).
 _HEARTBEAT_ACK_MAX = 128
+# A failure of a long-running task this long after its (re)start does not follow the last one.
+_FAILURES_APART_S = 5.0
 # How long shutdown tries to hand the last usage to the stream before it gives up (and logs).
 _SHUTDOWN_USAGE_S = 10.0
 # The answer to a control event for a socket this edge no longer has (the socket is gone:
@@ -1065,15 +1067,19 @@ class Edge:
 
     async def _keep_running(self, what: str, run_once: Callable[[], Awaitable[None]]) -> None:
         """Run `run_once` again each time it returns, until the edge stops; after a failure,
-        wait first (0.1 s, doubling up to 5 s while failures follow each other)."""
+        wait first (0.1 s, doubling up to 5 s while failures follow each other: a failure
+        after a run of `_FAILURES_APART_S` or more starts again at 0.1 s)."""
         backoff = 0.1
         while not self._stopping.is_set():
+            began = time.monotonic()
             try:
                 await run_once()
                 backoff = 0.1
             except asyncio.CancelledError:
                 raise
             except Exception:
+                if time.monotonic() - began >= _FAILURES_APART_S:
+                    backoff = 0.1
                 log.warning("%s failed; recreating it in %.1fs", what, backoff, exc_info=True)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -1097,9 +1103,12 @@ class Edge:
         while not await self._sleep(self.settings.liveness_sweep_interval_s):
             now = time.monotonic()
             for n, conn in enumerate(list(self.connections.values())):
-                if not conn.closing and not conn.timed_out and conn.session.is_silent(now, threshold):
-                    conn.timed_out = True  # one time-out per socket, however long its close takes
-                    self._spawn(self._carry_out(conn, conn.session.time_out()), "time out a silent socket")
+                try:
+                    if not conn.closing and not conn.timed_out and conn.session.is_silent(now, threshold):
+                        conn.timed_out = True  # one time-out per socket, however long its close takes
+                        self._spawn(self._carry_out(conn, conn.session.time_out()), "time out a silent socket")
+                except Exception:  # one socket's trouble must not keep the sweep from the rest
+                    log.exception("liveness check of socket %s failed", conn.session.socket_id)
                 if n % (_SLICE * 8) == _SLICE * 8 - 1:  # a check is cheap: larger slices
                     await asyncio.sleep(0)
 
@@ -1117,7 +1126,7 @@ class Edge:
             try:
                 if await self._spread(list(self.connections), interval_s / 2, self._write_last_seen, self._last_seen_due):
                     return
-            except nats.errors.Error as exc:
+            except STORAGE_ERRORS as exc:
                 log.warning("lastSeen flush stopped (%s); the next one retries", type(exc).__name__)
 
     @staticmethod
@@ -1153,12 +1162,27 @@ class Edge:
             here = [
                 conn
                 for socket_id in socket_ids[start : start + size]
-                if (conn := self.connections.get(socket_id)) is not None and not conn.closing and due(conn)
+                if (conn := self.connections.get(socket_id)) is not None and not conn.closing and self._is_due(due, conn)
             ]
-            await asyncio.gather(*(work(conn) for conn in here))
+            results = await asyncio.gather(*(work(conn) for conn in here), return_exceptions=True)
+            for conn, result in zip(here, results, strict=True):
+                if result is None:
+                    continue
+                if isinstance(result, STORAGE_ERRORS) or not isinstance(result, Exception):
+                    raise result  # storage trouble: the caller's to wait out; or a cancellation
+                # One socket's trouble (a bug) must not keep the pass from the others.
+                log.error("socket %s: %s", conn.session.socket_id, result, exc_info=result)
             if start + size < len(socket_ids) and await self._sleep(gap_s):
                 return True
         return False
+
+    @staticmethod
+    def _is_due(due: Callable[[Connection], bool], conn: Connection) -> bool:
+        try:
+            return due(conn)
+        except Exception:
+            log.exception("socket %s: cannot tell whether it is due", conn.session.socket_id)
+            return False
 
     async def _registration_loop(self) -> None:
         """Refresh the room registrations of our registered Mac sockets well inside

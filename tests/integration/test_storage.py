@@ -8,6 +8,7 @@ import time
 
 import nats
 import nats.errors
+import pytest
 
 from schemas.subjects import PRESENCE_BUCKET, ROOMS_BUCKET
 from tests.harness import Client, MacIdentity, connect_ios, connect_mac, paired, running_edges, sha256_hex, until
@@ -61,15 +62,15 @@ async def test_an_unforeseen_error_in_the_last_seen_flush_is_logged_and_the_flus
     # Upkeep must not end the edge, and with it every socket, over one bad write.
     async with running_edges(nats_url, count=1, last_seen_interval_ms=200) as (edge,):
         mac_client, ios_client, mac = await paired(edge, edge)
-        real_write, failures = edge._write_last_seen, []
+        real_spread, failures = edge._spread, []
 
-        async def write_failing_once(conn):
+        async def pass_failing_once(*args):
             if not failures:
-                failures.append(conn)
+                failures.append(args)
                 raise RuntimeError("a bug")
-            await real_write(conn)
+            return await real_spread(*args)
 
-        monkeypatch.setattr(edge, "_write_last_seen", write_failing_once)
+        monkeypatch.setattr(edge, "_spread", pass_failing_once)
         spoke_at = int(time.time() * 1000)
         await mac_client.heartbeat()
         await ios_client.heartbeat()
@@ -102,6 +103,36 @@ async def test_a_spread_pass_asks_whether_a_socket_is_due_just_before_its_slice(
         socket_ids = [conn.session.socket_id for conn in conns]
         assert not await edge._spread(socket_ids, 0.3, work, lambda c: c.session.socket_id not in stopped)
         assert done == conns[:-1]
+
+
+async def test_one_sockets_error_in_a_spread_pass_leaves_the_others_done_and_storage_errors_stop_it(nats_url, caplog):
+    async with running_edges(nats_url, count=1) as (edge,):
+        for _ in range(2):
+            await paired(edge, edge)
+        socket_ids = list(edge.connections)
+        done = []
+
+        async def work_failing_on_the_first(conn):
+            if conn.session.socket_id == socket_ids[0]:
+                raise RuntimeError("a bug about this socket")
+            done.append(conn.session.socket_id)
+
+        def due(conn):
+            if conn.session.socket_id == socket_ids[1]:
+                raise RuntimeError("a bug in the predicate")
+            return True
+
+        assert not await edge._spread(socket_ids, 0.0, work_failing_on_the_first, due)
+        assert done == socket_ids[2:]  # the others are done; the two failures are logged
+        logged = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert any("a bug about this socket" in m for m in logged)
+        assert any("cannot tell whether it is due" in m for m in logged)
+
+        async def storage_trouble(conn):
+            raise nats.errors.TimeoutError
+
+        with pytest.raises(nats.errors.TimeoutError):  # the pass's caller waits storage out
+            await edge._spread(socket_ids, 0.0, storage_trouble, lambda c: True)
 
 
 async def test_racing_registers_on_two_edges_leave_exactly_one_mac_in_the_slot(nats_url):
