@@ -513,7 +513,9 @@ class Edge:
                 if exceeded is not None:
                     await self._carry_out(conn, session.quota_exceeded(encode(exceeded)))
                     return
-            take_message_now = functools.partial(self._take_message_now, conn)
+            # Built once per socket, not per frame: the fast path runs for nearly every frame.
+            can_answer_now = functools.partial(self._can_write_now, conn, _HEARTBEAT_ACK_MAX)
+            take_message_now = functools.partial(self._take_message_now, conn, can_answer_now)
             while True:
                 # Armed only while this waits with nothing queued: a message taken at once is
                 # then in its place in the socket's order.
@@ -685,7 +687,7 @@ class Edge:
             except ConnectionClosed:
                 pass
 
-    def _take_message_now(self, conn: Connection, data: bytes) -> bool:
+    def _take_message_now(self, conn: Connection, can_answer_now: Callable[[], bool], data: bytes) -> bool:
         """A whole text message, as it arrives, while the socket's handler waits with
         nothing queued: a `relay` or `relay_batch` for a present peer is published here and
         now, a `heartbeat` answered here and now when the answer can be written at once (no
@@ -698,7 +700,7 @@ class Edge:
         except UnicodeDecodeError:
             return False  # the handler's `recv` fails the connection with 1007
         try:
-            taken = conn.session.take_now(text, time.monotonic(), lambda: self._can_write_now(conn, _HEARTBEAT_ACK_MAX))
+            taken = conn.session.take_now(text, time.monotonic(), can_answer_now)
             if taken is None:
                 return False
             conn.last_message_ms = now_ms()
