@@ -6,6 +6,7 @@ fails while the files are stale. `--check` only compares.
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -49,6 +50,29 @@ DOCUMENTS: dict[str, tuple[str, Any]] = {
 }
 
 
+def _canonical(node: Any) -> Any:
+    """The schema in one spelling, whatever msgspec release wrote it.
+
+    msgspec copies docstrings into descriptions: 0.23 dedents them, older releases did
+    not, so every description is cleaned as `inspect.cleandoc` does (a no-op on clean
+    text). Releases also order the alternatives of an `anyOf` differently; their order
+    means nothing in JSON Schema, so they are sorted.
+    """
+    if isinstance(node, dict):
+        canonical = {}
+        for key, value in node.items():
+            if key == "description" and isinstance(value, str):
+                canonical[key] = inspect.cleandoc(value)
+            elif key == "anyOf" and isinstance(value, list):
+                canonical[key] = sorted((_canonical(item) for item in value), key=lambda item: json.dumps(item, sort_keys=True))
+            else:
+                canonical[key] = _canonical(value)
+        return canonical
+    if isinstance(node, list):
+        return [_canonical(item) for item in node]
+    return node
+
+
 def render(title: str, type_: Any) -> str:
     """A JSON Schema document for one type, or (for a tuple) for any one of several."""
     if isinstance(type_, tuple):
@@ -56,7 +80,7 @@ def render(title: str, type_: Any) -> str:
         schema = {"anyOf": list(refs), "$defs": definitions}
     else:
         schema = msgspec.json.schema(type_)
-    document = {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": title, **schema}
+    document = {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": title, **_canonical(schema)}
     return json.dumps(document, indent=2, sort_keys=True) + "\n"
 
 

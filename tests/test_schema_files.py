@@ -24,3 +24,14 @@ def test_client_schema_lists_every_client_message_type():
     assert tags == {"register_room", "join_room", "relay", "relay_batch", "heartbeat"}
     # And what the schema calls a heartbeat is what the relay decodes as one.
     assert type(client_decoder.decode(msgspec.json.encode({"type": "heartbeat"}))).__name__ == "Heartbeat"
+
+
+def test_schema_export_writes_one_spelling_whatever_the_msgspec_release():
+    # msgspec 0.23 dedents docstrings and older releases do not; releases also order a
+    # union's alternatives differently. Both spellings must give the same file.
+    from schemas.export import _canonical
+
+    older = {"description": "First line.\n\n    Indented rest.", "anyOf": [{"$ref": "#/$defs/A"}, {"type": "null"}]}
+    newer = {"description": "First line.\n\nIndented rest.", "anyOf": [{"type": "null"}, {"$ref": "#/$defs/A"}]}
+    assert _canonical(older) == _canonical(newer) == _canonical(_canonical(newer))
+    assert _canonical(older)["description"] == "First line.\n\nIndented rest."
