@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml requirements/dev.txt
 
 ## make run: nats-server + edge + metering on this machine; prints the URL.
 run: $(STAMP)
-	$(BIN)/relay-local
+	$(BIN)/relay-local --local-stop-with-parent true
 
 ## make test: the whole suite against real nats-server processes.
 test: $(STAMP)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -28,7 +30,8 @@ import nats.errors
 
 from accounts.store import AccountStore, UnknownUser, UserExists
 from accounts.tiers import Tier, TierFileError, load_tiers
-from edge.settings import add_setting_flags, redact_urls, settings_from_args
+from edge.local_lock import DEFAULT_DATA, running_relay_nats_url
+from edge.settings import OneLineErrorParser, add_setting_flags, check_fields, redact_urls, settings_from_args
 from metering.usage import UsageReader, open_usage_bucket, usage_report
 from metering.windows import period_of
 from schemas.records import User, WelcomeBonus
@@ -41,6 +44,9 @@ EXIT_EXISTS = 4
 EXIT_TIERS = 5
 
 _DAY_MS = 86_400_000
+# Deliberately plain: one @, a dotted domain, none of the characters that break a log
+# line, a header or a page (white space, quotes, <>, commas).
+_EMAIL = re.compile(r"[^\s@<>\"',;()]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+")
 
 
 class AdminError(Exception):
@@ -53,21 +59,35 @@ class AdminError(Exception):
 class AdminSettings:
     """What relay-admin can be told: flags before the command, else `RELAY_*` variables."""
 
-    nats_url: str = field(default="nats://127.0.0.1:4222", metadata={"help": "NATS server URL(s), comma-separated"})
+    nats_url: str = field(
+        default="nats://127.0.0.1:4222",
+        metadata={"help": "NATS server URL(s), comma-separated; unset, the relay `make run` runs here if there is one", "url": True},
+    )
     tiers_file: str = field(default="", metadata={"help": "TOML file overriding the tiers (as the edges use)"})
-    kv_replicas: int = field(default=1, metadata={"help": "replicas of the KV buckets, if they must be created"})
+    kv_replicas: int = field(default=1, metadata={"help": "replicas of the KV buckets, if they must be created", "min": 1})
     api_key_ttl_s: int = field(default=30 * 86_400, metadata={"help": "API_KEY_TTL_SECONDS of new keys"})
     refresh_token_ttl_s: int = field(default=180 * 86_400, metadata={"help": "REFRESH_TOKEN_TTL_SECONDS of new refresh tokens"})
-    welcome_bonus_credits: int = field(default=10_000, metadata={"help": "welcome-bonus credits granted to a new user (0: none)"})
-    welcome_bonus_days: int = field(default=7, metadata={"help": "days the welcome bonus stays valid"})
+    welcome_bonus_credits: int = field(default=10_000, metadata={"help": "welcome-bonus credits granted to a new user (0: none)", "min": 0})
+    welcome_bonus_days: int = field(default=7, metadata={"help": "days the welcome bonus stays valid", "min": 1})
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="relay-admin", description="Manage termrelay accounts and API keys.")
-    add_setting_flags(parser, AdminSettings)
-    groups = parser.add_subparsers(dest="group", required=True)
+    parser = OneLineErrorParser(
+        prog="relay-admin",
+        usage="%(prog)s [options] {users,keys,usage} ...",
+        description="Manage termrelay accounts and API keys. Options go before the command.",
+        epilog=(
+            "Without --nats-url or RELAY_NATS_URL, relay-admin uses the relay `make run` runs from this folder "
+            "(its data in RELAY_LOCAL_DATA, .local), else nats://127.0.0.1:4222."
+        ),
+    )
+    add_setting_flags(parser.add_argument_group("settings"), AdminSettings)
+    groups = parser.add_subparsers(dest="group", required=True, metavar="COMMAND", parser_class=OneLineErrorParser)
 
-    users = groups.add_parser("users", help="accounts").add_subparsers(dest="action", required=True)
+    users = groups.add_parser("users", help="accounts").add_subparsers(dest="action", required=True, metavar="ACTION")
     add = users.add_parser("add", help="create an account (with the welcome bonus)")
     add.add_argument("user")
     add.add_argument("--email", required=True)
@@ -82,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     set_quota.add_argument("credits")
     users.add_parser("list", help="every account, one JSON object per line")
 
-    keys = groups.add_parser("keys", help="API keys").add_subparsers(dest="action", required=True)
+    keys = groups.add_parser("keys", help="API keys").add_subparsers(dest="action", required=True, metavar="ACTION")
     keys.add_parser("create", help="a new API key (last line) and refresh token, shown once").add_argument("user")
     keys.add_parser("revoke", help="revoke an API key and its refresh token").add_argument("key")
 
@@ -96,13 +116,20 @@ def _fail(code: int, message: str) -> NoReturn:
 
 
 def _user_json(user: User) -> dict[str, Any]:
+    bonus = user.welcome_bonus
     return {
         "user_id": user.user_id,
         "email": user.email,
         "tier": user.tier,
         "deleted": user.deleted,
         "credits_per_window": user.credits_per_window,
+        "welcome_bonus": None if bonus is None else {"credits": bonus.credits, "expires_at": bonus.expires_at},
     }
+
+
+def _print_json(value: Any) -> None:
+    """One JSON object on one line: every command prints its data in this one style."""
+    print(json.dumps(msgspec.to_builtins(value), ensure_ascii=False))
 
 
 async def _ignore(exc: Exception) -> None:
@@ -146,24 +173,27 @@ async def _command(
                 expires_at=now + settings.welcome_bonus_days * _DAY_MS,
             )
         user = User(user_id=user_id, email=args.email, tier=args.tier, created_at=now, name=args.name, welcome_bonus=bonus)
+        taken = [u.user_id for u in await store.list_users() if u.email.lower() == args.email.lower() and not u.deleted]
+        if taken:
+            raise AdminError(EXIT_EXISTS, f"e-mail {args.email} belongs to user {taken[0]} already")
         try:
             await store.create_user(user)
         except UserExists:
             raise AdminError(EXIT_EXISTS, f"user {user_id} exists already") from None
-        print(json.dumps(_user_json(user)))
+        _print_json(_user_json(user))
     elif group == "users" and action == "delete":
         user = await _update(store, user_id, lambda u: msgspec.structs.replace(u, deleted=True, deleted_at=u.deleted_at or now))
-        print(json.dumps(_user_json(user)))
+        _print_json(_user_json(user))
     elif group == "users" and action == "set-tier":
         user = await _update(store, user_id, lambda u: msgspec.structs.replace(u, tier=args.tier))
-        print(json.dumps(_user_json(user)))
+        _print_json(_user_json(user))
     elif group == "users" and action == "set-quota":
         credits = _credits(args.credits)
         user = await _update(store, user_id, lambda u: msgspec.structs.replace(u, credits_per_window=credits))
-        print(json.dumps(_user_json(user)))
+        _print_json(_user_json(user))
     elif group == "users" and action == "list":
         for user in await store.list_users():
-            print(json.dumps(_user_json(user)))
+            _print_json(_user_json(user))
     elif group == "keys" and action == "create":
         user = await store.get_user(user_id)
         if user is None:
@@ -185,7 +215,7 @@ async def _command(
         reader = UsageReader(await open_usage_bucket(js, settings.kv_replicas))
         window, bonus = await reader.window(user_id, period_of(now)), await reader.bonus_used(user_id)
         tier_of_user = tiers.get(user.tier) or tiers["free"]
-        print(msgspec.json.encode(usage_report(user, tier_of_user, window, bonus, now)).decode())
+        _print_json(usage_report(user, tier_of_user, window, bonus, now))
 
 
 def _check_command_line(args: argparse.Namespace, tiers: dict[str, Tier]) -> None:
@@ -197,8 +227,8 @@ def _check_command_line(args: argparse.Namespace, tiers: dict[str, Tier]) -> Non
     if tier is not None and tier not in tiers:
         raise AdminError(EXIT_USAGE, f"unknown tier {tier!r}; tiers: {', '.join(tiers)}")
     email = getattr(args, "email", None)
-    if email is not None and "@" not in email:
-        raise AdminError(EXIT_USAGE, f"--email must be an e-mail address, got {email!r}")
+    if email is not None and not _EMAIL.fullmatch(email):
+        raise AdminError(EXIT_USAGE, f"--email must be an e-mail address (name@domain, no spaces or <>), got {email!r}")
     if getattr(args, "credits", None) is not None:
         _credits(args.credits)
 
@@ -224,9 +254,18 @@ async def _update(store: AccountStore, user_id: str, change: Any) -> User:
         raise AdminError(EXIT_NOT_FOUND, f"no such user: {user_id}") from None
 
 
+def _default_nats_url(args: argparse.Namespace, environ: dict[str, str]) -> dict[str, str]:
+    """`environ` with the NATS URL of the relay `make run` runs here, when none was given."""
+    if args.nats_url or environ.get("RELAY_NATS_URL"):
+        return environ
+    local = running_relay_nats_url(environ.get("RELAY_LOCAL_DATA") or DEFAULT_DATA)
+    return {**environ, "RELAY_NATS_URL": local} if local else environ
+
+
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
+    environ = _default_nats_url(args, dict(os.environ if environ is None else environ))
     settings: AdminSettings = settings_from_args(AdminSettings, parser, args, environ)
     try:
         tiers = load_tiers(settings.tiers_file or None)
@@ -235,6 +274,11 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     try:
         _check_command_line(args, tiers)
         asyncio.run(_run(args, settings, tiers))
+        sys.stdout.flush()  # here, so that a reader gone early is caught below, not at exit
+    except BrokenPipeError:
+        # `relay-admin users list | head -1`: the reader has what it wanted. Not an error;
+        # stdout is pointed at /dev/null so that the interpreter's last flush stays quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except AdminError as exc:
         _fail(exc.code, str(exc))
     except (nats.errors.Error, asyncio.TimeoutError) as exc:

@@ -118,7 +118,8 @@ class Access:
         given = headers.get_all("Authorization")
         token = tokens.bearer_token(given[0]) if len(given) == 1 else None  # two keys: neither counts
         if token is None:
-            self.limiter.failed(address, now)
+            # Not counted: a request without a key guesses nothing, and counting it let ten
+            # plain `curl`s lock the operator's own address (and his Mac) out for a minute.
             raise Refusal(401, "an API key is required: Authorization: Bearer rdkey_...")
         if s.admin_token and tokens.same_secret(token, s.admin_token):
             if user_id_param is None:

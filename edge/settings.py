@@ -12,9 +12,10 @@ import dataclasses
 import os
 import secrets
 import socket
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from schemas.subjects import is_valid_edge_id, is_valid_user_id
 
@@ -33,12 +34,15 @@ class EdgeSettings:
         metadata={"help": "NATS server URL(s), comma-separated; may carry user:password@", "url": True},
     )
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
-    port: int = field(default=8080, metadata={"help": "port for WebSocket and HTTP"})
-    edge_id: str = field(default_factory=_default_edge_id, metadata={"help": "this edge's name; unique per running edge"})
+    port: int = field(default=8080, metadata={"help": "port for WebSocket and HTTP (0: a free one)", "port": True})
+    edge_id: str = field(
+        default_factory=_default_edge_id,
+        metadata={"help": "this edge's name; unique per running edge", "default_help": "HOSTNAME-xxxxxx (random suffix)"},
+    )
     # Accounts (protocol.md §2.2, §2.3, §12 items 2–6).
     auth: str = field(
         default="required",
-        metadata={"help": "required: every connection needs an API key; none: every connection is the one local user"},
+        metadata={"help": "required: every connection needs an API key; none: every connection is the one local user", "metavar": "required|none"},
     )
     local_user_id: str = field(default="local", metadata={"help": "the user every connection acts as when auth=none"})
     local_user_tier: str = field(default="premium", metadata={"help": "tier of the local user when auth=none"})
@@ -49,18 +53,18 @@ class EdgeSettings:
     refuse_cross_account: bool = field(
         default=False, metadata={"help": "refuse iOS joins from another account than the room owner's (close 4003)"}
     )
-    api_key_ttl_s: int = field(default=30 * 86_400, metadata={"help": "API_KEY_TTL_SECONDS: an unused API key expires after this (sliding)"})
-    refresh_token_ttl_s: int = field(default=180 * 86_400, metadata={"help": "REFRESH_TOKEN_TTL_SECONDS: lifetime of a refresh token"})
+    api_key_ttl_s: int = field(default=30 * 86_400, metadata={"min": 1, "help": "API_KEY_TTL_SECONDS: an unused API key expires after this (sliding)"})
+    refresh_token_ttl_s: int = field(default=180 * 86_400, metadata={"min": 1, "help": "REFRESH_TOKEN_TTL_SECONDS: lifetime of a refresh token"})
     refresh_grace_s: int = field(
-        default=300, metadata={"help": "a used refresh token may be used once more this long (a lost answer's retry); 0: never"}
+        default=300, metadata={"min": 0, "help": "a used refresh token may be used once more this long (a lost answer's retry); 0: never"}
     )
-    auth_failure_limit: int = field(default=10, metadata={"help": "failed authentications per client address per window before HTTP 429; 0: no limit"})
-    auth_failure_window_s: int = field(default=60, metadata={"help": "the window of auth_failure_limit, in seconds"})
+    auth_failure_limit: int = field(default=10, metadata={"min": 0, "help": "failed authentications per client address per window before HTTP 429; 0: no limit"})
+    auth_failure_window_s: int = field(default=60, metadata={"min": 1, "help": "the window of auth_failure_limit, in seconds"})
     client_ip_header: str = field(
         default="", metadata={"help": "header naming the client address behind a proxy (X-Forwarded-For: its last entry); empty: the peer address"}
     )
-    socket_rate_limit_per_s: int = field(default=200, metadata={"help": "inbound messages per second per socket, sustained; beyond it closes 1008; 0: no limit"})
-    socket_rate_burst: int = field(default=2000, metadata={"help": "inbound messages per socket allowed in a burst above the rate"})
+    socket_rate_limit_per_s: int = field(default=200, metadata={"min": 0, "help": "inbound messages per second per socket, sustained; beyond it closes 1008; 0: no limit"})
+    socket_rate_burst: int = field(default=2000, metadata={"min": 0, "help": "inbound messages per socket allowed in a burst above the rate"})
 
     # The seed's timing constants (relay_server/src/room.ts).
     heartbeat_dead_threshold_ms: int = field(default=45_000, metadata={"help": "silence after which a socket is closed 4000"})
@@ -78,8 +82,8 @@ class EdgeSettings:
 
     # Limits.
     max_frame_bytes: int = field(default=4 * 1024 * 1024, metadata={"help": "largest inbound frame; larger closes 1009"})
-    socket_queue_max_msgs: int = field(default=4096, metadata={"help": "frames queued for one socket before it is closed 1013"})
-    socket_queue_max_bytes: int = field(default=32 * 1024 * 1024, metadata={"help": "bytes queued for one socket before it is closed 1013"})
+    socket_queue_max_msgs: int = field(default=4096, metadata={"min": 1, "help": "frames queued for one socket before it is closed 1013"})
+    socket_queue_max_bytes: int = field(default=32 * 1024 * 1024, metadata={"min": 1, "help": "bytes queued for one socket before it is closed 1013"})
 
     # Presence.
     edge_lease_ttl_ms: int = field(default=15_000, metadata={"help": "an edge that stops renewing is declared dead after this"})
@@ -89,26 +93,27 @@ class EdgeSettings:
     )
 
     # Storage.
-    kv_replicas: int = field(default=1, metadata={"help": "replicas of the KV buckets (3 in a production cluster)"})
+    kv_replicas: int = field(default=1, metadata={"min": 1, "help": "replicas of the KV buckets (3 in a production cluster)"})
     storage_retry_budget_ms: int = field(
         default=8_000,
-        metadata={"help": "how long a register/join waits out storage trouble before closing 1011 (under the Mac's 10 s)"},
+        metadata={"min": 0, "help": "how long a register/join waits out storage trouble before closing 1011 (under the Mac's 10 s)"},
     )
 
     # Speed.
     listen_backlog: int = field(
-        default=4096, metadata={"help": "connections the kernel queues before accept (capped by net.core.somaxconn)"}
+        default=4096, metadata={"min": 1, "help": "connections the kernel queues before accept (capped by net.core.somaxconn)"}
     )
     uvloop: bool = field(default=True, metadata={"help": "run on uvloop when it is installed (relay-edge, make run)"})
 
     # Closing.
-    close_timeout_ms: int = field(default=5_000, metadata={"help": "time a closing handshake may take before the connection is dropped"})
+    close_timeout_ms: int = field(default=5_000, metadata={"min": 1, "help": "time a closing handshake may take before the connection is dropped"})
     shutdown_release_ms: int = field(
         default=10_000,
         metadata={"help": "at shutdown, after the closes: how long to wait for departed sockets' slots to be released (the edge's lease is renewed meanwhile)"},
     )
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not is_valid_edge_id(self.edge_id):
             raise ValueError(f"edge_id must match [A-Za-z0-9_-]{{1,64}}, got {self.edge_id!r}")
         if self.auth not in ("required", "none"):
@@ -168,24 +173,109 @@ def redact_urls(urls: str) -> str:
     return ",".join(masked)
 
 
+_NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+_BOOL_WORDS = "true|false (also 1|0, yes|no, on|off)"
+
+
+def nats_url_problem(urls: str) -> str | None:
+    """Why `urls` (comma-separated NATS server URLs) cannot be used, or None if it can.
+
+    Caught at start: nats-py would otherwise retry a malformed URL forever."""
+    listed = [u.strip() for u in urls.split(",")]
+    if not any(listed):
+        return "nats_url is empty: give a NATS server URL such as nats://127.0.0.1:4222"
+    for url in listed:
+        try:
+            parsed = urllib.parse.urlsplit(url)
+            port = parsed.port  # raises ValueError if out of range or not a number
+        except ValueError as exc:
+            return f"nats_url {redact_urls(url)!r} is not a usable URL ({exc})"
+        if parsed.scheme not in _NATS_SCHEMES or not parsed.hostname:
+            return (
+                f"nats_url {redact_urls(url)!r} is not a NATS server URL: "
+                f"expected {'|'.join(_NATS_SCHEMES)}://HOST[:PORT], e.g. nats://127.0.0.1:4222"
+            )
+        if port == 0:
+            return f"nats_url {redact_urls(url)!r}: port 0 is not a server's port"
+    return None
+
+
+def check_fields(settings: Any) -> None:
+    """Check what field metadata declares (`url`: NATS URLs; `port`: 0–65535; `min`: a
+    lower bound); raise ValueError naming the setting, its flag and its variable."""
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        where = f"{f.name} (--{f.name.replace('_', '-')} / RELAY_{f.name.upper()})"
+        if f.metadata.get("url"):
+            problem = nats_url_problem(value)
+            if problem:
+                raise ValueError(problem.replace("nats_url", where, 1))
+        if f.metadata.get("port") and not 0 <= value <= 65_535:
+            raise ValueError(f"{where} must be a port number from 0 to 65535, got {value}")
+        if "min" in f.metadata and value < f.metadata["min"]:
+            raise ValueError(f"{where} must be at least {f.metadata['min']}, got {value}")
+
+
 def load_settings(
     cls: type[Any], argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None, prog: str | None = None
 ) -> Any:
     """Build a settings dataclass `cls` from flags (`argv`) over environment (`environ`) over defaults."""
-    parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
+    parser = settings_parser(prog, cls.__doc__)
     add_setting_flags(parser, cls)
     return settings_from_args(cls, parser, parser.parse_args(argv), environ)
 
 
-def add_setting_flags(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
+def settings_parser(prog: str | None, description: str | None) -> argparse.ArgumentParser:
+    """An argument parser whose errors are one line (argparse's usage line of forty flags
+    would bury the reason) and whose help ends with where settings come from."""
+    parser = OneLineErrorParser(
+        prog=prog,
+        description=description,
+        usage="%(prog)s [options]",
+        epilog="Each option can also be set by the environment variable named beside it; a flag wins over the variable.",
+    )
+    return parser
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser that reports a bad command line in one line, then exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
+def add_setting_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type[Any]) -> None:
     """Add a `--name-with-dashes` flag for each field of `cls` (for tools with their own parser)."""
     for f in dataclasses.fields(cls):
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             default=None,
-            help=f"{f.metadata.get('help', '')} (env RELAY_{f.name.upper()})",
+            metavar=_metavar(f),
+            help=f"{f.metadata.get('help', '')} [default: {_shown_default(f)}; env RELAY_{f.name.upper()}]".replace("%", "%%"),
         )
+
+
+def _kind(f: dataclasses.Field[Any]) -> type:
+    return f.type if isinstance(f.type, type) else {"int": int, "str": str, "float": float, "bool": bool}.get(str(f.type), str)
+
+
+def _metavar(f: dataclasses.Field[Any]) -> str:
+    if "metavar" in f.metadata:
+        return f.metadata["metavar"]
+    kind = _kind(f)
+    if kind is bool:
+        return "true|false"
+    return {int: "N", float: "X"}.get(kind, f.name.split("_")[-1].upper())
+
+
+def _shown_default(f: dataclasses.Field[Any]) -> str:
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+        if isinstance(default, bool):
+            return "true" if default else "false"
+        return repr(default) if default == "" else str(default)
+    return f.metadata.get("default_help", "computed at start")
 
 
 def settings_from_args(
@@ -200,11 +290,12 @@ def settings_from_args(
             raw = environ.get(f"RELAY_{f.name.upper()}")
         if raw is None or raw == "":
             continue
-        kind = f.type if isinstance(f.type, type) else {"int": int, "str": str, "float": float, "bool": bool}.get(str(f.type), str)
+        kind = _kind(f)
         try:
             values[f.name] = _parse(kind, raw)
         except ValueError:
-            parser.error(f"--{f.name.replace('_', '-')} / RELAY_{f.name.upper()}: expected {kind.__name__}, got {raw!r}")
+            expected = _BOOL_WORDS if kind is bool else {int: "a whole number", float: "a number"}.get(kind, kind.__name__)
+            parser.error(f"--{f.name.replace('_', '-')} / RELAY_{f.name.upper()}: expected {expected}, got {raw!r}")
     try:
         return cls(**values)
     except ValueError as exc:

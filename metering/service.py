@@ -32,7 +32,7 @@ from nats.js.kv import KeyValue
 from accounts.store import AccountStore
 from accounts.tiers import load_tiers
 from edge.kv import get_present
-from edge.settings import redact_urls
+from edge.settings import check_fields, redact_urls
 from metering.ledger import apply_usage, quota_answer
 from metering.stream import metering_consumer_config, open_usage_stream
 from metering.usage import open_usage_bucket
@@ -79,7 +79,7 @@ class MeteringSettings:
         default="nats://127.0.0.1:4222",
         metadata={"help": "NATS server URL(s), comma-separated; may carry user:password@", "url": True},
     )
-    kv_replicas: int = field(default=1, metadata={"help": "replicas of the usage stream and bucket (3 in a production cluster)"})
+    kv_replicas: int = field(default=1, metadata={"help": "replicas of the usage stream and bucket (3 in a production cluster)", "min": 1})
     tiers_file: str = field(default="", metadata={"help": "TOML file overriding the tiers' limits (the edges' file)"})
     ack_wait_ms: int = field(
         default=10_000,
@@ -89,6 +89,7 @@ class MeteringSettings:
     uvloop: bool = field(default=True, metadata={"help": "run on uvloop when it is installed"})
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.ack_wait_ms < 1_000:
             raise ValueError("ack_wait_ms must be at least 1000")
         if self.apply_concurrency < 1:

@@ -41,3 +41,16 @@ def test_readme_documents_every_relay_metering_setting_with_its_variable_and_fla
     for f in dataclasses.fields(MeteringSettings):
         assert f"`RELAY_{f.name.upper()}`" in README, f.name
         assert f"`--{f.name.replace('_', '-')}`" in README, f.name
+
+
+def test_readme_relay_admin_commands_work_copied_as_they_are():
+    # A bare `relay-admin` is not on PATH after `make run`: commands in shell blocks name
+    # .venv/bin/relay-admin (or run it in compose), and need no NATS URL typed by hand.
+    import re
+
+    blocks = re.findall(r"```sh\n(.*?)```", README, flags=re.S)
+    lines = [line for block in blocks for line in block.splitlines() if "relay-admin" in line]
+    assert lines
+    for line in lines:
+        assert line.lstrip().startswith((".venv/bin/relay-admin", "docker compose run")), line
+        assert "nats://…" not in line.split("#")[0], line

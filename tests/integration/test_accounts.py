@@ -99,6 +99,17 @@ async def test_failed_authentication_is_rate_limited_per_client_address_429(nats
         assert status == 429
 
 
+async def test_requests_without_a_key_do_not_count_as_failed_logins(nats_url):
+    # Ten plain `curl`s on a local relay locked its loopback address, the owner's Mac too.
+    account = await make_account(nats_url)
+    async with running_edges(nats_url, count=1, auth="required", auth_failure_limit=3) as (edge,):
+        for _ in range(10):
+            assert (await http_get(edge.port, "/profile"))[0] == 401
+            assert await upgrade_status(edge, "ROOM000007") == 401
+        assert await upgrade_status(edge, "ROOM000007", headers=account.auth) == 101
+        assert (await http_get(edge.port, "/profile", account.auth))[0] == 200
+
+
 async def test_failed_authentication_limit_forgets_an_address_after_its_window(nats_url):
     async with running_edges(nats_url, count=1, auth="required", auth_failure_limit=1, auth_failure_window_s=1) as (edge,):
         bad = {"Authorization": "Bearer rdkey_" + "2" * 32}

@@ -101,13 +101,17 @@ def test_users_add_prints_the_account_as_json_and_adding_it_again_exits_4(nats_u
     user = _new_user_id()
     first = _admin(nats_url, "users", "add", user, "--email", f"{user}@example.com", "--tier", "pro", "--name", "Ann")
     assert first.code == 0, first
-    assert json.loads(first.out) == {
+    shown = json.loads(first.out)
+    bonus = shown.pop("welcome_bonus")  # the README says `users add` prints the welcome bonus
+    assert shown == {
         "user_id": user,
         "email": f"{user}@example.com",
         "tier": "pro",
         "deleted": False,
         "credits_per_window": None,
     }
+    assert bonus["credits"] == 10_000
+    assert 6.9 * 86_400_000 < bonus["expires_at"] - time.time() * 1000 <= 7 * 86_400_000
     assert len(first.out.splitlines()) == 1
     assert first.err == ""
 
@@ -136,7 +140,7 @@ def test_users_add_with_a_bad_tier_email_or_user_id_exits_2_and_creates_nothing(
 
 def test_users_set_tier_set_quota_and_delete_change_the_account(nats_url):
     user = _new_user_id()
-    _add(nats_url, user)
+    bonus = _add(nats_url, user)["welcome_bonus"]
 
     set_tier = _admin(nats_url, "users", "set-tier", user, "premium")
     assert set_tier.code == 0, set_tier
@@ -169,6 +173,7 @@ def test_users_set_tier_set_quota_and_delete_change_the_account(nats_url):
         "tier": "premium",
         "deleted": False,
         "credits_per_window": None,
+        "welcome_bonus": bonus,  # what was granted at creation, untouched
     }
 
     deleted = _admin(nats_url, "users", "delete", user)
@@ -203,7 +208,7 @@ def test_commands_on_an_unknown_user_exit_3(nats_url):
 
 def test_users_list_prints_each_account_as_one_json_object_per_line(nats_url):
     first, second = sorted([_new_user_id(), _new_user_id()])
-    _add(nats_url, first)
+    first_bonus = _add(nats_url, first)["welcome_bonus"]
     _add(nats_url, second, tier="pro")
     listed = _admin(nats_url, "users", "list")
     assert listed.code == 0, listed
@@ -216,6 +221,7 @@ def test_users_list_prints_each_account_as_one_json_object_per_line(nats_url):
         "tier": "free",
         "deleted": False,
         "credits_per_window": None,
+        "welcome_bonus": first_bonus,
     }
     assert by_id[second]["tier"] == "pro"
     ids = [row["user_id"] for row in rows]
@@ -376,3 +382,51 @@ def test_a_bad_command_line_exits_2_even_when_nats_is_unreachable():
         ("users", "set-quota", _new_user_id(), "0"),
     ):
         _assert_error(_admin(unreachable, *args, timeout=15), 2)
+
+
+def test_every_command_prints_its_json_in_one_style(nats_url):
+    user = _new_user_id()
+    added = _add(nats_url, user)
+    outputs = [
+        _admin(nats_url, "users", "set-tier", user, "pro").out,
+        _admin(nats_url, "usage", user).out,
+        _admin(nats_url, "users", "list").out.splitlines()[0] + "\n",
+    ]
+    for out in outputs:
+        assert out.endswith("\n") and len(out.splitlines()) == 1
+        assert out == json.dumps(json.loads(out), ensure_ascii=False) + "\n", out
+    assert added["welcome_bonus"]["credits"] == 10_000
+
+
+def test_users_add_refuses_an_email_with_white_space_or_markup_and_a_duplicate_email(nats_url):
+    user, other = _new_user_id(), _new_user_id()
+    for email in ("a\nb@example.com", "a b@example.com", "<script>@example.com", "a@b", "@example.com"):
+        _assert_error(_admin(nats_url, "users", "add", user, "--email", email, "--tier", "free"), 2)
+    _add(nats_url, user)
+    duplicate = _admin(nats_url, "users", "add", other, "--email", f"{user.upper()}@EXAMPLE.com", "--tier", "free")
+    _assert_error(duplicate, 4, mentions=user)
+
+
+def test_a_reader_that_stops_early_gets_no_traceback_and_exit_0(nats_url):
+    for _ in range(3):
+        _add(nats_url, _new_user_id())
+    command = " ".join(_command(nats_url, ["users", "list"]))
+    # `| true` closes the pipe before relay-admin writes (a `head -1` did so only at times).
+    for reader in ("true", "head -c 1 >/dev/null"):
+        done = subprocess.run(
+            ["bash", "-o", "pipefail", "-c", f"{command} | {reader}"],
+            capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT, env=_env(None),
+        )
+        assert (done.returncode, done.stderr) == (0, ""), done
+
+
+def test_an_unknown_command_is_named_in_one_line():
+    result = _admin("nats://127.0.0.1:1", "frobnicate", timeout=15)
+    _assert_error(result, 2, mentions="frobnicate")
+    assert "COMMAND" in result.err and "users" in result.err and "argument group" not in result.err
+
+
+def test_help_shows_each_default_and_its_variable():
+    shown = _admin(None, "--help", timeout=15)
+    assert shown.code == 0
+    assert "[default: 10000; env RELAY_WELCOME_BONUS_CREDITS]" in " ".join(shown.out.split())
