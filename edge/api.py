@@ -160,7 +160,8 @@ class HttpApi:
         record, revision = await self.rooms.get(room_id)
         if record is not None and record.owner_user_id != user_id:
             if registration is None:
-                return HttpReply.text(403, "this room belongs to another account")
+                # As if there were none: another account's room ids are not to be probed.
+                return HttpReply.text(404, "no such room")
             record = None  # a stale registration of a room now owned by someone else: free only ours
         if record is None and registration is None:
             return HttpReply.text(404, "no such room")
@@ -182,10 +183,9 @@ class HttpApi:
         if not is_valid_room_id(room_id):
             return HttpReply.text(400, BAD_ROOM_ID)
         record, _ = await self.rooms.get(room_id)
-        if record is None:
+        if record is None or (not principal.operator and record.owner_user_id != principal.user_id):
+            # Another account's room answers as an unknown one: room ids cannot be probed.
             return HttpReply.json({"exists": False})
-        if not principal.operator and record.owner_user_id != principal.user_id:
-            return HttpReply.text(403, "this room belongs to another account")
         seen = await self._last_seen(record, await self.presence.get_room_last_seen(room_id))
         now = now_ms()
         record = rooms.expire_idle(record, now, self.settings.room_idle_timeout_ms, self.is_alive, seen)

@@ -63,6 +63,11 @@ def _fail(code: str, message: str, close: tuple[int, str] | None = None) -> Outc
     return Outcome(replies=(Error(code=code, message=message),), close=close)
 
 
+# The Mac's tokens live 300 s (protocol.md §9). Far beyond that is a client bug, and a
+# deadline in milliseconds (or 2**63-1) would be a token that never expires.
+MAX_PAIRING_TOKEN_AHEAD_S = 86_400
+
+
 def register(
     record: RoomRecord | None,
     msg: RegisterRoom,
@@ -78,6 +83,12 @@ def register(
     that names a socket which had not can only come from this same request, retried after
     its write landed unseen: it is then treated as the first register it is.
     """
+    expires = msg.pairing_token_expires_at
+    if expires is not None and expires > now_ms // 1000 + MAX_PAIRING_TOKEN_AHEAD_S:
+        return _fail(
+            ErrorCode.BAD_MESSAGE,
+            "pairing_token_expires_at is more than a day ahead: it must be unix seconds, within a day",
+        )
     nonce = msg.session_nonce or ""
     ephemeral = msg.ephemeral_key or ""
     registered = RoomRegistered(room_id=msg.room_id, max_sessions=max_sessions)

@@ -154,6 +154,8 @@ class Session:
             msg = client_decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             return [_error(ErrorCode.BAD_MESSAGE, f"Invalid message: {exc}")]
+        except RecursionError:  # msgspec's answer to JSON nested past its depth limit
+            return [_error(ErrorCode.BAD_MESSAGE, "Invalid message: nested too deeply")]
 
         if isinstance(msg, (Relay, RelayBatch)):
             if not self.in_room:
@@ -190,8 +192,8 @@ class Session:
             return None
         try:
             msg = client_decoder.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
-            return None  # msgspec checks UTF-8 in bytes itself, and says so with the last
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
+            return None  # `receive` answers (msgspec checks UTF-8 in bytes itself, and says so with DecodeError)
         kind = type(msg)
         if kind is Relay or kind is RelayBatch:
             if not self.in_room or self.peer is None:

@@ -69,6 +69,19 @@ async def test_malformed_json_and_unknown_type_give_bad_message_and_socket_stays
         await client.heartbeat()
 
 
+async def test_deeply_nested_json_gives_bad_message_and_the_socket_stays_open(nats_url, caplog):
+    async with running_edges(nats_url) as (a, b):
+        mac_client, ios_client, _ = await paired(a, b)
+        deep = '{"type":"heartbeat","x":' + "[" * 5000 + "]" * 5000 + "}"
+        for _ in range(3):
+            await mac_client.ws.send(deep)
+            await mac_client.expect_error("BAD_MESSAGE")
+        await mac_client.heartbeat()
+        await mac_client.send(type="relay", payload="eA==")
+        assert (await ios_client.expect("relay"))["payload"] == "eA=="
+        assert "RecursionError" not in caplog.text and "Traceback" not in caplog.text
+
+
 async def test_binary_frames_with_utf8_json_are_accepted(nats_url):
     async with running_edges(nats_url, count=1) as (edge,):
         client = await Client.connect(edge, MacIdentity.new().room_id, "mac")

@@ -650,3 +650,17 @@ def test_pairing_join_retried_after_an_unseen_write_finds_its_own_use_of_the_tok
     assert mine.accepted
     someone_else = rooms.join(record, joinmsg(secret_hash=None, pairing_token_hash=TOKEN), holder("i9"), T0 + 1, alive)
     assert not someone_else.accepted and someone_else.close[0] == 4003
+
+
+@pytest.mark.parametrize("expires", [(T0 // 1000 + 86_401), T0 + 300_000, 2**63 - 1])
+def test_register_refuses_a_pairing_token_expiry_more_than_a_day_ahead(expires):
+    # Milliseconds for seconds (or 2**63-1) would make a token that never expires.
+    out = rooms.register(None, reg(pairing_token_hash=TOKEN, pairing_token_expires_at=expires), holder("m1"), T0, alive)
+    assert out.record is None and not out.accepted
+    assert [type(r) for r in out.replies] == [Error] and out.replies[0].code == ErrorCode.BAD_MESSAGE
+    assert "unix seconds" in out.replies[0].message
+
+
+def test_register_accepts_a_pairing_token_expiry_up_to_a_day_ahead():
+    out = rooms.register(None, reg(pairing_token_hash=TOKEN, pairing_token_expires_at=T0 // 1000 + 86_400), holder("m1"), T0, alive)
+    assert out.accepted and out.record.pairing_token_expires_at == T0 // 1000 + 86_400

@@ -125,6 +125,16 @@ def test_malformed_json_gives_bad_message():
     assert err["code"] == "BAD_MESSAGE"
 
 
+@pytest.mark.parametrize("depth", [1_000, 100_000])
+def test_json_nested_too_deeply_gives_bad_message_not_an_internal_error(depth):
+    # msgspec raises RecursionError here; it used to close the socket 1011, with a traceback each.
+    data = b'{"type":"heartbeat","x":' + b"[" * depth + b"]" * depth + b"}"
+    s = in_room("mac", peer=IOS_PEER)
+    assert s.take_now(data, 1.0, lambda: True) is None
+    err = error_of(s.receive(data, now=1.0))
+    assert err["code"] == "BAD_MESSAGE" and "nested too deeply" in err["message"]
+
+
 @pytest.mark.parametrize("data", [frame("subscribe_everything"), b"[1,2]", b'"relay"', b"{}", frame("relay")])
 def test_unknown_type_or_invalid_shape_gives_bad_message(data):
     err = error_of(session(role="ios").receive(data, now=1.0))
