@@ -6,6 +6,11 @@ API also needs `POST /auth/refresh` with a JSON body and `DELETE /api/rooms/{id}
 (and body) itself, remembers the method and body, and hands `websockets` the head as a
 bodiless GET; `process_request` then answers with `http_method` and `http_body` in hand.
 A WebSocket upgrade passes through unchanged.
+
+It also holds the per-socket limits that need websockets' internals (`edge.ws_hooks`):
+pings and pongs spend the socket's rate limit as they are parsed, and the edge is asked
+to check the socket's whole outgoing buffer after a read that websockets answered while
+the write buffer was over its high-water mark.
 """
 
 from __future__ import annotations
@@ -15,10 +20,18 @@ from collections.abc import Callable
 
 from websockets.asyncio.server import ServerConnection
 from websockets.frames import DATA_OPCODES, Frame, Opcode
+from websockets.protocol import State
+
+from edge import ws_hooks
+from edge.limits import TokenBucket
+from schemas.client import CloseCode, Error, ErrorCode, encode
 
 # Limits for the requests this front reads itself; WebSocket upgrades are websockets' business.
 MAX_HEAD_BYTES = 16 * 1024
 MAX_BODY_BYTES = 64 * 1024
+
+# What a socket over its rate limit with pings or pongs hears before its close 1008.
+CONTROL_FLOOD_FAREWELL = encode(Error(code=ErrorCode.RATE_LIMITED, message="Too many control frames; slow down"))
 
 
 class HttpConnection(ServerConnection):
@@ -35,14 +48,46 @@ class HttpConnection(ServerConnection):
     # and leave the client's answer to the close frame unread until the close timeout.
     drop_messages: bool = False
     last_dropped_ms: int = 0
+    # The socket's inbound rate limit, the one its session spends a token of per message,
+    # set by the edge at the upgrade: every ping and pong spends one too (protocol.md §12
+    # item 6). Past it the socket hears `error RATE_LIMITED` and a close 1008 at once,
+    # from inside the parse: the rest of that read is discarded unanswered, and so is
+    # whatever it sends after. The TCP connection is aborted a close timeout later if the
+    # client has not closed it by then (one that never reads never would).
+    rate: TokenBucket | None = None
+    # Told once, by the edge, when the socket is closed for a control-frame flood.
+    on_control_flood: Callable[[], None] | None = None
+    # Called after a read while the write buffer is over its high-water mark (websockets
+    # wrote pongs for that read, which no queue of ours bounds): the edge checks the
+    # socket's whole outgoing buffer against its bound.
+    check_outgoing: Callable[[], None] | None = None
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
         self._front_buffer: bytes | None = b""  # None once the request went to websockets
+        if ws_hooks.HOOKED:
+            ws_hooks.watch_control_frames(self.protocol, self._control_frame_allowed)
+
+    def _control_frame_allowed(self) -> bool:
+        """A ping or pong arrived: spend a token of the socket's rate, or shed the socket."""
+        rate = self.rate
+        if rate is None or rate.take(time.monotonic()):
+            return True
+        self.rate = None  # shed once; the parser discards what follows
+        protocol = self.protocol
+        if protocol.state is State.OPEN:
+            protocol.send_text(CONTROL_FLOOD_FAREWELL)
+        protocol.fail(CloseCode.POLICY, "rate limit exceeded")  # close frame, EOF, the rest discarded
+        self.loop.call_later(self.close_timeout or 10.0, self.transport.abort)
+        if self.on_control_flood is not None:
+            self.on_control_flood()
+        return False
 
     def data_received(self, data: bytes) -> None:
         if self._front_buffer is None:
             super().data_received(data)
+            if self.paused and self.check_outgoing is not None:
+                self.check_outgoing()
             return
         head_was_complete = b"\r\n\r\n" in self._front_buffer
         buffer = self._front_buffer + data
@@ -93,6 +138,11 @@ class HttpConnection(ServerConnection):
             if take is not None and event.fin and event.opcode is Opcode.TEXT and take(event.data):
                 return
             self.take_message_now = None  # it queues for the handler: what follows must queue behind it
+        elif not ws_hooks.HOOKED and type(event) is Frame and event.opcode in ws_hooks.CONTROL_OPCODES:
+            # The fallback when the parse cannot be watched: counted once parsed (and answered).
+            if not self._control_frame_allowed():
+                self.send_data()  # the farewell and the close frame; data_received wrote before
+                return
         super().process_event(event)
 
     def _refuse(self, status: int, reason: str) -> None:

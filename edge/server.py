@@ -28,6 +28,7 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
+from websockets import __version__ as websockets_version
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
@@ -39,6 +40,7 @@ from accounts.tiers import load_tiers
 from edge import rooms
 from edge.access import STORAGE_ERRORS, Access, Principal, Refusal
 from edge.api import BAD_ROOM_ID, ApiRequest, HttpApi, HttpReply
+from edge import ws_hooks
 from edge.eager import run_eagerly
 from edge.front import HttpConnection
 from edge.limits import TokenBucket
@@ -318,6 +320,12 @@ class Edge:
                 await watching.wait()
                 await watching_accounts.wait()
                 self._accepted = True
+                if not ws_hooks.HOOKED:
+                    log.warning(
+                        "websockets %s parses frames unlike what edge.ws_hooks expects: control frames "
+                        "are counted after each read instead of as they are parsed",
+                        websockets_version,
+                    )
                 self.ready.set()
                 log.info("edge %s ready on %s:%d (ws://%s:%d/ws)", s.edge_id, s.host, self.port, s.host, self.port)
                 await self._stopping.wait()
@@ -482,6 +490,10 @@ class Edge:
         except Refusal as refusal:
             return _reply(HttpReply.text(refusal.status, refusal.message, refusal.headers))
         ws.relay_target = WsTarget(room_id=room_id, role=role, principal=principal, room_settled=room_settled)  # type: ignore[attr-defined]
+        # The socket's rate limit, from its first frame after the 101: its messages (the
+        # session's) and its pings and pongs (the connection's) spend the same tokens.
+        if self.settings.socket_rate_limit_per_s > 0:
+            ws.rate = TokenBucket(self.settings.socket_rate_limit_per_s, self.settings.socket_rate_burst)
         return None
 
     # --- a socket's life ---------------------------------------------------------
@@ -496,13 +508,13 @@ class Edge:
             boot_id=self.boot_id,
             user_id=target.user_id,
             last_message_at=time.monotonic(),
-            rate=TokenBucket(self.settings.socket_rate_limit_per_s, self.settings.socket_rate_burst)
-            if self.settings.socket_rate_limit_per_s > 0
-            else None,
+            rate=ws.rate,  # shared with the connection, which spends it on control frames
         )
         subjects = {role: room_subject(target.room_id, role) for role in ROLES}
         conn = Connection(ws=ws, session=session, target=target, subjects=subjects)
         self.connections[session.socket_id] = conn
+        ws.on_control_flood = functools.partial(self._control_flood, conn)
+        ws.check_outgoing = functools.partial(self._check_outgoing, conn)
         try:
             if session.user_id in self._deleted_users:
                 await self._carry_out(conn, session.account_deleted())
@@ -641,7 +653,11 @@ class Edge:
         conn.backlog.append((item, sender))
         conn.backlog_bytes += size
         s = self.settings
-        if len(conn.backlog) > s.socket_queue_max_msgs or conn.backlog_bytes > s.socket_queue_max_bytes:
+        if (
+            len(conn.backlog) > s.socket_queue_max_msgs
+            # What waits for the socket in all: its backlog and its transport's write buffer.
+            or conn.backlog_bytes + conn.ws.transport.get_write_buffer_size() > s.socket_queue_max_bytes
+        ):
             log.warning("socket %s cannot keep up; closing it", conn.session.socket_id)
             conn.closing_slow = True  # said once; what comes for it until the close is dropped
             conn.backlog.clear()
@@ -686,6 +702,38 @@ class Edge:
                 await conn.ws.send(data, text=True)
             except ConnectionClosed:
                 pass
+
+    def _control_flood(self, conn: Connection) -> None:
+        """The connection shed its socket for pings or pongs past its rate limit (it has
+        answered 1008 and discards what follows): what it sent before is not acted on either."""
+        log.warning(
+            "socket %s in room %s: control frames (pings, pongs) past its rate limit; closed 1008",
+            conn.session.socket_id, conn.session.room_id,
+        )
+        conn.session.leave_reason = DisconnectReason.CLIENT_LEFT  # as for too many messages
+        conn.closing = True
+        conn.ws.drop_messages = True
+
+    def _check_outgoing(self, conn: Connection) -> None:
+        """After a read while the socket's write buffer is over its high-water mark: what
+        waits to be written to it (its backlog, and the write buffer, where websockets puts
+        its pongs) must stay within RELAY_SOCKET_QUEUE_MAX_BYTES. Past it the connection is
+        dropped at once, not closed: a client that lets that much pile up does not read,
+        and would not read a close frame either; the buffer's memory comes back now."""
+        ws = conn.ws
+        waiting = conn.backlog_bytes + ws.transport.get_write_buffer_size()
+        if waiting <= self.settings.socket_queue_max_bytes:
+            return
+        log.warning(
+            "socket %s in room %s: %d bytes wait to be written to it, over RELAY_SOCKET_QUEUE_MAX_BYTES; dropped",
+            conn.session.socket_id, conn.session.room_id, waiting,
+        )
+        ws.check_outgoing = None
+        conn.closing = conn.closing_slow = True
+        conn.backlog.clear()
+        conn.backlog_bytes = 0
+        conn.session.leave_reason = DisconnectReason.TIMEOUT  # as for a slow reader
+        ws.transport.abort()
 
     def _take_message_now(self, conn: Connection, can_answer_now: Callable[[], bool], data: bytes) -> bool:
         """A whole text message, as it arrives, while the socket's handler waits with

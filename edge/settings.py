@@ -63,7 +63,7 @@ class EdgeSettings:
     client_ip_header: str = field(
         default="", metadata={"help": "header naming the client address behind a proxy (X-Forwarded-For: its last entry); empty: the peer address"}
     )
-    socket_rate_limit_per_s: int = field(default=200, metadata={"min": 0, "help": "inbound messages per second per socket, sustained; beyond it closes 1008; 0: no limit"})
+    socket_rate_limit_per_s: int = field(default=200, metadata={"min": 0, "help": "inbound messages and control frames (pings, pongs) per second per socket, sustained; beyond it closes 1008; 0: no limit"})
     socket_rate_burst: int = field(default=2000, metadata={"min": 0, "help": "inbound messages per socket allowed in a burst above the rate"})
 
     # The seed's timing constants (relay_server/src/room.ts).
@@ -83,7 +83,7 @@ class EdgeSettings:
     # Limits.
     max_frame_bytes: int = field(default=4 * 1024 * 1024, metadata={"help": "largest inbound frame; larger closes 1009"})
     socket_queue_max_msgs: int = field(default=4096, metadata={"min": 1, "help": "frames queued for one socket before it is closed 1013"})
-    socket_queue_max_bytes: int = field(default=32 * 1024 * 1024, metadata={"min": 1, "help": "bytes queued for one socket before it is closed 1013"})
+    socket_queue_max_bytes: int = field(default=32 * 1024 * 1024, metadata={"min": 1, "help": "bytes waiting to be written to one socket (its queue and its write buffer, pongs included) before it is closed 1013 (dropped, when its pongs pile up)"})
 
     # Presence.
     edge_lease_ttl_ms: int = field(default=15_000, metadata={"help": "an edge that stops renewing is declared dead after this"})
