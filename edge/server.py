@@ -57,6 +57,7 @@ from edge.session import (
     other_role,
 )
 from edge.settings import EdgeSettings, redact_urls
+from edge.kv import get_present
 from edge.store import Presence, RoomStore, StorageConflict, now_ms, open_buckets
 from metering.stream import open_usage_stream
 from metering.usage import UsageReader, open_usage_bucket
@@ -91,6 +92,7 @@ from schemas.subjects import (
     addressee_sender_and_kind,
     edge_filter,
     edge_id_of_lease_key,
+    edge_lease_key,
     edge_last_seen_subject,
     is_valid_room_id,
     room_subject,
@@ -225,6 +227,7 @@ class Edge:
         self._nc: NATS | None = None
         self._rooms: RoomStore | None = None
         self._presence: Presence | None = None
+        self._presence_kv: Any = None  # the presence bucket, to read our own lease back
         self._lease_revision = 0
         self._tg: asyncio.TaskGroup | None = None
         self._accepted = False
@@ -363,6 +366,7 @@ class Edge:
                 rooms_kv, presence_kv = await open_buckets(js, self.settings.kv_replicas)
                 self._rooms = RoomStore(rooms_kv, js)
                 self._presence = Presence(js, presence_kv, self._nc)
+                self._presence_kv = presence_kv
                 accounts = await AccountStore.open(js, self.settings.kv_replicas)
                 usage = UsageReader(await open_usage_bucket(js, self.settings.kv_replicas))
                 self._access = Access(self.settings, accounts, self.tiers)
@@ -1050,12 +1054,33 @@ class Edge:
         self.live_edges[self.settings.edge_id] = self.boot_id
 
     async def _renew_lease_loop(self) -> None:
+        """Renew our lease every third of its TTL, until the shutdown drops it.
+
+        Busy or slow moments must not cost the lease of a live edge, and with it every
+        socket here: a renewal that fails (NATS slow or away, or this event loop too busy to
+        read the answer in time) is retried within a second, not a third of the TTL later;
+        and a renewal refused for a wrong revision is read back before the lease is taken
+        for lost: if the key still holds this incarnation's lease, one of our own renewals
+        landed unseen (its answer timed out), the lease never lapsed, and no other edge was
+        told anything. Only a lease that is really gone (expired, or taken) starts the edge
+        over.
+        """
         interval = self.settings.edge_lease_renew_interval_s
+        retry = min(1.0, interval / 5)
         lease_ttl = self.settings.edge_lease_ttl_ms / 1000
         lost = False
+        delay = interval
+        loop = asyncio.get_running_loop()
         # Renewed through the shutdown too, until it drops the lease: releasing the slots
         # may outlast the lease, and then other edges would tell our peers `timeout`.
-        while not await self._sleep(interval, until=self._lease_dropping):
+        while True:
+            due = loop.time() + delay
+            if await self._sleep(delay, until=self._lease_dropping):
+                return
+            late = loop.time() - due
+            if late > interval / 2:
+                log.warning("lease renewal ran %.1fs late: the event loop was busy", late)
+            delay = interval
             try:
                 if not lost:
                     lease = EdgeLease(edge_id=self.settings.edge_id, boot_id=self.boot_id, started_at=now_ms())
@@ -1063,6 +1088,10 @@ class Edge:
                         self._lease_revision = await self._presence.renew_lease(lease, lease_ttl, self._lease_revision)
                         continue
                     except nats.js.errors.KeyWrongLastSequenceError:
+                        if await self._lease_still_ours():
+                            log.warning("edge %s: a lease renewal landed unseen; renewing again", self.settings.edge_id)
+                            delay = 0.0
+                            continue
                         # Our lease expired (a stall or a partition): other edges have told
                         # our sockets' peers that we are gone. Start over as a new incarnation,
                         # accepting no socket until then (it would belong to the dead one).
@@ -1073,8 +1102,19 @@ class Edge:
                         self.ready.clear()
                 await self._reincarnate()
                 lost = False
-            except (nats.errors.Error, asyncio.TimeoutError):
-                log.warning("lease renewal failed; retrying", exc_info=True)
+            except (nats.errors.Error, asyncio.TimeoutError) as exc:
+                log.warning("lease renewal failed (%s); retrying in %.2fs", type(exc).__name__, retry)
+                delay = retry
+
+    async def _lease_still_ours(self) -> bool:
+        """Whether our lease key still holds this incarnation's lease (then its revision is
+        adopted). A lease that expired is never ours again: a new one has a new boot id."""
+        entry = await get_present(self._presence_kv, edge_lease_key(self.settings.edge_id))
+        lease = Presence.decode_lease(entry) if entry is not None else None
+        if lease is None or lease.boot_id != self.boot_id:
+            return False
+        self._lease_revision = entry.revision
+        return True
 
     async def _reincarnate(self) -> None:
         """Take a lease under a new boot id, then close the sockets of every older one."""

@@ -1,4 +1,5 @@
-"""WebSocket control frames from abusive clients (issue 16, items 2 and 3). Real edges, real nats-server, raw WebSocket clients: a ping
+"""WebSocket control frames from abusive clients (issue 16, items 2 and 3), and the lease
+of an edge under pressure. Real edges, real nats-server, raw WebSocket clients: a ping
 flood comes from a raw socket, as an attacker would send it, not through a client library
 that paces its pings."""
 
@@ -11,7 +12,10 @@ import secrets
 import socket
 import struct
 
+import nats
+
 from edge import ws_hooks
+from schemas.subjects import PRESENCE_BUCKET, edge_lease_key
 from tests.harness import MacIdentity, paired, running_edges, until
 
 
@@ -148,3 +152,38 @@ async def test_pongs_a_pinging_client_never_reads_stay_bounded_and_its_socket_is
         assert largest <= bound + 256 * 1024, largest
         assert "over RELAY_SOCKET_QUEUE_MAX_BYTES; dropped" in caplog.text
         await _relay_both_ways(mac_client, ios_client, 10)
+
+
+async def test_a_lease_renewal_that_landed_unseen_costs_the_edge_nothing(nats_url, caplog):
+    # Under CPU pressure a renewal can land while its answer comes too late for the edge
+    # (timed out): the lease's revision moved on without the edge knowing. That is not a
+    # lost lease; the edge must not close its sockets and start over.
+    async with running_edges(nats_url, edge_lease_ttl_ms=1500) as (a, b):
+        mac_client, ios_client, _ = await paired(a, b)
+        boot_id = a.boot_id
+        nc = await nats.connect(nats_url)
+        try:
+            kv = await nc.jetstream().key_value(PRESENCE_BUCKET)
+            key = edge_lease_key(a.settings.edge_id)
+            for _ in range(20):  # as the edge's own renewal would write it (unless the edge renews first)
+                entry = await kv.get(key)
+                try:
+                    ours = await nc.jetstream().publish(
+                        f"$KV.{PRESENCE_BUCKET}.{key}",
+                        entry.value,
+                        msg_ttl=1.5,
+                        headers={"Nats-Expected-Last-Subject-Sequence": str(entry.revision)},
+                    )
+                    break
+                except nats.js.errors.APIError:
+                    await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("could not renew the lease as the edge would")
+        finally:
+            await nc.close()
+        await until(lambda: a._lease_revision > ours.seq)  # the edge renewed after it
+        await mac_client.expect_silence(0.5)
+        await ios_client.expect_silence()
+        assert a.boot_id == boot_id and "lost its lease" not in caplog.text
+        assert "a lease renewal landed unseen" in caplog.text
+        await _relay_both_ways(mac_client, ios_client, 5)
