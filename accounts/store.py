@@ -7,6 +7,10 @@ Buckets:
 - `relay_registrations`: `<user>.<room>` with a per-message TTL of `ROOM_REG_TTL`,
   refreshed while the room's Mac is connected (protocol.md §7). An expired
   registration simply disappears: no markers, no cleanup job.
+
+Every write and removal goes through `edge.kv.write` and `edge.kv.remove`, in buckets
+made with `edge.kv.durable_bucket`: a revoked key, a used refresh token or a deleted
+registration stays gone across crashes of the NATS servers (see `edge.kv`).
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
 from accounts import tokens
+from edge import kv
 from edge.kv import get_present, open_bucket, present_values
 from schemas.records import (
     ApiKeyRecord,
@@ -50,8 +54,6 @@ log = logging.getLogger(__name__)
 _MAX_CAS_ATTEMPTS = 20
 # A key's expiry slides forward at most this often: a KV write per connection would be waste.
 KEY_TOUCH_INTERVAL_MS = 24 * 3600 * 1000
-# Removed entries leave a purge marker that must itself go, or the bucket grows forever.
-_PURGE_MARKER_TTL_S = 1
 
 
 class UnknownUser(LookupError):
@@ -64,8 +66,8 @@ class UserExists(Exception):
 
 async def open_account_buckets(js: JetStreamContext, replicas: int) -> tuple[KeyValue, KeyValue]:
     """Create (or open) the accounts and registrations buckets."""
-    accounts = await open_bucket(js, KeyValueConfig(bucket=ACCOUNTS_BUCKET, history=1, replicas=replicas))
-    registrations = await open_bucket(js, KeyValueConfig(bucket=REGISTRATIONS_BUCKET, history=1, replicas=replicas))
+    accounts = await open_bucket(js, kv.durable_bucket(ACCOUNTS_BUCKET, replicas))
+    registrations = await open_bucket(js, kv.durable_bucket(REGISTRATIONS_BUCKET, replicas))
     return accounts, registrations
 
 
@@ -85,27 +87,12 @@ class AccountStore:
     # --- low level -----------------------------------------------------------------
 
     async def _put_with_ttl(self, bucket: str, key: str, value: bytes, ttl_s: float, last: int | None = None) -> int:
-        """Write `key` with a per-message TTL (nats-py's put() cannot); `last` makes it a compare-and-set."""
-        headers = {"Nats-Expected-Last-Subject-Sequence": str(last)} if last is not None else None
-        try:
-            ack = await self._js.publish(f"$KV.{bucket}.{key}", value, msg_ttl=max(1.0, ttl_s), headers=headers)
-        except nats.js.errors.APIError as exc:
-            if exc.err_code in (10071, 10164):
-                raise nats.js.errors.KeyWrongLastSequenceError(description=exc.description) from exc
-            raise
-        return ack.seq
+        """Write `key` with a per-message TTL; `last` makes it a compare-and-set."""
+        return await kv.write(self._js, bucket, key, value, last=last, ttl_s=ttl_s)
 
     async def _remove(self, bucket: str, key: str, last: int | None = None) -> None:
-        """Remove `key` (compare-and-set on `last`), leaving a purge marker that expires itself."""
-        headers = {"KV-Operation": "PURGE", "Nats-Rollup": "sub"}
-        if last is not None:
-            headers["Nats-Expected-Last-Subject-Sequence"] = str(last)
-        try:
-            await self._js.publish(f"$KV.{bucket}.{key}", b"", headers=headers, msg_ttl=_PURGE_MARKER_TTL_S)
-        except nats.js.errors.APIError as exc:
-            if exc.err_code in (10071, 10164):
-                raise nats.js.errors.KeyWrongLastSequenceError(description=exc.description) from exc
-            raise
+        """Remove `key` for good (compare-and-set on `last`)."""
+        await kv.remove(self._js, bucket, key, last=last)
 
     # --- users ---------------------------------------------------------------------
 
@@ -117,7 +104,7 @@ class AccountStore:
         """Store a new account; raises UserExists if the id is taken (also by a deleted account)."""
         key = user_key(user.user_id)
         try:
-            await self._accounts.create(key, msgspec.json.encode(user))
+            await kv.write(self._js, ACCOUNTS_BUCKET, key, msgspec.json.encode(user), last=0)
         except nats.js.errors.KeyWrongLastSequenceError as exc:
             raise UserExists(user.user_id) from exc
 
@@ -130,7 +117,7 @@ class AccountStore:
                 raise UnknownUser(user_id)
             new = change(user_decoder.decode(entry.value))
             try:
-                await self._accounts.update(key, msgspec.json.encode(new), last=entry.revision)
+                await kv.write(self._js, ACCOUNTS_BUCKET, key, msgspec.json.encode(new), last=entry.revision)
                 return new
             except nats.js.errors.KeyWrongLastSequenceError:
                 await asyncio.sleep(min(0.001 * 2**attempt, 0.05))

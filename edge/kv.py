@@ -1,6 +1,27 @@
-"""Reading JetStream KV the same way everywhere: absent keys, expiry markers, listings.
+"""JetStream KV the same way everywhere: absent keys, expiry markers, listings, and
+writes and removals that stay done across crashes.
 
 Shared by the edge's stores, `accounts.store` (relay-admin) and `metering.usage`.
+
+Why writes and removals go through `write` and `remove` here (issue 16, item 1):
+nats-server's file store records a removed message with a tombstone, so that a store
+rebuilt from its block files after a crash (SIGKILL or power loss, with `index.db`
+missing or older than the last change) still knows it is gone. One removal gets no
+tombstone: the eviction of a key's older value by the bucket's history limit
+(`max_msgs_per_subject`), which every overwrite in a history-1 bucket does, a purge
+marker's own write included. A rebuilt store has every evicted value again. The key's
+newest message hides them while it exists; once it goes (a purge marker's TTL, a newer
+value that expires sooner, a marker cleaned up by hand), an older value is the key's
+value again, and its TTL may never fire. Measured on nats-server 2.15.1: 100 % of
+values purged with a 1 s marker came back after a SIGKILL, single node and R3 cluster.
+
+So buckets whose keys are ever removed keep two messages per key (`DURABLE_HISTORY`),
+and every write to them is a subject rollup (`Nats-Rollup: sub`): the new message is
+stored next to the old one, then the rollup removes the old one as a purge does, with
+a tombstone. Nothing is ever evicted by the limit. A removal is a purge marker, a
+rollup too; the marker expires after `REMOVAL_MARKER_TTL_S`, and that expiry is
+tombstoned as well: nothing is left behind, nothing accumulates, and no later cleanup
+of markers can bring a value back.
 """
 
 from __future__ import annotations
@@ -11,8 +32,10 @@ from collections.abc import AsyncIterator
 
 import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig
+from nats.js.api import KeyValueConfig, PubAck
 from nats.js.kv import KeyValue
+
+from schemas.subjects import kv_stream, kv_subject
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +47,79 @@ MARKER_GRACE_S = 2.0
 NOT_FOUND = (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError, nats.js.errors.NotFoundError)
 
 
+#: Messages kept per key in a bucket whose keys are removed: the old value and the new one
+#: for the moment between a write and its rollup (see the module's docstring).
+DURABLE_HISTORY = 2
+
+#: How long a removal's purge marker lives. The value it removed is gone for good already
+#: (the rollup's tombstone); the marker only tells a reader "removed" meanwhile.
+REMOVAL_MARKER_TTL_S = 1
+
+#: JetStream's "wrong last sequence" error codes (a compare-and-set lost).
+_WRONG_LAST = (10071, 10164)
+
+
+def durable_bucket(bucket: str, replicas: int) -> KeyValueConfig:
+    """The configuration of a bucket whose keys are written with `write` and removed with `remove`."""
+    return KeyValueConfig(bucket=bucket, history=DURABLE_HISTORY, replicas=replicas)
+
+
 async def open_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
     """Create the bucket, or open it as it is if it exists with another configuration
-    (say, other replicas: an operator's choice we do not undo)."""
+    (say, other replicas: an operator's choice we do not undo). A bucket that keeps fewer
+    messages per key than `config.history` (one made before `DURABLE_HISTORY`) is raised
+    to it: with one, removals do not survive a crash."""
     try:
         return await js.create_key_value(config)
     except nats.js.errors.BadRequestError:
         log.warning("bucket %s exists with another configuration; using it as is", config.bucket)
-        return await js.key_value(config.bucket)
+        kv = await js.key_value(config.bucket)
+    info = await js.stream_info(kv_stream(config.bucket))
+    kept = info.config.max_msgs_per_subject
+    if kept is not None and 0 < kept < config.history:
+        info.config.max_msgs_per_subject = config.history
+        await js.update_stream(info.config)
+        log.warning("bucket %s kept %d message(s) per key; now %d", config.bucket, kept, config.history)
+    return kv
+
+
+async def write(
+    js: JetStreamContext, bucket: str, key: str, value: bytes, *, last: int | None = None, ttl_s: float | None = None
+) -> int:
+    """Store `value` under `key` as a subject rollup: the value it replaces goes with a
+    tombstone, and cannot come back after a crash. Returns the new revision.
+
+    `last` makes it a compare-and-set on the key's revision (0: only if the key holds
+    nothing); a lost one raises KeyWrongLastSequenceError. `ttl_s` is a per-message TTL
+    (at least 1 s; nats-py's put() and update() cannot set one).
+    """
+    headers = {"Nats-Rollup": "sub"}
+    if last is not None:
+        headers["Nats-Expected-Last-Subject-Sequence"] = str(last)
+    return (await _publish(js, kv_subject(bucket, key), value, headers, ttl_s)).seq
+
+
+async def remove(js: JetStreamContext, bucket: str, key: str, *, last: int | None = None) -> None:
+    """Remove `key` for good: a purge marker, as a subject rollup, that expires by itself.
+
+    `last` makes it a compare-and-set on the key's revision (KeyWrongLastSequenceError if
+    the key changed). Removing an absent key is harmless.
+    """
+    headers = {"KV-Operation": "PURGE", "Nats-Rollup": "sub"}
+    if last is not None:
+        headers["Nats-Expected-Last-Subject-Sequence"] = str(last)
+    await _publish(js, kv_subject(bucket, key), b"", headers, REMOVAL_MARKER_TTL_S)
+
+
+async def _publish(
+    js: JetStreamContext, subject: str, payload: bytes, headers: dict[str, str], ttl_s: float | None
+) -> PubAck:
+    try:
+        return await js.publish(subject, payload, headers=headers, msg_ttl=None if ttl_s is None else max(1.0, ttl_s))
+    except nats.js.errors.APIError as exc:
+        if exc.err_code in _WRONG_LAST:
+            raise nats.js.errors.KeyWrongLastSequenceError(description=exc.description) from exc
+        raise
 
 
 def present(entry: KeyValue.Entry | None) -> bool:

@@ -1,8 +1,10 @@
 """JetStream KV: room records (compare-and-set), edge leases and lastSeen.
 
 Buckets:
-- `relay_rooms`: one `RoomRecord` per room id. History 1; every write names the
-  revision it replaces, so two edges racing on a room cannot both win.
+- `relay_rooms`: one `RoomRecord` per room id. Every write names the revision it
+  replaces, so two edges racing on a room cannot both win; writes and deletes go
+  through `edge.kv.write` and `edge.kv.remove`, so a deleted room stays deleted across
+  crashes of the NATS servers (see `edge.kv`).
 - `relay_presence`: `edge.<id>` leases and `seen.<room>.<role>` times, both written
   with a per-message TTL. Expired keys leave a marker, which is how watchers learn
   that an edge died.
@@ -23,6 +25,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
+from edge import kv
 from edge.kv import NOT_FOUND, ValuesWatch, get_present, open_bucket, present
 from schemas.records import (
     EdgeLease,
@@ -56,7 +59,7 @@ def now_ms() -> int:
 
 async def open_buckets(js: JetStreamContext, replicas: int) -> tuple[KeyValue, KeyValue]:
     """Create (or open) the rooms and presence buckets."""
-    rooms = await open_bucket(js, KeyValueConfig(bucket=ROOMS_BUCKET, history=1, replicas=replicas))
+    rooms = await open_bucket(js, kv.durable_bucket(ROOMS_BUCKET, replicas))
     # The marker TTL makes an expired lease visible to watchers as a delete.
     presence = await open_bucket(
         js, KeyValueConfig(bucket=PRESENCE_BUCKET, history=1, replicas=replicas, limit_marker_ttl=1)
@@ -85,25 +88,14 @@ class RoomStore:
 
     async def write(self, room_id: str, record: RoomRecord, revision: int) -> int:
         """Write `record` if the room is still at `revision`; raises KeyWrongLastSequenceError if not."""
-        data = msgspec.json.encode(record)
-        key = room_key(room_id)
-        if revision == 0:
-            return await self._kv.create(key, data)
-        return await self._kv.update(key, data, last=revision)
+        return await kv.write(self._js, ROOMS_BUCKET, room_key(room_id), msgspec.json.encode(record), last=revision)
 
     async def delete(self, room_id: str, revision: int) -> None:
         """Delete the room's record if it is still at `revision` (KeyWrongLastSequenceError if not).
 
-        A purge whose marker expires after a second: a plain delete would leave a marker
-        per deleted room in the bucket forever.
+        Nothing stays behind: the purge marker expires after a second.
         """
-        headers = {"KV-Operation": "PURGE", "Nats-Rollup": "sub", "Nats-Expected-Last-Subject-Sequence": str(revision)}
-        try:
-            await self._js.publish(f"$KV.{ROOMS_BUCKET}.{room_key(room_id)}", b"", headers=headers, msg_ttl=1)
-        except nats.js.errors.APIError as exc:
-            if exc.err_code in (10071, 10164):  # wrong last sequence
-                raise nats.js.errors.KeyWrongLastSequenceError(description=exc.description) from exc
-            raise
+        await kv.remove(self._js, ROOMS_BUCKET, room_key(room_id), last=revision)
 
     async def transact(
         self,

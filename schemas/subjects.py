@@ -24,6 +24,16 @@ _SUBJECT_ROOT = "relay.room"
 _EDGE_PREFIX = "edge."
 
 
+def kv_stream(bucket: str) -> str:
+    """The JetStream stream behind a KV bucket."""
+    return f"KV_{bucket}"
+
+
+def kv_subject(bucket: str, key: str) -> str:
+    """The subject a KV bucket stores `key` under (`key` made by one of the functions below)."""
+    return f"$KV.{bucket}.{key}"
+
+
 def is_valid_room_id(room_id: str) -> bool:
     """Whether `room_id` may name a room (`^[A-Za-z0-9_-]{1,128}$`)."""
     return ROOM_ID_PATTERN.fullmatch(room_id) is not None
