@@ -10,13 +10,15 @@ Buckets:
 
 Every write and removal goes through `edge.kv.write` and `edge.kv.remove`, in buckets
 made with `edge.kv.durable_bucket`: a revoked key, a used refresh token or a deleted
-registration stays gone across crashes of the NATS servers (see `edge.kv`).
+registration stays gone across crashes of the NATS servers (see `edge.kv`). A record
+past its own `expires_at` reads as absent, whatever the server still holds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 import msgspec
@@ -258,12 +260,21 @@ class AccountStore:
 
     async def put_registration(self, user_id: str, room_id: str, now_ms: int, ttl_s: float, created_at: int | None = None) -> None:
         """Register (or refresh) a user's room for `ttl_s` seconds."""
-        record = Registration(user_id=user_id, room_id=room_id, created_at=created_at or now_ms, last_seen=now_ms)
+        record = Registration(
+            user_id=user_id,
+            room_id=room_id,
+            created_at=created_at or now_ms,
+            last_seen=now_ms,
+            expires_at=now_ms + int(ttl_s * 1000),
+        )
         await self._put_with_ttl(REGISTRATIONS_BUCKET, registration_key(user_id, room_id), msgspec.json.encode(record), ttl_s)
 
     async def get_registration(self, user_id: str, room_id: str) -> Registration | None:
         entry = await get_present(self._registrations, registration_key(user_id, room_id))
-        return None if entry is None else registration_decoder.decode(entry.value)
+        if entry is None:
+            return None
+        registration = registration_decoder.decode(entry.value)
+        return registration if _lives(registration) else None
 
     async def delete_registration(self, user_id: str, room_id: str) -> None:
         await self._remove(REGISTRATIONS_BUCKET, registration_key(user_id, room_id))
@@ -271,7 +282,8 @@ class AccountStore:
     async def registrations(self, user_id: str) -> list[Registration]:
         """A user's live registrations, ordered by room id."""
         values = await present_values(self._registrations, registrations_filter(user_id))
-        return sorted((registration_decoder.decode(v) for v in values.values()), key=lambda r: r.room_id)
+        live = (r for r in map(registration_decoder.decode, values.values()) if _lives(r))
+        return sorted(live, key=lambda r: r.room_id)
 
     async def count_registrations(self, user_id: str) -> int:
         """How many rooms a user has registered: one stream-info request, exact listing only
@@ -281,3 +293,9 @@ class AccountStore:
             f"KV_{REGISTRATIONS_BUCKET}", subjects_filter=f"$KV.{REGISTRATIONS_BUCKET}.{registrations_filter(user_id)}"
         )
         return len(info.state.subjects or {})
+
+
+def _lives(registration: Registration) -> bool:
+    """Whether a registration is within its lifetime (one written before `expires_at` existed
+    has 0 there, and lives as long as its TTL keeps it)."""
+    return registration.expires_at == 0 or registration.expires_at > time.time_ns() // 1_000_000

@@ -113,6 +113,9 @@ class Registration(Struct, kw_only=True):
     room_id: str
     created_at: int  # epoch ms
     last_seen: int  # epoch ms of the last refresh
+    # epoch ms; past it the registration reads as absent even if the store still has it
+    # (0: written before this field existed)
+    expires_at: int = 0
 
 
 # --- usage (written by metering) ----------------------------------------------------

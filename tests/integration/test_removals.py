@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TypeVar
 
+import msgspec
 import nats
 import nats.errors
 import nats.js.errors
@@ -29,7 +30,7 @@ from accounts.store import AccountStore
 from edge import kv
 from edge.embedded_nats import EmbeddedNatsCluster, EmbeddedNatsServer
 from edge.store import RoomStore, open_buckets
-from schemas.records import RoomRecord, User
+from schemas.records import Registration, RoomRecord, User
 from schemas.subjects import (
     ACCOUNTS_BUCKET,
     PRESENCE_BUCKET,
@@ -313,6 +314,19 @@ async def test_a_bucket_made_with_one_message_per_key_is_raised_to_two_and_its_r
     crash_and_restart(server)
     async with stores([server.url]) as s:
         await removals.check(s)
+
+
+async def test_a_registration_past_its_own_expiry_reads_as_absent_while_the_store_still_holds_it(nats_url):
+    # Whatever brings a value back (a server that lost a tombstone), a record that is dead
+    # by its own fields is not believed. API keys and refresh tokens check expires_at too.
+    async with stores([nats_url]) as s:
+        user, room, now = f"u{secrets.token_hex(5)}", new_room_id(), now_ms()
+        stale = Registration(user_id=user, room_id=room, created_at=now - 2000, last_seen=now - 2000, expires_at=now - 1)
+        await kv.write(s.js, REGISTRATIONS_BUCKET, registration_key(user, room), msgspec.json.encode(stale), ttl_s=3600)
+        assert await s.accounts.get_registration(user, room) is None
+        assert await s.accounts.registrations(user) == []
+        await s.accounts.put_registration(user, room, now, 900)
+        assert [r.room_id for r in await s.accounts.registrations(user)] == [room]
 
 
 async def test_a_write_that_lost_its_compare_and_set_changes_nothing(nats_url):
