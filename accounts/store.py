@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable
 
@@ -27,17 +28,19 @@ import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from accounts import tokens
+from accounts import claims, tokens
 from edge import kv
 from edge.kv import get_present, open_bucket, present_values
 from schemas.records import (
     ApiKeyRecord,
     RefreshTokenRecord,
     Registration,
+    RoomClaims,
     User,
     api_key_record_decoder,
     refresh_token_record_decoder,
     registration_decoder,
+    room_claims_decoder,
     user_decoder,
 )
 from schemas.subjects import (
@@ -48,6 +51,7 @@ from schemas.subjects import (
     refresh_token_key,
     registration_key,
     registrations_filter,
+    room_claims_key,
     user_key,
 )
 
@@ -277,7 +281,9 @@ class AccountStore:
         return registration if _lives(registration) else None
 
     async def delete_registration(self, user_id: str, room_id: str) -> None:
+        """Remove the registration and free the room's claim on the room limit."""
         await self._remove(REGISTRATIONS_BUCKET, registration_key(user_id, room_id))
+        await self.release_room(user_id, room_id)
 
     async def registrations(self, user_id: str) -> list[Registration]:
         """A user's live registrations, ordered by room id."""
@@ -293,6 +299,83 @@ class AccountStore:
             f"KV_{REGISTRATIONS_BUCKET}", subjects_filter=f"$KV.{REGISTRATIONS_BUCKET}.{registrations_filter(user_id)}"
         )
         return len(info.state.subjects or {})
+
+
+    # --- room claims: the room limit under concurrency (accounts.claims) ----------------
+
+    async def room_claims(self, user_id: str, ttl_s: float) -> tuple[dict[str, int], int]:
+        """The user's live room claims (room id → expiry, epoch ms) and the revision to
+        compare-and-set them on (0: no record). Without a record (none yet, all lapsed, or
+        written before claims existed) they are the live registrations', so that rooms
+        registered before count too (one written without an expiry: for `ttl_s` from now)."""
+        now = time.time_ns() // 1_000_000
+        entry, revision = await self._claims_entry(room_claims_key(user_id))
+        if entry is not None:
+            return claims.live_claims(room_claims_decoder.decode(entry.value).rooms, now), revision
+        seeded = {r.room_id: r.expires_at or now + int(ttl_s * 1000) for r in await self.registrations(user_id)}
+        return claims.live_claims(seeded, now), revision
+
+    async def _claims_entry(self, key: str) -> tuple[KeyValue.Entry | None, int]:
+        """The claims record (None if absent) and the revision a compare-and-set on it must
+        name: a removal's marker has one too (0 only for a key with no message at all)."""
+        try:
+            entry = await self._registrations.get(key)
+        except kv.NOT_FOUND as exc:
+            marker = getattr(exc, "entry", None)
+            return None, marker.revision if marker is not None and marker.revision else 0
+        return (entry, entry.revision) if kv.present(entry) else (None, entry.revision or 0)
+
+    async def claim_room(self, user_id: str, room_id: str, ttl_s: float, max_rooms: int, force: bool = False) -> str:
+        """Claim `room_id` for the user until ROOM_REG_TTL (`ttl_s`) from now, by
+        compare-and-set. Returns `claims.NEW` (claimed now), `claims.HELD` (claimed already:
+        its expiry slides) or `claims.REFUSED` (`max_rooms` other rooms are claimed; never
+        with `force`: a room registered already, or a refresh)."""
+        key = room_claims_key(user_id)
+        for attempt in range(_MAX_CAS_ATTEMPTS):
+            rooms, revision = await self.room_claims(user_id, ttl_s)
+            now = time.time_ns() // 1_000_000
+            claimed = claims.claim(rooms, room_id, now, now + int(ttl_s * 1000), max_rooms, force)
+            if claimed is None:
+                return claims.REFUSED
+            try:
+                await self._write_claims(key, user_id, claimed, now, revision)
+                return claims.HELD if room_id in rooms else claims.NEW
+            except nats.js.errors.KeyWrongLastSequenceError:
+                await _cas_backoff(attempt)
+        raise nats.errors.TimeoutError  # as a storage that does not answer: the client retries
+
+    async def release_room(self, user_id: str, room_id: str) -> None:
+        """Free the room's claim (a deleted room, a refused register)."""
+        key = room_claims_key(user_id)
+        for attempt in range(_MAX_CAS_ATTEMPTS):
+            entry, revision = await self._claims_entry(key)
+            if entry is None:
+                return  # no record: the claims are the registrations' (see room_claims)
+            now = time.time_ns() // 1_000_000
+            rooms = room_claims_decoder.decode(entry.value).rooms
+            if room_id not in rooms:
+                return
+            try:
+                await self._write_claims(key, user_id, claims.release(rooms, room_id, now), now, revision)
+                return
+            except nats.js.errors.KeyWrongLastSequenceError:
+                await _cas_backoff(attempt)
+        raise nats.errors.TimeoutError
+
+    async def _write_claims(self, key: str, user_id: str, rooms: dict[str, int], now: int, revision: int) -> None:
+        if not rooms:
+            if revision:
+                await self._remove(REGISTRATIONS_BUCKET, key, last=revision)
+            return
+        # The record lives as long as its last claim: nothing of a user stays behind.
+        ttl_s = max(1.0, (max(rooms.values()) - now) / 1000)
+        value = msgspec.json.encode(RoomClaims(user_id=user_id, rooms=rooms))
+        await self._put_with_ttl(REGISTRATIONS_BUCKET, key, value, ttl_s, last=revision)
+
+
+async def _cas_backoff(attempt: int) -> None:
+    """A lost compare-and-set waits a little, jittered, before it reads again."""
+    await asyncio.sleep(random.uniform(0, min(0.002 * 2**attempt, 0.05)))
 
 
 def _lives(registration: Registration) -> bool:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import nats.errors
 from websockets.datastructures import Headers
 
-from accounts import tokens
+from accounts import claims, tokens
 from accounts.store import AccountStore, UserExists
 from accounts.tiers import DEFAULT_TIERS, Tier
 from edge.limits import FailedAuthLimiter
@@ -170,17 +170,46 @@ class Access:
         try:
             if await self.store.get_registration(user_id, room_id) is not None:
                 return True
-            if tier.allows_another_room(await self.store.count_registrations(user_id)):
-                return False
-            registered = len(await self.store.registrations(user_id))
+            claimed, _ = await self.store.room_claims(user_id, self.settings.room_reg_ttl_s)
         except STORAGE_ERRORS as exc:
             raise Refusal(503, "storage unavailable; try again") from exc
-        if not tier.allows_another_room(registered):
-            raise Refusal(
-                403, f"room limit reached: the {tier.name} tier allows {tier.max_rooms} rooms; delete one or upgrade"
-            )
+        if room_id in claimed:
+            return True  # claimed by a register of this room under way (or done) elsewhere
+        if not tier.allows_another_room(len(claimed)):
+            raise self._room_limit_refusal(principal)
         return False
 
+    async def claim_room(self, principal: Principal, room_id: str) -> bool:
+        """At a socket's first register of a room the upgrade did not find registered:
+        claim the room against the room limit, by compare-and-set, so that registers at
+        once on any edges cannot pass it (issue 16 item 4). Refusal 403 past the limit
+        (the edge answers ROOM_LIMIT), 503 when storage fails. Returns whether the room
+        was claimed just now (to be given back if the register is then refused)."""
+        tier, user_id, ttl_s = principal.tier, principal.user_id, self.settings.room_reg_ttl_s
+        if tier.max_rooms < 0:
+            return False
+        try:
+            # A room registered already is a reconnection: always let in (§7).
+            registered = await self.store.get_registration(user_id, room_id) is not None
+            done = await self.store.claim_room(user_id, room_id, ttl_s, tier.max_rooms, force=registered)
+        except STORAGE_ERRORS as exc:
+            raise Refusal(503, "storage unavailable; try again") from exc
+        if done == claims.REFUSED:
+            raise self._room_limit_refusal(principal)
+        return done == claims.NEW
+
+    async def release_room(self, user_id: str, room_id: str) -> None:
+        """Give back a claim taken for a register that was then refused."""
+        await self.store.release_room(user_id, room_id)
+
+    @staticmethod
+    def _room_limit_refusal(principal: Principal) -> Refusal:
+        tier = principal.tier
+        return Refusal(403, f"room limit reached: the {tier.name} tier allows {tier.max_rooms} rooms; delete one or upgrade")
+
     async def register_room(self, user_id: str, room_id: str, created_at: int | None = None) -> None:
-        """Record (or refresh) the user's registration of a room for ROOM_REG_TTL."""
-        await self.store.put_registration(user_id, room_id, now_ms(), self.settings.room_reg_ttl_s, created_at)
+        """Record (or refresh) the user's registration of a room for ROOM_REG_TTL, and its
+        claim on the room limit with it (whatever the limit: the room is registered)."""
+        ttl_s = self.settings.room_reg_ttl_s
+        await self.store.put_registration(user_id, room_id, now_ms(), ttl_s, created_at)
+        await self.store.claim_room(user_id, room_id, ttl_s, -1, force=True)

@@ -836,13 +836,16 @@ class Edge:
     async def _carry_out_room_request(self, conn: Connection, message: RegisterRoom | JoinRoom) -> None:
         """Run a register/join against the room's record, then what the session makes of it."""
         session = conn.session
+        claimed = False
         if isinstance(message, RegisterRoom) and not session.in_room and not conn.target.room_settled:
-            # Checked again at the first register, not only at the upgrade: sockets opened
-            # side by side all passed the upgrade's count before any of them registered
-            # (and a socket without `role` was not checked there at all). A room found
-            # registered at the upgrade (a reconnection) needs no second look.
+            # The room limit holds at the first register, not only at the upgrade: sockets
+            # opened side by side all passed the upgrade's count before any of them
+            # registered (and a socket without `role` was not checked there at all). The
+            # room is claimed by compare-and-set on the user's claims (issue 16 item 4),
+            # so registers at once, on any edges, cannot pass the limit together. A room
+            # found registered at the upgrade (a reconnection) needs no second look.
             try:
-                await self._access.check_room_limit(conn.target.principal, session.room_id)
+                claimed = await self._access.claim_room(conn.target.principal, session.room_id)
             except Refusal as refusal:
                 if refusal.status == 503:
                     await self._decide_in_order(conn, session.request_failed)
@@ -854,8 +857,12 @@ class Edge:
             outcome, revision = await self._room_request_with_retries(conn, message)
         except (nats.errors.Error, asyncio.TimeoutError, StorageConflict):
             log.exception("room %s: request failed", session.room_id)
+            if claimed:
+                await self._give_back_claim(conn)
             await self._decide_in_order(conn, session.request_failed)
             return
+        if claimed and not outcome.accepted:
+            await self._give_back_claim(conn)  # a refused register holds no place
         if outcome.notice:
             log.info("room %s: %s", session.room_id, outcome.notice)
         mismatch = None
@@ -877,6 +884,14 @@ class Edge:
                 conn.registered_at = now_ms()
             await self._refresh_registration(conn)
         await self._decide_in_order(conn, decide)
+
+    async def _give_back_claim(self, conn: Connection) -> None:
+        """Free the room-limit claim a register took and did not use (best effort: a claim
+        left behind lapses with ROOM_REG_TTL)."""
+        try:
+            await self._access.release_room(conn.session.user_id, conn.session.room_id)
+        except STORAGE_ERRORS as exc:
+            log.warning("room %s: its room-limit claim not given back (%s); it lapses by itself", conn.session.room_id, exc)
 
     async def _account_mismatch_error(self, owner_user_id: str | None, conn: Connection) -> Send:
         """`error ACCOUNT_MISMATCH` for an iPhone of another account than the Mac's (§12 item 15)."""

@@ -22,6 +22,7 @@ from schemas.records import (
     ApiKeyRecord,
     EdgeLease,
     Registration,
+    RoomClaims,
     RoomRecord,
     UsageLedger,
     User,
@@ -41,6 +42,7 @@ DOCUMENTS: dict[str, tuple[str, Any]] = {
     "user.schema.json": ("An account in the relay_accounts KV bucket", User),
     "api-key-record.schema.json": ("An API key's record (under its SHA-256) in relay_accounts", ApiKeyRecord),
     "registration.schema.json": ("A room registration in the relay_registrations KV bucket", Registration),
+    "room-claims.schema.json": ("A user's claims on rooms against his room limit, in the relay_registrations KV bucket", RoomClaims),
     "usage-ledger.schema.json": ("A user's usage windows and welcome-bonus use in the relay_usage KV bucket", UsageLedger),
     "usage-batch.schema.json": ("An edge's usage batch on the relay_usage_events stream", UsageBatch),
     "metering-messages.schema.json": (

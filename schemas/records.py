@@ -118,6 +118,16 @@ class Registration(Struct, kw_only=True):
     expires_at: int = 0
 
 
+class RoomClaims(Struct, kw_only=True):
+    """The rooms a user holds against his tier's `max_rooms` (key `<user>` in
+    relay_registrations), each with its expiry, epoch ms (that of its registration).
+    Changed only by compare-and-set: registers at once cannot pass the limit
+    (`accounts.claims`). Entries past their expiry count for nothing."""
+
+    user_id: str
+    rooms: dict[str, int] = {}
+
+
 # --- usage (written by metering) ----------------------------------------------------
 
 
@@ -163,4 +173,5 @@ user_decoder = msgspec.json.Decoder(User)
 api_key_record_decoder = msgspec.json.Decoder(ApiKeyRecord)
 refresh_token_record_decoder = msgspec.json.Decoder(RefreshTokenRecord)
 registration_decoder = msgspec.json.Decoder(Registration)
+room_claims_decoder = msgspec.json.Decoder(RoomClaims)
 usage_ledger_decoder = msgspec.json.Decoder(UsageLedger)

@@ -177,6 +177,11 @@ def registrations_filter(user_id: str) -> str:
     return f"{_user(user_id)}.*"
 
 
+def room_claims_key(user_id: str) -> str:
+    """Key of a user's room claims (one token: `registrations_filter` never matches it)."""
+    return _user(user_id)
+
+
 
 # --- usage (bucket `relay_usage`, written by metering) ------------------------------
 
