@@ -22,7 +22,7 @@ from websockets.datastructures import Headers
 from accounts import claims, tokens
 from accounts.store import AccountStore, UserExists
 from accounts.tiers import DEFAULT_TIERS, Tier
-from edge.limits import FailedAuthLimiter
+from edge.guessing import KEY, LoginGuard, RoomGuessGuard
 from edge.settings import EdgeSettings
 from edge.store import now_ms
 from schemas.records import User
@@ -70,7 +70,13 @@ class Access:
         self.settings = settings
         self.store = store
         self.tiers = tiers
-        self.limiter = FailedAuthLimiter(settings.auth_failure_limit, settings.auth_failure_window_s)
+        # Failed logins (issue 16 item 6): per address and key prefix, and per address.
+        self.logins = LoginGuard(
+            settings.auth_failure_limit, settings.auth_failure_address_limit, settings.auth_failure_window_s
+        )
+        self.limiter = self.logins.by_address  # every failed login is counted here
+        # Failed room authentications per user and per room (issue 16 item 7).
+        self.room_guesses = RoomGuessGuard(settings.room_auth_failure_limit, settings.room_auth_failure_window_s)
 
     def tier_of(self, user: User) -> Tier:
         tier = self.tiers.get(user.tier)
@@ -114,14 +120,15 @@ class Access:
         if s.auth == "none":
             return await self._acting_as(s.local_user_id, via="local")
         now = time.monotonic()
-        self.refuse_if_blocked(address, now)
         given = headers.get_all("Authorization")
         token = tokens.bearer_token(given[0]) if len(given) == 1 else None  # two keys: neither counts
         if token is None:
             # Not counted: a request without a key guesses nothing, and counting it let ten
             # plain `curl`s lock the operator's own address (and his Mac) out for a minute.
             raise Refusal(401, "an API key is required: Authorization: Bearer rdkey_...")
+        self.refuse_if_blocked(address, token, now)
         if s.admin_token and tokens.same_secret(token, s.admin_token):
+            self.logins.succeeded(token)
             if user_id_param is None:
                 return Principal(user=None, tier=DEFAULT_TIERS["free"], via="operator")
             if not is_valid_user_id(user_id_param):
@@ -134,17 +141,38 @@ class Access:
             log.warning("authentication: storage unavailable (%s)", type(exc).__name__)
             raise Refusal(503, "storage unavailable; try again") from exc
         if record is None or user is None:
-            self.limiter.failed(address, now)
+            self.login_failed(address, token, now)
             raise Refusal(401, "unknown or expired API key")
         if user.deleted:
             raise Refusal(410, "account deleted")
+        self.logins.succeeded(token)
         return Principal(user=user, tier=self.tier_of(user), via="key", key_hash=record.key_hash)
 
-    def refuse_if_blocked(self, address: str, now: float) -> None:
-        """Refuse (429, with Retry-After) an address past its failed-authentication limit."""
-        wait = self.limiter.retry_after(address, now)
+    def refuse_if_blocked(self, address: str, token: str, now: float) -> None:
+        """Refuse (429, with Retry-After), without looking it up, a key (or refresh token)
+        that its address may not try now: one tried and wrong too often from there, or any
+        key this edge has not seen authenticate from an address that tried too many."""
+        wait = self.logins.retry_after(address, token, now)
         if wait > 0:
             raise Refusal(429, "too many failed authentications; try again later", {"Retry-After": str(int(wait) + 1)})
+
+    def login_failed(self, address: str, token: str, now: float) -> None:
+        """Count a wrong key (or refresh token) from `address`; log each lock-out it starts,
+        once, without key material (the address and the counts only)."""
+        s = self.settings
+        for started in self.logins.failed(address, token, now):
+            if started == KEY:
+                log.warning(
+                    "client address %s: %d failed authentications with one key within %d s; that key is refused "
+                    "429 from this address until they age out (other keys are still checked)",
+                    address, s.auth_failure_limit, s.auth_failure_window_s,
+                )
+            else:
+                log.warning(
+                    "client address %s: %d failed authentications within %d s; keys this edge has not seen "
+                    "authenticate are refused 429 from this address until they age out",
+                    address, s.auth_failure_address_limit, s.auth_failure_window_s,
+                )
 
     async def _acting_as(self, user_id: str, via: str) -> Principal:
         try:

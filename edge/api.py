@@ -217,7 +217,7 @@ class HttpApi:
         except (msgspec.DecodeError, msgspec.ValidationError):
             return HttpReply.text(400, 'expected a JSON body {"refresh_token": "rdrt_..."}')
         now = time.monotonic()
-        self.access.refuse_if_blocked(request.address, now)
+        self.access.refuse_if_blocked(request.address, body.refresh_token, now)
         s, store = self.settings, self.access.store
         record = await store.find_refresh(body.refresh_token, now_ms())
         user = await store.get_user(record.user_id) if record is not None else None
@@ -229,7 +229,7 @@ class HttpApi:
                 body.refresh_token, now_ms(), s.api_key_ttl_s, s.refresh_token_ttl_s, s.refresh_grace_s
             )
         if rotated is None:
-            self.access.limiter.failed(request.address, now)
+            self.access.login_failed(request.address, body.refresh_token, now)
             return HttpReply.text(401, "unknown, expired or already used refresh token")
         _, api_key, refresh_token = rotated
         return HttpReply.json(TokenPair(api_key=api_key, refresh_token=refresh_token))

@@ -47,7 +47,7 @@ class Outcome:
     evict: SlotHolder | None = None  # previous holder of the acting role's slot: close it 4001
     close: tuple[int, str] | None = None
     notice: str | None = None  # something an operator should see in the log (never key material)
-    owner_user_id: str | None = None  # the room's owner, on an accepted request
+    owner_user_id: str | None = None  # the room's owner, on an accepted request (the edge adds it to one refused for a wrong credential)
 
 
 def _same(a: str, b: str) -> bool:

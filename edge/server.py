@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import http
 import logging
@@ -37,7 +38,7 @@ from websockets.protocol import State
 
 from accounts.store import AccountStore
 from accounts.tiers import load_tiers
-from edge import rooms
+from edge import guessing, rooms
 from edge.access import STORAGE_ERRORS, Access, Principal, Refusal
 from edge.api import BAD_ROOM_ID, ApiRequest, HttpApi, HttpReply
 from edge import ws_hooks
@@ -836,6 +837,13 @@ class Edge:
     async def _carry_out_room_request(self, conn: Connection, message: RegisterRoom | JoinRoom) -> None:
         """Run a register/join against the room's record, then what the session makes of it."""
         session = conn.session
+        if not session.in_room:
+            # A user locked out for guessing room credentials tries nothing (issue 16 item 7).
+            # A socket in its room already has proven itself (a secret rotation goes on).
+            wait = self._access.room_guesses.user_retry_after(session.user_id, time.monotonic())
+            if wait > 0:
+                await self._decide_in_order(conn, functools.partial(session.apply, guessing.locked_out(wait)))
+                return
         claimed = False
         if isinstance(message, RegisterRoom) and not session.in_room and not conn.target.room_settled:
             # The room limit holds at the first register, not only at the upgrade: sockets
@@ -863,6 +871,8 @@ class Edge:
             return
         if claimed and not outcome.accepted:
             await self._give_back_claim(conn)  # a refused register holds no place
+        if guessing.guessed_wrong(outcome):
+            outcome = self._count_wrong_guess(conn, outcome)
         if outcome.notice:
             log.info("room %s: %s", session.room_id, outcome.notice)
         mismatch = None
@@ -884,6 +894,24 @@ class Edge:
                 conn.registered_at = now_ms()
             await self._refresh_registration(conn)
         await self._decide_in_order(conn, decide)
+
+    def _count_wrong_guess(self, conn: Connection, outcome: rooms.Outcome) -> rooms.Outcome:
+        """Count a register/join refused for a wrong secret or pairing token against its user
+        and (another account's) room; log a lock-out it starts, once (ids and counts, never
+        a secret). Once locked out, the socket that failed is closed too (1008): one socket
+        cannot go on guessing (a failed register leaves it open otherwise)."""
+        session, s, now = conn.session, self.settings, time.monotonic()
+        guesses, owner = self._access.room_guesses, outcome.owner_user_id
+        for started in guesses.failed(session.room_id, owner, session.user_id, now):
+            what = f"user {session.user_id}" if started == guessing.USER else f"room {session.room_id} (from other accounts than its owner's)"
+            log.warning(
+                "%s: %d failed room authentications (wrong secret or pairing token) within %d s on this edge; "
+                "further joins and registers refused (RATE_LIMITED, close 1008) until they age out",
+                what, s.room_auth_failure_limit, s.room_auth_failure_window_s,
+            )
+        if guesses.user_retry_after(session.user_id, now) > 0 or guesses.room_retry_after(session.room_id, owner, session.user_id, now) > 0:
+            return guessing.with_lock_out_close(outcome)
+        return outcome
 
     async def _give_back_claim(self, conn: Connection) -> None:
         """Free the room-limit claim a register took and did not use (best effort: a claim
@@ -1028,15 +1056,22 @@ class Edge:
         session, settings = conn.session, self.settings
         holder, now, max_sessions = session.holder, now_ms(), conn.target.principal.tier.max_sessions
         registered_before = session.in_room
+        guesses, now_s = self._access.room_guesses, time.monotonic()
 
         def decide(stored: RoomRecord | None, seen: tuple[int | None, ...]) -> tuple[RoomRecord | None, rooms.Outcome]:
             record = stored
             if stored is not None:
                 record = rooms.expire_idle(stored, now, settings.room_idle_timeout_ms, self._is_alive, seen)
+                # Another account's guesses on this room are locked out (issue 16 item 7).
+                wait = 0.0 if registered_before else guesses.room_retry_after(record.room_id, record.owner_user_id, session.user_id, now_s)
+                if wait > 0:
+                    return (None if record is stored else record), guessing.locked_out(wait)
             if isinstance(message, RegisterRoom):
                 outcome = rooms.register(record, message, holder, now, self._is_alive, max_sessions, registered_before)
             else:
                 outcome = rooms.join(record, message, holder, now, self._is_alive, settings.refuse_cross_account)
+            if record is not None and guessing.guessed_wrong(outcome):
+                outcome = dataclasses.replace(outcome, owner_user_id=record.owner_user_id)  # whom it was guessed on
             if outcome.record is None and record is not stored:
                 return record, outcome  # a refused request still stores the idle cleanup it saw
             return outcome.record, outcome

@@ -58,8 +58,12 @@ class EdgeSettings:
     refresh_grace_s: int = field(
         default=300, metadata={"min": 0, "help": "a used refresh token may be used once more this long (a lost answer's retry); 0: never"}
     )
-    auth_failure_limit: int = field(default=10, metadata={"min": 0, "help": "failed authentications per client address per window before HTTP 429; 0: no limit"})
-    auth_failure_window_s: int = field(default=60, metadata={"min": 1, "help": "the window of auth_failure_limit, in seconds"})
+    auth_failure_limit: int = field(default=10, metadata={"min": 0, "help": "failed authentications with one key (its first 14 characters) per client address per window; beyond it that key gets HTTP 429 from that address, other keys are still checked; 0: no limit"})
+    auth_failure_window_s: int = field(default=60, metadata={"min": 1, "help": "the window of auth_failure_limit and auth_failure_address_limit, in seconds"})
+    # Issue 16 items 6 and 7: guessing keys from one address; guessing room secrets.
+    auth_failure_address_limit: int = field(default=100, metadata={"min": 0, "help": "failed authentications per client address per window, any keys; beyond it HTTP 429 for every key this edge has not seen authenticate; 0: no limit"})
+    room_auth_failure_limit: int = field(default=20, metadata={"min": 0, "help": "failed join_room/register_room authentications (wrong secret or pairing token) per user, and per room from other accounts than its owner, per window on this edge; beyond it error RATE_LIMITED and close 1008; 0: no limit"})
+    room_auth_failure_window_s: int = field(default=60, metadata={"min": 1, "help": "the window of room_auth_failure_limit, in seconds"})
     client_ip_header: str = field(
         default="", metadata={"help": "header naming the client address behind a proxy (X-Forwarded-For: its last entry); empty: the peer address"}
     )
