@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -54,10 +55,11 @@ class LocalRelay:
     """relay-local as a child process (its own session), with its banner read."""
 
     def __init__(self, data: Path, *args: str, **env: str) -> None:
-        self.port = free_port()
+        # Port 0: the relay takes a free one and the banner says which (a port picked here
+        # could be taken by another test before the relay binds it).
         self.process = subprocess.Popen(
             [sys.executable, "-m", "edge.local", *args],
-            env=_env(RELAY_PORT=str(self.port), RELAY_LOCAL_DATA=str(data), **env),
+            env=_env(RELAY_PORT="0", RELAY_LOCAL_DATA=str(data), **env),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
         )
         self.banner = ""
@@ -66,6 +68,7 @@ class LocalRelay:
             line = self.process.stdout.readline()
             assert line and time.monotonic() < deadline, f"no banner: {self.process.stderr.read()}"
             self.banner += line
+        self.port = int(re.search(r"http://127\.0\.0\.1:(\d+)/healthz", self.banner).group(1))
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -131,7 +134,7 @@ def test_kill_int_of_makes_pid_stops_the_relay_and_its_nats_server(tmp_path):
     data = tmp_path / "data"
     make = subprocess.Popen(
         ["make", "-s", "-f", str(tmp_path / "Makefile"), "run"],
-        env=_env(RELAY_PORT=str(free_port()), RELAY_LOCAL_DATA=str(data), PYTHONPATH=str(ROOT)),
+        env=_env(RELAY_PORT="0", RELAY_LOCAL_DATA=str(data), PYTHONPATH=str(ROOT)),
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT, start_new_session=True,
     )
     try:
