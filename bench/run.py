@@ -238,11 +238,12 @@ def run_benchmark(plan: Plan, quick: bool, only: str | None = None) -> Path:
         _wait_log_line(metering_log, "metering ready", metering, "metering")
         print(f"metering pid {metering.pid} (on the load CPUs, with nats-server)")
 
-        edge_port = free_port()
+        edge_port, metrics_port = free_port(), free_port()
         edge_log = workdir / "edge.log"
         edge_args = [
             sys.executable, "-m", "edge.cli",
             "--nats-url", nats_server.url, "--port", str(edge_port), "--edge-id", "bench-edge",
+            "--metrics-port", str(metrics_port),
             "--auth", "required", "--tiers-file", str(tiers), "--socket-rate-limit-per-s", "0",
         ]  # fmt: skip
         edge = children.start("edge", edge_args, edge_log, relay_cpus)
@@ -286,7 +287,7 @@ def run_benchmark(plan: Plan, quick: bool, only: str | None = None) -> Path:
                 time.sleep(1.0)  # let the relay finish with the departed sockets
         final_rss = {name: proc_rss_kib(proc.pid) for name, (proc, _) in targets.items() if proc.poll() is None}
         # Proof that metering was on and answering: the edge's counters at the end.
-        with urllib.request.urlopen(f"http://127.0.0.1:{edge_port}/metrics", timeout=5) as response:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
             edge_metrics = dict(line.split(" ", 1) for line in response.read().decode().splitlines())
     except Exception:
         for name, log in (

@@ -13,7 +13,7 @@ from typing import Any, NoReturn, Protocol
 import nats.errors
 
 from accounts.tiers import TierFileError
-from edge.server import Edge
+from edge.server import CannotServe, Edge
 from edge.settings import EdgeSettings, load_settings, redact_urls
 
 
@@ -89,7 +89,7 @@ def start_error(exc: BaseException, *, nats_url: str, host: str | None = None, p
             if line:
                 return line
         return None
-    if isinstance(exc, StartError):
+    if isinstance(exc, (StartError, CannotServe)):  # CannotServe: the edge's own one-line refusals
         return str(exc)
     if isinstance(exc, TierFileError):
         return f"{exc}; fix the file or point RELAY_TIERS_FILE / --tiers-file elsewhere"

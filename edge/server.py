@@ -155,6 +155,10 @@ _LAST_SEEN_QUERY_TIMEOUT_S = 0.5
 _FRAME_HEADER_MAX = 10
 
 
+class CannotServe(Exception):
+    """The edge cannot start, or cannot go on; the message is one line: the cause and what to do."""
+
+
 @dataclass(eq=False)
 class Connection:
     """A live client socket on this edge: the socket, its protocol state, what waits to be written to it."""
@@ -219,6 +223,7 @@ class Edge:
         self.tiers = load_tiers(settings.tiers_file)  # a bad file stops the start, with the reason
         self.boot_id = secrets.token_hex(8)
         self.port: int | None = None
+        self.metrics_port: int | None = None  # where /metrics is served, if it is (RELAY_METRICS_PORT)
         self.ready = asyncio.Event()
         self.connections: dict[str, Connection] = {}
         # edge_id → boot_id of every edge incarnation whose lease is alive.
@@ -281,7 +286,9 @@ class Edge:
             backlog=s.listen_backlog,
         )
         self.port = server.sockets[0].getsockname()[1]
+        metrics_server: Server | None = None
         try:
+            metrics_server = await self._serve_metrics()
             log.info("edge %s connecting to NATS at %s", s.edge_id, redact_urls(s.nats_url))
             # Retries forever, also at start: an edge may well start before its NATS cluster.
             self._nc = await nats.connect(
@@ -340,6 +347,8 @@ class Edge:
         finally:
             self._tg = None
             server.close()
+            if metrics_server is not None:
+                metrics_server.close()
             if self._nc is not None and not self._nc.is_closed:  # drain: flush what we published, then close
                 with contextlib.suppress(Exception):
                     await self._nc.drain()
@@ -439,8 +448,6 @@ class Edge:
             return await self._admit(ws, request, query)
         if path == "/healthz":
             return _reply(HttpReply.text(200, "ok"))
-        if path == "/metrics":
-            return _reply(HttpReply.text(200, self._metrics()))
         if path == "/readyz":
             if self.ready.is_set() and self._nc is not None and self._nc.is_connected:
                 return _reply(HttpReply.text(200, "ready"))
@@ -461,6 +468,31 @@ class Edge:
             address=self._access.client_address(ws.remote_address[0], request.headers),
         )
         return _reply(await self._api.handle(route, api_request))
+
+    async def _serve_metrics(self) -> Server | None:
+        """/metrics on a port of its own (RELAY_METRICS_HOST, RELAY_METRICS_PORT), never the
+        public one: the counters are the operator's. None when it is not served."""
+        s = self.settings
+        if s.metrics_port < 0:
+            return None
+        try:
+            server = await serve(
+                _never_upgraded, s.metrics_host, s.metrics_port,
+                process_request=self._answer_metrics, compression=None, server_header="termrelay", logger=_ws_log,
+            )  # fmt: skip
+        except OSError as exc:
+            raise CannotServe(
+                f"cannot serve /metrics on {s.metrics_host}:{s.metrics_port} ({exc.strerror or exc}); "
+                "choose another --metrics-port / RELAY_METRICS_PORT (-1: not served) or --metrics-host"
+            ) from exc
+        self.metrics_port = server.sockets[0].getsockname()[1]
+        log.info("edge %s serves /metrics on %s:%d", s.edge_id, s.metrics_host, self.metrics_port)
+        return server
+
+    async def _answer_metrics(self, ws: ServerConnection, request: Request) -> Response:
+        if request.path.partition("?")[0] == "/metrics":
+            return _reply(HttpReply.text(200, self._metrics()))
+        return _reply(HttpReply.text(404, "not found: this port serves /metrics only"))
 
     def _metrics(self) -> str:
         """A few counters in Prometheus' text format, for the operator's scraper."""
@@ -1536,6 +1568,10 @@ class Edge:
             # Leases may have come and gone unseen: rebuild the view from scratch.
             self._spawn(self._lease_watcher.stop(), "restart the lease watcher")
         self._account_watch_wake.set()
+
+
+async def _never_upgraded(ws: ServerConnection) -> None:
+    """The metrics port's connection handler: never called (every request is answered before)."""
 
 
 def edges_gone(before: dict[str, str], after: dict[str, str]) -> list[tuple[str, str]]:

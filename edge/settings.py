@@ -35,6 +35,9 @@ class EdgeSettings:
     )
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
     port: int = field(default=8080, metadata={"help": "port for WebSocket and HTTP (0: a free one)", "port": True})
+    # /metrics is the operator's: never on the public port (issue 16 item 15).
+    metrics_host: str = field(default="127.0.0.1", metadata={"help": "address to serve /metrics on (0.0.0.0 for a scraper elsewhere: keep the port off the internet)"})
+    metrics_port: int = field(default=-1, metadata={"min": -1, "help": "port for GET /metrics, Prometheus' text format, on metrics_host; -1: not served; 0: a free one"})
     edge_id: str = field(
         default_factory=_default_edge_id,
         metadata={"help": "this edge's name; unique per running edge", "default_help": "HOSTNAME-xxxxxx (random suffix)"},
@@ -118,6 +121,8 @@ class EdgeSettings:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.metrics_port > 65_535:
+            raise ValueError(f"metrics_port (--metrics-port / RELAY_METRICS_PORT) must be -1 (off) or a port number up to 65535, got {self.metrics_port}")
         if not is_valid_edge_id(self.edge_id):
             raise ValueError(f"edge_id must match [A-Za-z0-9_-]{{1,64}}, got {self.edge_id!r}")
         if self.auth not in ("required", "none"):

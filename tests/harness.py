@@ -88,11 +88,13 @@ async def until(predicate: Callable[[], bool], timeout: float = 5.0, step: float
 async def running_edges(nats_url: str, count: int = 2, **overrides: Any) -> AsyncIterator[list[Edge]]:
     """`count` edges in this process, each with its own NATS connection and port.
 
-    Unless told otherwise they run with `auth=none` as the test's own local user.
+    Unless told otherwise they run with `auth=none` as the test's own local user, and serve
+    /metrics on a free loopback port of their own (`edge.metrics_port`, see `metrics`).
     """
     if overrides.get("auth", "none") == "none":
         overrides.setdefault("auth", "none")
         overrides.setdefault("local_user_id", TEST_USER.get())
+    overrides.setdefault("metrics_port", 0)
     edges = [
         Edge(EdgeSettings(nats_url=nats_url, host="127.0.0.1", port=0, edge_id=f"t{i}-{secrets.token_hex(3)}", **overrides))
         for i in range(count)
@@ -112,6 +114,14 @@ async def running_edges(nats_url: str, count: int = 2, **overrides: Any) -> Asyn
         for edge in edges:
             edge.stop()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def metrics(edge: Edge) -> dict[str, int]:
+    """The edge's counters, read from its /metrics port."""
+    assert edge.metrics_port is not None, "this edge does not serve /metrics"
+    status, body = await http_get(edge.metrics_port, "/metrics")
+    assert status == 200, (status, body)
+    return {name: int(value) for name, value in (line.split(" ", 1) for line in body.splitlines())}
 
 
 def ws_url(edge: Edge, room_id: str, role: str | None = "mac", **query: str) -> str:

@@ -38,8 +38,8 @@ async def test_relays_reaching_a_waiting_socket_are_forwarded_as_they_arrive(nat
         for n in range(20):
             await mac_client.send(type="relay", payload=f"p{n}")
             assert (await ios_client.expect("relay"))["payload"] == f"p{n}"
-        assert await _metric(a.port, "relay_frames_forwarded_total") == 20
-        assert await _metric(a.port, "relay_frames_forwarded_at_once_total") == 20
+        assert await _metric(a.metrics_port, "relay_frames_forwarded_total") == 20
+        assert await _metric(a.metrics_port, "relay_frames_forwarded_at_once_total") == 20
 
 
 async def test_messages_written_together_keep_their_order_across_both_paths(nats_url):
@@ -59,20 +59,20 @@ async def test_messages_written_together_keep_their_order_across_both_paths(nats
         ]
         await mac_client.expect_error("BAD_MESSAGE")
         assert (await mac_client.expect("heartbeat_ack"))["mac_connected"] is True
-        assert await _metric(a.port, "relay_heartbeats_answered_at_once_total") == 0
+        assert await _metric(a.metrics_port, "relay_heartbeats_answered_at_once_total") == 0
         # Later, with the handler waiting again, relays are taken as they arrive again.
-        taken_before = await _metric(a.port, "relay_frames_forwarded_at_once_total")
+        taken_before = await _metric(a.metrics_port, "relay_frames_forwarded_at_once_total")
         assert 1 <= taken_before < len(relays)
         await mac_client.send(type="relay", payload="later")
         assert (await ios_client.expect("relay"))["payload"] == "later"
         assert (
-            await _metric(a.port, "relay_frames_forwarded_at_once_total")
+            await _metric(a.metrics_port, "relay_frames_forwarded_at_once_total")
             == taken_before + 1
         )
-        assert await _metric(a.port, "relay_frames_forwarded_total") == len(relays) + 1
+        assert await _metric(a.metrics_port, "relay_frames_forwarded_total") == len(relays) + 1
         await mac_client.send(type="heartbeat")
         assert (await mac_client.expect("heartbeat_ack"))["mac_connected"] is True
-        assert await _metric(a.port, "relay_heartbeats_answered_at_once_total") == 1
+        assert await _metric(a.metrics_port, "relay_heartbeats_answered_at_once_total") == 1
 
 
 def _waiting_with_nothing_queued(conn: Any) -> bool:
@@ -91,15 +91,15 @@ async def test_heartbeats_reaching_a_waiting_socket_are_answered_as_they_arrive(
             await ios_client.send(type="heartbeat")
             assert await mac_client.expect("heartbeat_ack") == {"type": "heartbeat_ack", "mac_connected": True, "account_match": "match"}
             assert await ios_client.expect("heartbeat_ack") == {"type": "heartbeat_ack", "mac_connected": True, "account_match": "match"}
-        assert await _metric(a.port, "relay_heartbeats_answered_at_once_total") == 10
-        assert await _metric(b.port, "relay_heartbeats_answered_at_once_total") == 10
+        assert await _metric(a.metrics_port, "relay_heartbeats_answered_at_once_total") == 10
+        assert await _metric(b.metrics_port, "relay_heartbeats_answered_at_once_total") == 10
         # The Mac leaves: the iPhone's next answer says so, from the same fast path.
         await mac_client.close()
         await ios_client.expect("peer_disconnected")
         await until(lambda: _waiting_with_nothing_queued(ios_conn))
         await ios_client.send(type="heartbeat")
         assert (await ios_client.expect("heartbeat_ack"))["mac_connected"] is False
-        assert await _metric(b.port, "relay_heartbeats_answered_at_once_total") == 11
+        assert await _metric(b.metrics_port, "relay_heartbeats_answered_at_once_total") == 11
 
 
 async def test_a_heartbeat_for_a_socket_with_frames_queued_is_answered_by_its_handler(nats_url):
