@@ -93,6 +93,7 @@ from schemas.subjects import (
     addressee_sender_and_kind,
     edge_filter,
     edge_id_of_lease_key,
+    edge_incarnation_subject,
     edge_lease_key,
     edge_last_seen_subject,
     is_valid_room_id,
@@ -153,6 +154,11 @@ _INBOX_PENDING_BYTES = 512 * 1024 * 1024
 _LAST_SEEN_QUERY_TIMEOUT_S = 0.5
 # The largest WebSocket frame header the server writes (no mask): 2 + 8 bytes.
 _FRAME_HEADER_MAX = 10
+# What an incarnation answers on its incarnation subject (see `_take_lease`), and how long
+# an edge taking the id waits for the answer.
+_RUNNING = b"running"
+_STOPPING = b"stopping"
+_INCARNATION_PROBE_TIMEOUT_S = 1.0
 
 
 class CannotServe(Exception):
@@ -235,6 +241,9 @@ class Edge:
         self._presence: Presence | None = None
         self._presence_kv: Any = None  # the presence bucket, to read our own lease back
         self._lease_revision = 0
+        # The incarnations this process has been, each answering on its subject until the
+        # next one holds the lease (see `_take_lease`).
+        self._incarnations: dict[str, Any] = {}
         self._tg: asyncio.TaskGroup | None = None
         self._accepted = False
         self._lease_watcher: Any = None
@@ -413,7 +422,7 @@ class Edge:
         self._lease_dropping.set()
         with contextlib.suppress(Exception):
             await self._nc.flush(timeout=2)
-            await self._presence.drop_lease(self.settings.edge_id)
+            await self._presence.drop_lease(self.settings.edge_id, self.boot_id)
         log.info("edge %s stopped", self.settings.edge_id)
 
     # --- HTTP before the upgrade -------------------------------------------------
@@ -1131,9 +1140,105 @@ class Edge:
         return max(1.0, self.settings.room_idle_timeout_ms / 1000)
 
     async def _take_lease(self) -> None:
-        lease = EdgeLease(edge_id=self.settings.edge_id, boot_id=self.boot_id, started_at=now_ms())
-        self._lease_revision = await self._presence.put_lease(lease, self.settings.edge_lease_ttl_ms / 1000)
-        self.live_edges[self.settings.edge_id] = self.boot_id
+        """Take this edge id's lease for this incarnation: at start, and when starting over.
+
+        Two processes must never serve one edge id: they would take the lease from each other
+        in turn, each time closing all their sockets. So a lease another incarnation holds
+        is taken only once that one is known to be gone. Each incarnation answers on its own
+        subject (`edge_incarnation_subject`), subscribed before its lease names it; asked there:
+        - it answers that it runs: CannotServe, and this process ends (at start, it refuses
+          to start; later, it lost its id to a newer process while it could not renew);
+        - NATS answers "no responders": its process is gone (crashed, or cut off from NATS,
+          unable to renew; should it come back, it finds the id taken and stops). Taken at
+          once, so an edge restarted after a crash does not wait for its old lease (logged);
+        - it answers that it is stopping, or not at all (stalled, or a host gone whose TCP
+          connection NATS has not dropped yet): waited for, until its lease is gone (taken)
+          or, from a silent one, renewed (it runs after all: CannotServe). Logged.
+        Every write is a compare-and-set on what was read: of two processes starting at
+        once, one takes the lease and the other finds it held.
+        """
+        edge_id, ttl_s = self.settings.edge_id, self.settings.edge_lease_ttl_ms / 1000
+        await self._answer_as_incarnation(self.boot_id)
+        waited_for: tuple[str, int] | None = None  # (boot id, revision) of the holder waited for
+        while True:
+            holder, revision = await self._presence.read_lease(edge_id)
+            if holder is not None and holder.boot_id not in self._incarnations:
+                answer = await self._ask_incarnation(holder.boot_id)
+                renewed = waited_for is not None and waited_for[0] == holder.boot_id and waited_for[1] != revision
+                if answer == _RUNNING or (answer is None and renewed):
+                    raise await self._id_in_use(holder.boot_id)
+                if answer != b"":  # stopping, or silent: wait for its lease to go
+                    if waited_for is None or waited_for[0] != holder.boot_id:
+                        log.warning(
+                            "edge %s: its incarnation %s holds the lease and %s; waiting for the lease "
+                            "to go (up to %.0fs)", edge_id, holder.boot_id,
+                            "is stopping" if answer == _STOPPING else "does not answer", ttl_s,
+                        )  # fmt: skip
+                    if answer != _STOPPING:
+                        waited_for = (holder.boot_id, revision)
+                    await asyncio.sleep(min(1.0, ttl_s / 5))
+                    continue
+                log.warning(
+                    "edge %s: its incarnation %s holds the lease but is gone from NATS (crashed?); "
+                    "taking the lease over", edge_id, holder.boot_id,
+                )  # fmt: skip
+            lease = EdgeLease(edge_id=edge_id, boot_id=self.boot_id, started_at=now_ms())
+            try:  # a compare-and-set on what was read (revision 0: nothing there)
+                self._lease_revision = await self._presence.renew_lease(lease, ttl_s, revision)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue  # taken, renewed or gone meanwhile: look again
+            break
+        self.live_edges[edge_id] = self.boot_id
+        for boot_id in [b for b in self._incarnations if b != self.boot_id]:
+            with contextlib.suppress(nats.errors.Error):
+                await self._incarnations.pop(boot_id).unsubscribe()
+
+    async def _answer_as_incarnation(self, boot_id: str) -> None:
+        """Answer on incarnation `boot_id`'s subject from now on; the server has it on return."""
+        if boot_id in self._incarnations:
+            return
+
+        async def answer(msg: Msg) -> None:
+            if msg.reply:
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.respond(_STOPPING if self._stopping.is_set() else _RUNNING)
+
+        self._incarnations[boot_id] = await self._nc.subscribe(
+            edge_incarnation_subject(self.settings.edge_id, boot_id), cb=answer
+        )
+        await self._nc.flush()
+
+    async def _ask_incarnation(self, boot_id: str) -> bytes | None:
+        """What incarnation `boot_id` of our edge id answers: `_RUNNING`, `_STOPPING`; None
+        if it does not answer in time; b"" if nobody subscribes for it (it is gone)."""
+        try:
+            subject = edge_incarnation_subject(self.settings.edge_id, boot_id)
+        except ValueError:
+            return b""  # not a boot id any edge makes: no process answers to it
+        try:
+            return (await self._nc.request(subject, b"", timeout=_INCARNATION_PROBE_TIMEOUT_S)).data
+        except nats.errors.NoRespondersError:
+            return b""
+        except nats.errors.TimeoutError:
+            return None
+
+    async def _id_in_use(self, holder: str) -> CannotServe:
+        """Why this process cannot serve its edge id; a serving edge first closes its sockets
+        (1001: they reconnect elsewhere; their peers were told `timeout` when the lease changed)."""
+        edge_id = self.settings.edge_id
+        if not self._accepted:
+            line = (
+                f"edge id {edge_id} is in use by a running edge (its incarnation {holder} holds the lease "
+                f"and answers); give this edge its own --edge-id / RELAY_EDGE_ID, or stop the other first"
+            )
+        else:  # logged: this ends a serving edge
+            line = (
+                f"edge id {edge_id} was taken by another running edge (incarnation {holder}) while this one "
+                f"could not renew its lease; this process stops (give each edge its own --edge-id / RELAY_EDGE_ID)"
+            )
+            log.error("%s", line)
+            await self._close_all(CloseCode.GOING_AWAY, "relay edge stopping", DisconnectReason.TIMEOUT)
+        return CannotServe(line)
 
     async def _renew_lease_loop(self) -> None:
         """Renew our lease every third of its TTL, until the shutdown drops it.
@@ -1201,7 +1306,7 @@ class Edge:
     async def _reincarnate(self) -> None:
         """Take a lease under a new boot id, then close the sockets of every older one."""
         self.boot_id = secrets.token_hex(8)
-        await self._take_lease()
+        await self._take_lease()  # may find the id taken by a newer process: then this one ends
         if not self._stopping.is_set():
             self.ready.set()
         # 1001 makes clients reconnect at once; their peers already heard `timeout`.

@@ -157,8 +157,22 @@ class Presence:
             raise
         return ack.seq
 
-    async def drop_lease(self, edge_id: str) -> None:
-        await self._kv.delete(edge_lease_key(edge_id))
+    async def read_lease(self, edge_id: str) -> tuple[EdgeLease | None, int]:
+        """An edge id's lease (None if none lives) and the key's revision, for a
+        compare-and-set (0: nothing there, ever or any more)."""
+        try:
+            entry = await self._kv.get(edge_lease_key(edge_id))
+        except NOT_FOUND as exc:
+            entry = getattr(exc, "entry", None)  # a deletion has a revision too
+            return None, entry.revision if entry is not None else 0
+        return self.decode_lease(entry), entry.revision
+
+    async def drop_lease(self, edge_id: str, boot_id: str) -> None:
+        """Delete the edge's lease if it is still incarnation `boot_id`'s: another one may
+        hold the id by now, and its lease is not ours to drop."""
+        lease, revision = await self.read_lease(edge_id)
+        if lease is not None and lease.boot_id == boot_id:
+            await self._kv.delete(edge_lease_key(edge_id), last=revision)
 
     async def watch_leases(self) -> ValuesWatch:
         """A watcher over all edge leases (one per edge: each watcher is a server-side consumer)."""

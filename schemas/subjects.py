@@ -103,6 +103,14 @@ def edge_last_seen_subject(edge_id: str) -> str:
     return f"relay.edge.{edge_id}.last_seen"
 
 
+def edge_incarnation_subject(edge_id: str, boot_id: str) -> str:
+    """Where one incarnation of an edge answers whether it runs (see `Edge._take_lease`):
+    subscribed before its lease names it, so NATS answers "no responders" once it is gone."""
+    if not is_valid_edge_id(edge_id) or not is_valid_edge_id(boot_id):  # a boot id read from KV, too
+        raise ValueError(f"invalid edge or boot id: {edge_id!r}, {boot_id!r}")
+    return f"relay.edge.{edge_id}.incarnation.{boot_id}"
+
+
 def room_key(room_id: str) -> str:
     """Key of a room's record in the rooms bucket."""
     return _room(room_id)

@@ -362,7 +362,7 @@ class EdgeProcess(ChildProcess):
         from edge.embedded_nats import free_port
 
         self.port = free_port()
-        self.edge_id = f"proc-{secrets.token_hex(3)}"
+        self.edge_id = settings.pop("edge_id", None) or f"proc-{secrets.token_hex(3)}"
         if settings.get("auth", "none") == "none":
             settings.setdefault("auth", "none")
             settings.setdefault("local_user_id", TEST_USER.get())
