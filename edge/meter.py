@@ -34,6 +34,11 @@ class UsageMeter:
         """Forwarded frames of `user_id` (on the hot path: one dict update)."""
         self._messages[user_id] = self._messages.get(user_id, 0) + credits
 
+    def refund_messages(self, user_id: str, credits: int) -> None:
+        """Take back credits charged for frames that reached nobody. A refund that comes
+        after the charge's interval was closed is taken off the user's next charges."""
+        self._messages[user_id] = self._messages.get(user_id, 0) - credits
+
     def add_session_time(self, user_id: str, ms: float) -> None:
         """Time both sides of a room owned by `user_id` were connected."""
         if ms > 0:
@@ -49,7 +54,10 @@ class UsageMeter:
         self._interval_start_ms = now_ms
         messages, self._messages = self._messages, {}
         for user_id, credits in messages.items():
-            self._pending.setdefault((user_id, period), [0, 0])[0] += credits
+            if credits > 0:
+                self._pending.setdefault((user_id, period), [0, 0])[0] += credits
+            elif credits < 0:  # refunds past what this interval charged: off the next charges
+                self._messages[user_id] = credits
         for user_id, ms in list(self._session_ms.items()):
             credits, rest = divmod(ms, self._session_ms_per_credit)
             if credits:
@@ -81,7 +89,7 @@ class UsageMeter:
 
     def unpublished_credits(self) -> int:
         """Whole credits not yet acknowledged by the stream (what would be lost now)."""
-        total = sum(self._messages.values()) + sum(m + d for m, d in self._pending.values())
+        total = sum(c for c in self._messages.values() if c > 0) + sum(m + d for m, d in self._pending.values())
         total += sum(int(ms // self._session_ms_per_credit) for ms in self._session_ms.values())
         if self._in_flight is not None:
             total += sum(e.message_tokens + e.duration_tokens for e in self._in_flight.entries)

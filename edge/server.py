@@ -55,6 +55,7 @@ from edge.session import (
     RoomRequest,
     Send,
     Session,
+    Undelivered,
     other_role,
 )
 from edge.settings import EdgeSettings, redact_urls
@@ -96,8 +97,11 @@ from schemas.subjects import (
     edge_incarnation_subject,
     edge_lease_key,
     edge_last_seen_subject,
+    edge_undelivered_filter,
     is_valid_room_id,
     room_subject,
+    sender_addressee_and_credits,
+    undelivered_reply_prefix,
 )
 
 log = logging.getLogger("edge")
@@ -144,8 +148,8 @@ _HEARTBEAT_ACK_MAX = 128
 _FAILURES_APART_S = 5.0
 # How long shutdown tries to hand the last usage to the stream before it gives up (and logs).
 _SHUTDOWN_USAGE_S = 10.0
-# The answer to a control event for a socket this edge no longer has (the socket is gone:
-# nobody to tell, as when a whole edge is gone and NATS answers "no responders").
+# The answer to a control event or frame for a socket this edge no longer has (the socket is
+# gone: nobody to tell, as when a whole edge is gone and NATS answers "no responders").
 _NO_SUCH_SOCKET = b"gone"
 # What may wait in NATS's client for the edge's one subscription before it drops (and
 # logs): only an edge out of CPU gets near it, since delivering never waits for a socket.
@@ -159,6 +163,8 @@ _FRAME_HEADER_MAX = 10
 _RUNNING = b"running"
 _STOPPING = b"stopping"
 _INCARNATION_PROBE_TIMEOUT_S = 1.0
+# The status NATS gives the reply of a message nobody subscribes for ("no responders").
+_NO_RESPONDERS = "503"
 
 
 class CannotServe(Exception):
@@ -183,6 +189,8 @@ class Connection:
     in_session_since: float | None = None  # monotonic s: session time counted up to here (Mac sockets)
     forward_to: str = ""  # the peer socket that `forward_subject` addresses
     forward_subject: str = ""
+    # Its frames' reply subject, for one credit (`undelivered_reply_prefix` + "1").
+    forward_reply: str = ""
     # Held while writing what the session decided about its peer, and while writing a
     # frame from NATS, so that the client never sees a peer's frame before its peer_joined.
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -262,6 +270,7 @@ class Edge:
         self.frames_forwarded_at_once = 0  # taken as they arrived, see _take_message_now
         self.heartbeats_answered_at_once = 0
         self.frames_forwarded_by_handler = 0
+        self.frames_undelivered = 0  # NATS or the addressee's edge said nobody got them; not charged
         self._waiting_publishes: set[asyncio.Task[None]] = set()
 
     # --- lifecycle ---------------------------------------------------------------
@@ -336,6 +345,8 @@ class Edge:
                     pending_bytes_limit=_INBOX_PENDING_BYTES,
                 )
                 await self._nc.subscribe(edge_last_seen_subject(s.edge_id), cb=self._answer_last_seen)
+                # Where NATS (or the addressee's edge) says a frame of ours reached nobody.
+                await self._nc.subscribe(edge_undelivered_filter(s.edge_id), cb=self._undelivered)
                 await self._nc.flush()  # the server has our interest before anyone is told of a socket here
                 await watching.wait()
                 await watching_accounts.wait()
@@ -511,6 +522,7 @@ class Edge:
             "relay_frames_forwarded_total": self.frames_forwarded_at_once + self.frames_forwarded_by_handler,
             "relay_frames_forwarded_at_once_total": self.frames_forwarded_at_once,
             "relay_heartbeats_answered_at_once_total": self.heartbeats_answered_at_once,
+            "relay_frames_undelivered_total": self.frames_undelivered,
             "relay_quota_checks_unanswered_total": link.quota_checks_unanswered if link else 0,
             "relay_usage_batches_published_total": link.usage_batches_published if link else 0,
             "relay_usage_publish_failures_total": link.usage_publish_failures if link else 0,
@@ -662,6 +674,8 @@ class Edge:
             self._enqueue(conn, event, sender, 0)
             return
         if conn is None:
+            if msg.reply:  # the sender's edge takes back the charge and tells its client NO_PEER
+                await self._nc.publish(msg.reply, _NO_SUCH_SOCKET)
             return
         if self._can_write_now(conn, len(msg.data)):
             if conn.session.accepts_frame_from(sender):
@@ -840,18 +854,46 @@ class Edge:
         """Publish a frame for the peer; does not wait unless nats-py's buffer is full."""
         session = conn.session
         to = action.to.socket_id
-        if to != conn.forward_to:  # the subject changes only with the peer
+        if to != conn.forward_to:  # the subjects change only with the peer
             conn.forward_to = to
             conn.forward_subject = addressed_subject(
                 conn.subjects[session.peer_role], action.to.edge_id, to, session.socket_id, KIND_FRAME
             )
-        await self._nc.publish(conn.forward_subject, action.data)
+            conn.forward_reply = undelivered_reply_prefix(self.settings.edge_id, session.socket_id, to) + "1"
+        credits = action.payloads if self._charge_per_payload else 1
+        # With a reply subject, which nobody answers while the frame is delivered: NATS answers
+        # it at once (503) when nobody subscribes for the addressee, and so does its edge if
+        # it has no such socket (`_undelivered`). No request, no wait, a few bytes more.
+        reply = conn.forward_reply if credits == 1 else conn.forward_reply[:-1] + str(credits)
+        await self._nc.publish(conn.forward_subject, action.data, reply)
         if at_once:
             self.frames_forwarded_at_once += 1
         else:
             self.frames_forwarded_by_handler += 1
         if self._metering_on:  # charged once it is on its way, and only when a peer was there (§12 item 18)
-            self.meter.charge_messages(session.user_id, action.payloads if self._charge_per_payload else 1)
+            self.meter.charge_messages(session.user_id, credits)
+
+    async def _undelivered(self, msg: Msg) -> None:
+        """A frame one of our sockets forwarded reached nobody: NATS answered its reply subject
+        "no responders" (nobody subscribes for the addressee: its edge crashed, or lost NATS),
+        or the addressee's edge said it has no such socket. The frame's credits are taken back,
+        and the session decides, in order with what else comes for the socket, what its client
+        hears (`Session.receive_event`, `Undelivered`): `NO_PEER`, and when the peer's edge is
+        gone `peer_disconnected` first, without waiting for that edge's lease to expire."""
+        edge_gone = msg.headers is not None and msg.headers.get("Status") == _NO_RESPONDERS
+        if not edge_gone and msg.data != _NO_SUCH_SOCKET:
+            return
+        try:
+            sender, to, credits = sender_addressee_and_credits(msg.subject)
+        except ValueError:
+            return
+        conn = self.connections.get(sender)
+        if conn is None:
+            return  # gone too, its user charged for it: rare, and no one left to tell
+        self.frames_undelivered += 1
+        if self._metering_on:
+            self.meter.refund_messages(conn.session.user_id, credits)
+        self._enqueue(conn, Undelivered(to, edge_gone), to, 0)
 
     async def _carry_out(self, conn: Connection, actions: list[Action]) -> None:
         session = conn.session

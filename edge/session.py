@@ -81,6 +81,19 @@ class Close:
 Action = Send | Forward | RoomRequest | Notify | Close
 
 
+@dataclass(frozen=True, slots=True)
+class Undelivered:
+    """News from NATS about a frame this session forwarded: it reached nobody.
+
+    `edge_gone`: nobody subscribes for the addressee `to_socket_id` any more (NATS answered
+    "no responders": its edge crashed or lost NATS); else its edge has no such socket (it
+    left, and its edge's `peer_left` is on its way). Not charged: the edge refunds it.
+    """
+
+    to_socket_id: str
+    edge_gone: bool
+
+
 @dataclass(frozen=True)
 class _EdgeDied:
     """An edge death held back while a room request is in flight."""
@@ -128,7 +141,7 @@ class Session:
     # Inbound message rate (§12 item 6); None: unlimited.
     rate: TokenBucket | None = None
     _busy: bool = False  # a room request is in flight
-    _held_events: list[tuple[EdgeEvent | _EdgeDied, str]] = field(default_factory=list)
+    _held_events: list[tuple[EdgeEvent | Undelivered | _EdgeDied, str]] = field(default_factory=list)
     _peer_revision: int = 0  # room revision of the peer the client was last told of
 
     @property
@@ -281,13 +294,16 @@ class Session:
 
     # --- from other edges --------------------------------------------------------
 
-    def receive_event(self, event: EdgeEvent, sender: str) -> list[Action]:
-        """A control event addressed to this socket by the edge of `sender`."""
+    def receive_event(self, event: EdgeEvent | Undelivered, sender: str) -> list[Action]:
+        """A control event addressed to this socket by the edge of `sender` (or news that a
+        frame of ours reached nobody)."""
         if self._busy:
             # The sender saw our slot before our own request returned; keep the client's
             # order (room_registered before peer_joined) by holding the event until then.
             self._held_events.append((event, sender))
             return []
+        if type(event) is Undelivered:
+            return self._undelivered(event)
         if isinstance(event, PeerJoinedEvent):
             if not self.in_room:
                 return []
@@ -311,6 +327,23 @@ class Session:
             self.peer = None
             return [Close(CloseCode.REPLACED, "Replaced by another device")]
         return []
+
+    def _undelivered(self, news: Undelivered) -> list[Action]:
+        """A frame we forwarded reached nobody: `NO_PEER` to the client, as for a relay
+        without a peer (protocol.md §4.6). If the peer's whole edge is gone, the peer is too:
+        the client hears `peer_disconnected` `timeout` first (as it would at the lease's
+        expiry, §12 item 13; the send failure of §4.6 [R]) and later frames get `NO_PEER`
+        without being forwarded. Nothing about a former peer: the client has a new one."""
+        if self.replaced or not self.in_room:
+            return []
+        peer = self.peer
+        if peer is not None and peer.socket_id != news.to_socket_id:
+            return []  # frames in flight at a replacement are dropped; the new peer is fine
+        no_peer = _error(ErrorCode.NO_PEER, "Peer not connected")
+        if peer is not None and news.edge_gone:
+            self.peer = None
+            return [Send(encode(PeerDisconnected(reason=DisconnectReason.TIMEOUT))), no_peer]
+        return [no_peer]
 
     def accepts_frame_from(self, sender: str) -> bool:
         """Whether a frame from socket `sender` is from this session's current peer."""

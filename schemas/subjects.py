@@ -111,6 +111,29 @@ def edge_incarnation_subject(edge_id: str, boot_id: str) -> str:
     return f"relay.edge.{edge_id}.incarnation.{boot_id}"
 
 
+def edge_undelivered_filter(edge_id: str) -> str:
+    """What an edge subscribes to for news of frames its sockets sent that reached nobody:
+    the reply subjects of its frames (`undelivered_reply_prefix`)."""
+    if not is_valid_edge_id(edge_id):
+        raise ValueError(f"invalid edge id: {edge_id!r}")
+    return f"relay.edge.{edge_id}.undelivered.>"
+
+
+def undelivered_reply_prefix(edge_id: str, from_socket: str, to_socket: str) -> str:
+    """The reply subject of frames from `from_socket` to `to_socket`, but for its last token,
+    the credits the frame was charged: `<prefix><credits>`. NATS answers it with a 503 status
+    when nobody subscribes for the addressee (its edge is gone); the addressee's edge answers
+    `gone` when it has no such socket. Socket ids are the edge's own (see `addressed_subject`)."""
+    return f"relay.edge.{edge_id}.undelivered.{from_socket}.{to_socket}."
+
+
+def sender_addressee_and_credits(reply_subject: str) -> tuple[str, str, int]:
+    """The sending socket, the addressee and the credits of an undelivered frame's reply
+    subject (ValueError if it is not one)."""
+    _, sender, to, credits = reply_subject.rsplit(".", 3)
+    return sender, to, int(credits)
+
+
 def room_key(room_id: str) -> str:
     """Key of a room's record in the rooms bucket."""
     return _room(room_id)

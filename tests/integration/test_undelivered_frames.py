@@ -1,0 +1,92 @@
+"""Frames that reach nobody (issue 16 item 10): the sender hears `NO_PEER` at once and is
+not charged, when the peer's edge is gone from NATS (its lease still alive) and when the
+peer's edge no longer has the socket. Real edges, metering and a nats-server of the test's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from edge.embedded_nats import EmbeddedNatsServer
+from tests.harness import (
+    EdgeProcess,
+    MacIdentity,
+    connect_ios,
+    connect_mac,
+    make_account,
+    metrics,
+    read_ledger,
+    running_edges,
+    running_metering,
+)
+
+FAST = {"usage_flush_interval_ms": 50, "quota_check_timeout_ms": 3_000}
+
+
+@pytest.fixture
+def own_nats() -> Iterator[str]:
+    with EmbeddedNatsServer() as server:
+        yield server.url
+
+
+async def message_credits_settled(url: str, user_id: str) -> int:
+    """The user's message credits once metering has applied every flush (a few intervals)."""
+    await asyncio.sleep(0.5)  # ten flush intervals of FAST
+    ledger = await read_ledger(url, user_id)
+    return sum(w.message_tokens for w in ledger.windows)
+
+
+async def test_frames_to_a_peer_whose_edge_died_get_no_peer_at_once_and_are_not_charged(own_nats):
+    account = await make_account(own_nats, tier="premium")
+    # Charged per payload: the refund must be the frame's own credits (a batch of 3 here).
+    settings = {**FAST, "auth": "required", "charge_per_payload": True}
+    async with running_metering(own_nats), running_edges(own_nats, 1, **settings) as (survivor,):
+        async with EdgeProcess(own_nats, **settings) as doomed:  # its lease: 15 s by default
+            mac_identity = MacIdentity.new()
+            mac, _ = await connect_mac(survivor, mac_identity, account.auth)
+            ios, _ = await connect_ios(doomed, mac_identity, account.auth)
+            await ios.expect("peer_joined")
+            await mac.expect("peer_joined")
+            await mac.send(type="relay", payload="before")
+            assert (await ios.expect("relay"))["payload"] == "before"
+            await doomed.stop(signal.SIGKILL)  # a crash: its lease lives on for 15 s
+            sent = time.monotonic()
+            await mac.send(type="relay_batch", payloads=["a", "b", "c"])
+            assert await mac.expect("peer_disconnected", timeout=3) == {"type": "peer_disconnected", "reason": "timeout"}
+            assert (await mac.expect_error("NO_PEER"))["message"] == "Peer not connected"
+            assert time.monotonic() - sent < 3  # not at the lease's expiry
+            for n in range(5):  # the peer is gone: later frames are answered, never sent
+                await mac.send(type="relay", payload=f"after{n}")
+                await mac.expect_error("NO_PEER")
+            assert (await mac.heartbeat())["mac_connected"] is True
+            counters = await metrics(survivor)
+            assert counters["relay_frames_undelivered_total"] == 1
+            assert counters["relay_frames_forwarded_total"] == 2
+        assert await message_credits_settled(own_nats, account.user_id) == 1  # "before" alone
+
+
+async def test_a_frame_to_a_socket_its_live_edge_no_longer_has_gets_no_peer_and_is_not_charged(own_nats):
+    account = await make_account(own_nats, tier="premium")
+    async with running_metering(own_nats), running_edges(own_nats, 2, auth="required", **FAST) as (a, b):
+        mac_identity = MacIdentity.new()
+        mac, _ = await connect_mac(a, mac_identity, account.auth)
+        ios, _ = await connect_ios(b, mac_identity, account.auth)
+        await ios.expect("peer_joined")
+        await mac.expect("peer_joined")
+        await mac.send(type="relay", payload="before")
+        assert (await ios.expect("relay"))["payload"] == "before"
+        # The moment after the iPhone's socket left edge b and before b's peer_left reaches
+        # the Mac (b frees the slot in KV first), held open: b no longer knows the socket.
+        (ios_socket,) = [socket_id for socket_id, conn in b.connections.items() if conn.session.role == "ios"]
+        held = b.connections.pop(ios_socket)
+        await mac.send(type="relay", payload="lost")
+        await mac.expect_error("NO_PEER")
+        await ios.expect_silence()
+        b.connections[ios_socket] = held  # for b's shutdown to close it
+        assert (await metrics(a))["relay_frames_undelivered_total"] == 1
+        assert await message_credits_settled(own_nats, account.user_id) == 1
