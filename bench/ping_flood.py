@@ -142,6 +142,8 @@ async def run(args: argparse.Namespace) -> dict:
         settings = {"edge_lease_ttl_ms": args.lease_ttl_ms}
         if args.rate_limit is not None:
             settings["socket_rate_limit_per_s"] = args.rate_limit
+            if args.rate_limit == 0:  # the byte rate limit too: the buffer bound alone
+                settings["socket_bytes_per_s"] = 0
         async with EdgeProcess(nats_server.url, **settings) as a, EdgeProcess(nats_server.url, **settings) as b:
             mac = MacIdentity.new()
             mac_client, _ = await connect_mac(a, mac)
@@ -259,7 +261,7 @@ def main() -> None:
     parser.add_argument("--never-read", action="store_true", help="125-byte pings; the flooder never reads")
     parser.add_argument("--lease-ttl-ms", type=int, default=15_000)
     parser.add_argument(
-        "--rate-limit", type=int, default=None, help="the edges' RELAY_SOCKET_RATE_LIMIT_PER_S (0: off, to see the buffer bound alone)"
+        "--rate-limit", type=int, default=None, help="the edges' RELAY_SOCKET_RATE_LIMIT_PER_S (0: off, and RELAY_SOCKET_BYTES_PER_S too, to see the buffer bound alone)"
     )
     args = parser.parse_args()
     print(json.dumps(asyncio.run(run(args)), indent=2))

@@ -5,7 +5,8 @@
     .venv/bin/python -m bench.run --quick   # small numbers, for development (about a minute)
 
 Starts its own `nats-server`, one product edge (`relay-edge`, auth required, a tiers file
-that gives the bench user unlimited rooms and credits, no inbound rate limit), one
+that gives the bench user unlimited rooms and credits, no inbound rate limit, no caps per
+client address: every socket comes from 127.0.0.1), one
 `relay-metering` (the edge publishes usage and checks the quota of every connection) and the
 reference relay (`bench.reference_relay`), each a child process; makes the bench user and
 its API key; pins the relay under test to one CPU and nats-server and the load generator
@@ -245,6 +246,9 @@ def run_benchmark(plan: Plan, quick: bool, only: str | None = None) -> Path:
             "--nats-url", nats_server.url, "--port", str(edge_port), "--edge-id", "bench-edge",
             "--metrics-port", str(metrics_port),
             "--auth", "required", "--tiers-file", str(tiers), "--socket-rate-limit-per-s", "0",
+            # Every bench socket comes from 127.0.0.1: 4000 of them, all reconnecting at once in
+            # the storm. The caps per client address are for real clients on many addresses.
+            "--address-socket-limit", "0", "--address-upgrades-per-s", "0",
         ]  # fmt: skip
         edge = children.start("edge", edge_args, edge_log, relay_cpus)
         _wait_http_ok(edge_port, "/readyz", edge, "the edge", edge_log)

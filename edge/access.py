@@ -4,6 +4,9 @@
 with the HTTP status a TermOnMac client acts on: 401 (no or unknown key), 410 (deleted
 account), 429 (too many failed attempts from this address), 503 (storage unavailable:
 never 401, which would start the Mac's token-refresh flow for a passing fault).
+
+It also keeps this edge's caps on upgrades (issue 16 item 5): upgrades per client address
+per second, and sockets held per user and per client address; past any of them, 429.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import nats.errors
@@ -23,6 +27,7 @@ from accounts import claims, tokens
 from accounts.store import AccountStore, UserExists
 from accounts.tiers import DEFAULT_TIERS, Tier
 from edge.guessing import KEY, LoginGuard, RoomGuessGuard
+from edge.limits import SocketCaps, UpgradeRateLimiter, user_socket_limit
 from edge.settings import EdgeSettings
 from edge.store import now_ms
 from schemas.records import User
@@ -31,6 +36,10 @@ from schemas.subjects import is_valid_user_id
 log = logging.getLogger("edge.access")
 
 STORAGE_ERRORS = (nats.errors.Error, asyncio.TimeoutError)
+
+# What a client refused for a socket cap is told to wait: one of its sockets must close
+# first, which it cannot know; the clients back off on their own (0.5 s to 8 s, §5.2).
+SOCKET_CAP_RETRY_AFTER_S = 5
 
 
 class Refusal(Exception):
@@ -77,6 +86,8 @@ class Access:
         self.limiter = self.logins.by_address  # every failed login is counted here
         # Failed room authentications per user and per room (issue 16 item 7).
         self.room_guesses = RoomGuessGuard(settings.room_auth_failure_limit, settings.room_auth_failure_window_s)
+        self.upgrades = UpgradeRateLimiter(settings.address_upgrades_per_s, settings.address_upgrade_burst)
+        self.sockets = SocketCaps(settings.address_socket_limit)
 
     def tier_of(self, user: User) -> Tier:
         tier = self.tiers.get(user.tier)
@@ -173,6 +184,65 @@ class Access:
                     "authenticate are refused 429 from this address until they age out",
                     address, s.auth_failure_address_limit, s.auth_failure_window_s,
                 )
+
+    # --- caps on upgrades and sockets (per edge) ---------------------------------------
+
+    def refuse_if_upgrading_too_fast(self, address: str, now: float) -> None:
+        """Spend one of the address's upgrades; refuse (429, Retry-After) past its rate."""
+        wait, first = self.upgrades.take(address, now)
+        if wait > 0:
+            if first:
+                log.warning(
+                    "client address %s: WebSocket upgrades past RELAY_ADDRESS_UPGRADES_PER_S; "
+                    "refused 429 until it slows down", address,
+                )
+            raise Refusal(429, "too many connections from this address; slow down", {"Retry-After": str(math.ceil(wait))})
+
+    def _socket_user(self, principal: Principal | None) -> tuple[str | None, int]:
+        """The user a socket counts for, and that user's cap. With auth=none every connection
+        is the one local user: a cap on that user would be a cap on the whole edge."""
+        if principal is None or principal.via == "local" or principal.user is None:
+            return None, 0
+        return principal.user.user_id, user_socket_limit(self.settings.user_socket_limit, principal.tier.max_rooms)
+
+    def refuse_if_over_socket_caps(self, principal: Principal | None, address: str) -> None:
+        """Refuse (429) a socket one more of which would pass a cap; counts nothing (a cheap
+        early look, before authentication and storage; `hold_socket` decides)."""
+        user_id, limit = self._socket_user(principal)
+        cap, first = self.sockets.check(user_id, limit, address)
+        if cap is not None:
+            raise self._cap_refusal(cap, first, user_id, limit, address)
+
+    def hold_socket(self, principal: Principal, address: str) -> Callable[[], None]:
+        """Count the socket against its user's and address's caps, or refuse it (429).
+        Returns what gives its place back, to be called once its connection is gone."""
+        user_id, limit = self._socket_user(principal)
+        cap, first = self.sockets.hold(user_id, limit, address)
+        if cap is not None:
+            raise self._cap_refusal(cap, first, user_id, limit, address)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.sockets.release(user_id, address)
+
+        return release
+
+    def _cap_refusal(self, cap: str, first: bool, user_id: str | None, limit: int, address: str) -> Refusal:
+        """The 429 for a socket past `cap`; the first refusal of a run is logged."""
+        retry = {"Retry-After": str(SOCKET_CAP_RETRY_AFTER_S)}
+        if cap == "user":
+            if first:
+                log.warning("user %s holds %d sockets on this edge, its cap; further upgrades refused 429", user_id, limit)
+            return Refusal(429, f"too many connections for this account ({limit} on this relay server); close some", retry)
+        if first:
+            log.warning(
+                "client address %s holds %d sockets on this edge, RELAY_ADDRESS_SOCKET_LIMIT; further upgrades refused 429",
+                address, self.sockets.per_address,
+            )
+        return Refusal(429, "too many connections from this address on this relay server", retry)
 
     async def _acting_as(self, user_id: str, via: str) -> Principal:
         try:

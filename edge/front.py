@@ -8,9 +8,11 @@ bodiless GET; `process_request` then answers with `http_method` and `http_body` 
 A WebSocket upgrade passes through unchanged.
 
 It also holds the per-socket limits that need websockets' internals (`edge.ws_hooks`):
-pings and pongs spend the socket's rate limit as they are parsed, and the edge is asked
-to check the socket's whole outgoing buffer after a read that websockets answered while
-the write buffer was over its high-water mark.
+pings and pongs spend the socket's rate limit as they are parsed, every read spends its
+bytes of the socket's byte rate limit before it is parsed, and the edge is asked to check
+the socket's whole outgoing buffer after a read that websockets answered while the write
+buffer was over its high-water mark. And it gives back the socket's place under the
+edge's socket caps when its connection is gone, whether or not the upgrade completed.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ MAX_BODY_BYTES = 64 * 1024
 
 # What a socket over its rate limit with pings or pongs hears before its close 1008.
 CONTROL_FLOOD_FAREWELL = encode(Error(code=ErrorCode.RATE_LIMITED, message="Too many control frames; slow down"))
+# And one over its byte rate limit.
+BYTE_FLOOD_FAREWELL = encode(Error(code=ErrorCode.RATE_LIMITED, message="Too much data; slow down"))
+# Once a socket is shed, what it sends is read only this often, and dropped unlooked-at:
+# enough to notice it close (then its connection ends at once), never enough to keep a
+# flooder that ignores the close sending at the edge's full reading speed until the abort.
+SHED_READ_PAUSE_S = 0.1
 
 
 class HttpConnection(ServerConnection):
@@ -55,8 +63,13 @@ class HttpConnection(ServerConnection):
     # whatever it sends after. The TCP connection is aborted a close timeout later if the
     # client has not closed it by then (one that never reads never would).
     rate: TokenBucket | None = None
-    # Told once, by the edge, when the socket is closed for a control-frame flood.
-    on_control_flood: Callable[[], None] | None = None
+    # The socket's inbound byte rate limit (issue 16 item 9), set by the edge at the
+    # upgrade: each read spends its length (frames, headers and control frames as they
+    # come off the wire) before websockets parses it. Past it, as for a control-frame
+    # flood: `error RATE_LIMITED`, close 1008, that read and all after it discarded.
+    byte_rate: TokenBucket | None = None
+    # Told once, by the edge, when the socket is shed for either limit, with what it passed.
+    on_shed: Callable[[str], None] | None = None
     # Called after a read while the write buffer is over its high-water mark (websockets
     # wrote pongs for that read, which no queue of ours bounds): the edge checks the
     # socket's whole outgoing buffer against its bound.
@@ -65,6 +78,9 @@ class HttpConnection(ServerConnection):
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
         self._front_buffer: bytes | None = b""  # None once the request went to websockets
+        self._release_caps: Callable[[], None] | None = None
+        self._lost = False
+        self._shed_done = False
         if ws_hooks.HOOKED:
             ws_hooks.watch_control_frames(self.protocol, self._control_frame_allowed)
 
@@ -73,18 +89,59 @@ class HttpConnection(ServerConnection):
         rate = self.rate
         if rate is None or rate.take(time.monotonic()):
             return True
-        self.rate = None  # shed once; the parser discards what follows
-        protocol = self.protocol
-        if protocol.state is State.OPEN:
-            protocol.send_text(CONTROL_FLOOD_FAREWELL)
-        protocol.fail(CloseCode.POLICY, "rate limit exceeded")  # close frame, EOF, the rest discarded
-        self.loop.call_later(self.close_timeout or 10.0, self.transport.abort)
-        if self.on_control_flood is not None:
-            self.on_control_flood()
+        self._shed(CONTROL_FLOOD_FAREWELL, "control frames (pings, pongs) past its rate limit")
         return False
 
+    def _shed(self, farewell: bytes, passed: str) -> None:
+        """Close 1008 at once, from inside the read: `farewell`, the close frame and EOF go
+        out; the rest of the read and whatever follows are discarded unparsed; the TCP
+        connection is aborted a close timeout later if the client has not closed it; the
+        edge is told what the socket `passed`."""
+        self.rate = self.byte_rate = None  # shed once
+        self._shed_done = True
+        protocol = self.protocol
+        if protocol.state is State.OPEN:
+            protocol.send_text(farewell)
+        protocol.fail(CloseCode.POLICY, "rate limit exceeded")  # close frame, EOF, the rest discarded
+        self.loop.call_later(self.close_timeout or 10.0, self.transport.abort)
+        if self.on_shed is not None:
+            self.on_shed(passed)
+
+    def _read_again(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def hold_until_lost(self, release: Callable[[], None]) -> None:
+        """Call `release` once this connection is gone (at once if it is gone already): a
+        place under the edge's socket caps, taken before the 101, is given back however the
+        connection ends, the handshake failing after the checks included."""
+        if self._lost:
+            release()
+        else:
+            self._release_caps = release
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            super().connection_lost(exc)
+        finally:
+            self._lost = True
+            release, self._release_caps = self._release_caps, None
+            if release is not None:
+                release()
+
     def data_received(self, data: bytes) -> None:
+        if self._shed_done:
+            # After the read that shed it: dropped, and the next read waits a while.
+            transport = self.transport
+            if not transport.is_closing():
+                transport.pause_reading()
+                self.loop.call_later(SHED_READ_PAUSE_S, self._read_again)
+            return
         if self._front_buffer is None:
+            byte_rate = self.byte_rate
+            if byte_rate is not None and not byte_rate.take(time.monotonic(), len(data)):
+                # Then websockets' parser discards this read.
+                self._shed(BYTE_FLOOD_FAREWELL, "inbound bytes past its byte rate limit (RELAY_SOCKET_BYTES_PER_S)")
             super().data_received(data)
             if self.paused and self.check_outgoing is not None:
                 self.check_outgoing()

@@ -158,6 +158,8 @@ _INBOX_PENDING_BYTES = 512 * 1024 * 1024
 _LAST_SEEN_QUERY_TIMEOUT_S = 0.5
 # The largest WebSocket frame header the server writes (no mask): 2 + 8 bytes.
 _FRAME_HEADER_MAX = 10
+# The largest a client writes (masked): 2 + 8 + 4 bytes.
+_CLIENT_FRAME_HEADER_MAX = 14
 # What an incarnation answers on its incarnation subject (see `_take_lease`), and how long
 # an edge taking the id waits for the answer.
 _RUNNING = b"running"
@@ -531,20 +533,29 @@ class Edge:
         return "".join(f"{name} {value}\n" for name, value in values.items())
 
     async def _admit(self, ws: ServerConnection, request: Request, query: dict[str, str]) -> Response | None:
-        """The checks before the 101 (protocol.md §2.3, §4.2): the request, the key, the room limit."""
+        """The checks before the 101 (protocol.md §2.3, §4.2): the request, the key, the room
+        limit, and this edge's caps (issue 16 item 5): upgrades per address per second first
+        (cheap, before any storage), then sockets per address and per user."""
         if self._stopping.is_set() or not self.ready.is_set():
             return _reply(HttpReply.text(503, "relay is not ready"))
+        access = self._access
+        address = access.client_address(ws.remote_address[0], request.headers)
         room_id, role = query.get("room_id", ""), query.get("role")
-        if not is_valid_room_id(room_id):
-            return _reply(HttpReply.text(400, BAD_ROOM_ID))
-        if role not in (None, *ROLES):
-            return _reply(HttpReply.text(400, "role must be mac or ios"))
-        address = self._access.client_address(ws.remote_address[0], request.headers)
         try:
-            principal = await self._access.authenticate(request.headers, query.get("user_id"), address)
+            access.refuse_if_upgrading_too_fast(address, time.monotonic())
+            if not is_valid_room_id(room_id):
+                return _reply(HttpReply.text(400, BAD_ROOM_ID))
+            if role not in (None, *ROLES):
+                return _reply(HttpReply.text(400, "role must be mac or ios"))
+            access.refuse_if_over_socket_caps(None, address)
+            principal = await access.authenticate(request.headers, query.get("user_id"), address)
             if principal.user is None:
                 raise Refusal(400, "the operator token acts for a user: add ?user_id=USER")
-            room_settled = role == "mac" and await self._access.check_room_limit(principal, room_id)
+            access.refuse_if_over_socket_caps(principal, address)
+            room_settled = role == "mac" and await access.check_room_limit(principal, room_id)
+            # Checked and counted in one step, after the last wait: upgrades side by side
+            # cannot all take one last place. Given back when the connection is gone.
+            ws.hold_until_lost(access.hold_socket(principal, address))
         except Refusal as refusal:
             return _reply(HttpReply.text(refusal.status, refusal.message, refusal.headers))
         ws.relay_target = WsTarget(room_id=room_id, role=role, principal=principal, room_settled=room_settled)  # type: ignore[attr-defined]
@@ -552,6 +563,9 @@ class Edge:
         # session's) and its pings and pongs (the connection's) spend the same tokens.
         if self.settings.socket_rate_limit_per_s > 0:
             ws.rate = TokenBucket(self.settings.socket_rate_limit_per_s, self.settings.socket_rate_burst)
+        # And its bytes, as read (issue 16 item 9); room for the largest frame's header too.
+        if self.settings.socket_bytes_per_s > 0:
+            ws.byte_rate = TokenBucket(self.settings.socket_bytes_per_s, self.settings.socket_bytes_burst + _CLIENT_FRAME_HEADER_MAX)
         return None
 
     # --- a socket's life ---------------------------------------------------------
@@ -571,7 +585,7 @@ class Edge:
         subjects = {role: room_subject(target.room_id, role) for role in ROLES}
         conn = Connection(ws=ws, session=session, target=target, subjects=subjects)
         self.connections[session.socket_id] = conn
-        ws.on_control_flood = functools.partial(self._control_flood, conn)
+        ws.on_shed = functools.partial(self._shed, conn)
         ws.check_outgoing = functools.partial(self._check_outgoing, conn)
         try:
             if session.user_id in self._deleted_users:
@@ -763,13 +777,11 @@ class Edge:
             except ConnectionClosed:
                 pass
 
-    def _control_flood(self, conn: Connection) -> None:
-        """The connection shed its socket for pings or pongs past its rate limit (it has
-        answered 1008 and discards what follows): what it sent before is not acted on either."""
-        log.warning(
-            "socket %s in room %s: control frames (pings, pongs) past its rate limit; closed 1008",
-            conn.session.socket_id, conn.session.room_id,
-        )
+    def _shed(self, conn: Connection, passed: str) -> None:
+        """The connection shed its socket for what it `passed` (pings or pongs past its rate
+        limit, or bytes past its byte rate limit): it has answered 1008 and discards what
+        follows, and what it sent before is not acted on either."""
+        log.warning("socket %s in room %s: %s; closed 1008", conn.session.socket_id, conn.session.room_id, passed)
         conn.session.leave_reason = DisconnectReason.CLIENT_LEFT  # as for too many messages
         conn.closing = True
         conn.ws.drop_messages = True

@@ -72,6 +72,13 @@ class EdgeSettings:
     )
     socket_rate_limit_per_s: int = field(default=200, metadata={"min": 0, "help": "inbound messages and control frames (pings, pongs) per second per socket, sustained; beyond it closes 1008; 0: no limit"})
     socket_rate_burst: int = field(default=2000, metadata={"min": 0, "help": "inbound messages per socket allowed in a burst above the rate"})
+    # Issue 16 items 5 and 9: bytes per socket; sockets and upgrades per user and address (per edge).
+    socket_bytes_per_s: int = field(default=8 * 1024 * 1024, metadata={"min": 0, "help": "inbound bytes per second per socket, sustained (frames and control frames as read); beyond it closes 1008; 0: no limit"})
+    socket_bytes_burst: int = field(default=32 * 1024 * 1024, metadata={"min": 1, "help": "inbound bytes a socket may send in a burst above that rate; at least max_frame_bytes"})
+    user_socket_limit: int = field(default=32, metadata={"min": 0, "help": "sockets one user may hold on this edge (or 4 per room of the tier's max_rooms if more; no cap for unlimited rooms, nor with auth=none); beyond it HTTP 429; 0: no cap"})
+    address_socket_limit: int = field(default=1000, metadata={"min": 0, "help": "sockets one client address (IPv6: its /64) may hold on this edge; beyond it HTTP 429; 0: no cap"})
+    address_upgrades_per_s: int = field(default=50, metadata={"min": 0, "help": "WebSocket upgrade requests per second per client address on this edge, sustained; beyond it HTTP 429; 0: no limit"})
+    address_upgrade_burst: int = field(default=500, metadata={"min": 1, "help": "upgrade requests one client address may make in a burst above that rate (a reconnect storm behind one NAT)"})
 
     # The seed's timing constants (relay_server/src/room.ts).
     heartbeat_dead_threshold_ms: int = field(default=45_000, metadata={"help": "silence after which a socket is closed 4000"})
@@ -139,6 +146,11 @@ class EdgeSettings:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.socket_bytes_per_s > 0 and self.socket_bytes_burst < self.max_frame_bytes:
+            raise ValueError(
+                f"socket_bytes_burst (--socket-bytes-burst / RELAY_SOCKET_BYTES_BURST) must be at least "
+                f"max_frame_bytes ({self.max_frame_bytes}): a largest frame must fit, got {self.socket_bytes_burst}"
+            )
 
     # Derived timings: one place, so tests that shorten a constant shorten what follows from it.
     @property
