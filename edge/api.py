@@ -18,7 +18,7 @@ import msgspec
 import nats.js.errors
 from websockets.datastructures import Headers
 
-from edge import rooms
+from edge.protocol import rooms
 from edge.access import STORAGE_ERRORS, Access, Principal, Refusal
 from edge.store import Presence, RoomStore, now_ms
 from metering.usage import UsageReader, history_report, usage_report

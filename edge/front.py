@@ -25,7 +25,7 @@ from websockets.frames import DATA_OPCODES, Frame, Opcode
 from websockets.protocol import State
 
 from edge import ws_hooks
-from edge.limits import TokenBucket
+from edge.protocol.limits import TokenBucket
 from schemas.client import CloseCode, Error, ErrorCode, encode
 
 # Limits for the requests this front reads itself; WebSocket upgrades are websockets' business.

@@ -1,5 +1,5 @@
 """The edge's side of metering (architecture.md): quota checks at connect, usage batches
-to the usage stream. The counting itself is `edge.meter`; the decisions are metering's."""
+to the usage stream. The counting itself is `edge.protocol.meter`; the decisions are metering's."""
 
 from __future__ import annotations
 

@@ -126,6 +126,19 @@ class EdgeSettings:
         metadata={"help": "at shutdown, after the closes: how long to wait for departed sockets' slots to be released (the edge's lease is renewed meanwhile)"},
     )
 
+    # Pacing and bounds of the edge's own work, for operators who measure a reason to move them.
+    request_budget_ms: int = field(default=8_000, metadata={"min": 1, "help": "everything before the 101 (authentication, room limit, API calls) answers within this, inside websockets' 10 s open timeout; storage slower than that gives 503"})
+    jetstream_timeout_ms: int = field(default=2_000, metadata={"min": 1, "help": "how long one JetStream request may take; short, so that the retry budgets allow retries"})
+    event_ack_timeout_ms: int = field(default=1_000, metadata={"min": 1, "help": "how long a control event (peer_joined, peer_left, replaced) waits for the addressee's edge to acknowledge it before it is sent again"})
+    event_attempts: int = field(default=3, metadata={"min": 1, "help": "how many times a control event is sent before it is given up (logged)"})
+    last_seen_query_timeout_ms: int = field(default=500, metadata={"min": 1, "help": "how long /status and /api/rooms wait for another edge to say when its sockets last spoke"})
+    incarnation_probe_timeout_ms: int = field(default=1_000, metadata={"min": 1, "help": "how long a starting edge waits for the incarnation holding its edge id's lease to answer"})
+    upkeep_slice: int = field(default=25, metadata={"min": 1, "help": "sockets one slice of periodic work (lastSeen writes, registration refreshes, liveness) handles between frames"})
+    spread_step_ms: int = field(default=50, metadata={"min": 1, "help": "slices of a spread pass (lastSeen writes, registration refreshes) run at least this far apart"})
+    deleted_users_kept: int = field(default=10_000, metadata={"min": 1, "help": "accounts deleted while this edge watched that it remembers, to close a socket admitted during the deletion"})
+    inbox_pending_bytes: int = field(default=512 * 1024 * 1024, metadata={"min": 1, "help": "bytes NATS's client may hold for this edge's sockets before it drops messages (logged as a slow consumer)"})
+    shutdown_usage_ms: int = field(default=10_000, metadata={"min": 1, "help": "at shutdown, how long the last usage may take to reach the usage stream before it is given up (logged)"})
+
     def __post_init__(self) -> None:
         check_fields(self)
         if self.metrics_port > 65_535:

@@ -93,7 +93,7 @@ async def test_sockets_past_an_addresss_cap_are_refused_429_and_a_closed_one_fre
         assert await refusal_body(edge) == (429, "too many connections from this address on this relay server\n")
         assert caplog.text.count("holds 3 sockets on this edge, RELAY_ADDRESS_SOCKET_LIMIT") == 1
         await opened[0][1].close()
-        await until(lambda: edge._access.sockets.held(None, "127.0.0.1")[1] == 2)
+        await until(lambda: edge.ctx.access.sockets.held(None, "127.0.0.1")[1] == 2)
         status, client, _ = await upgrade(edge)
         assert status == 101
         assert len(edge.connections) == 3
@@ -115,7 +115,7 @@ async def test_upgrades_side_by_side_cannot_pass_the_address_cap_together(nats_u
         await until(lambda: len(edge.connections) == 5)
         for _, writer in connections:
             writer.transport.abort()
-        await until(lambda: edge._access.sockets.held(None, "127.0.0.1") == (0, 0))
+        await until(lambda: edge.ctx.access.sockets.held(None, "127.0.0.1") == (0, 0))
 
 
 async def test_an_upgrade_that_fails_after_the_checks_gives_its_place_back(nats_url):
@@ -125,7 +125,7 @@ async def test_an_upgrade_that_fails_after_the_checks_gives_its_place_back(nats_
             # (no Upgrade header): the socket never opens, and its place comes back.
             status, _ = await http_get(edge.port, f"/ws?room_id={new_room_id()}&role=mac")
             assert status not in (101, 429), status
-        await until(lambda: edge._access.sockets.held(None, "127.0.0.1") == (0, 0))
+        await until(lambda: edge.ctx.access.sockets.held(None, "127.0.0.1") == (0, 0))
         status, client, _ = await upgrade(edge)
         assert status == 101
 
@@ -153,7 +153,7 @@ async def test_a_users_sockets_past_its_cap_are_refused_429_and_other_users_are_
         assert status == 101
         # Once one of its sockets is gone, the user may open one again.
         await opened[0][1].close()
-        await until(lambda: edge._access.sockets.held(greedy.user_id, "127.0.0.1")[0] == 3)
+        await until(lambda: edge.ctx.access.sockets.held(greedy.user_id, "127.0.0.1")[0] == 3)
         status, _, _ = await upgrade(edge, headers=greedy.auth)
         assert status == 101
 

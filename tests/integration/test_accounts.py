@@ -412,18 +412,15 @@ async def test_a_storage_failure_at_the_registers_room_limit_check_closes_1011_n
         async def storage_down(*args, **kwargs):
             raise nats.errors.TimeoutError
 
-        edge._access.store.get_registration = storage_down
+        edge.ctx.access.store.get_registration = storage_down
         await client.send(**mac.register_message())
         assert (await client.expect_close())[0] == 1011
 
 
 async def test_storage_too_slow_before_the_upgrade_answers_503_in_time(nats_url, monkeypatch):
-    import edge.server
-
     account = await make_account(nats_url)
-    monkeypatch.setattr(edge.server, "_REQUEST_BUDGET_S", 0.3)
-    async with running_edges(nats_url, count=1, auth="required") as (relay,):
-        store = relay._access.store
+    async with running_edges(nats_url, count=1, auth="required", request_budget_ms=300) as (relay,):
+        store = relay.ctx.access.store
         find_key = store.find_key
 
         async def slow_find_key(*args, **kwargs):
@@ -446,7 +443,7 @@ async def test_deleting_an_account_right_after_a_nats_restart_closes_its_sockets
             await asyncio.sleep(0.5)
             server.start()
             for _ in range(100):
-                if edge._nc.is_connected and edge.ready.is_set():
+                if edge.ctx.nc.is_connected and edge.ready.is_set():
                     break
                 await asyncio.sleep(0.1)
             await asyncio.sleep(0.5)  # the account watcher is recreated after the reconnect

@@ -70,7 +70,7 @@ async def test_mac_and_ios_on_edges_of_different_nats_nodes_relay_in_order(clust
 async def test_losing_the_nats_node_of_an_edge_keeps_the_rooms_and_restarts_its_sessions(cluster):
     async with running_edges(cluster.url, count=2, kv_replicas=3, edge_lease_ttl_ms=5000) as (a, b):
         mac_client, ios_client, mac = await paired(a, b)
-        lost = next(node for node in cluster.nodes if node.url == a._nc.connected_url.geturl())
+        lost = next(node for node in cluster.nodes if node.url == a.ctx.nc.connected_url.geturl())
         lost.kill()
         try:
             assert (await mac_client.expect_close(timeout=20))[0] == 1001
@@ -104,7 +104,7 @@ async def test_a_departure_while_its_edge_has_no_nats_is_announced_once_it_recon
         cluster.urls[2], count=1, kv_replicas=3
     ) as (b,):
         mac_client, ios_client, _ = await paired(a, b)
-        lost = next(node for node in cluster.nodes if node.url == a._nc.connected_url.geturl())
+        lost = next(node for node in cluster.nodes if node.url == a.ctx.nc.connected_url.geturl())
         lost.kill()
         try:
             await mac_client.close()  # the Mac leaves while its edge cannot reach NATS

@@ -101,13 +101,13 @@ async def _flood_is_closed_1008(edge, burst: int, slack: int) -> None:
 async def test_a_ping_flood_is_closed_1008_and_a_victim_pair_across_edges_loses_nothing(nats_url, caplog):
     async with running_edges(nats_url, socket_rate_limit_per_s=50, socket_rate_burst=500, edge_lease_ttl_ms=1000) as (a, b):
         mac_client, ios_client, _ = await paired(a, b)  # the victim: its Mac on the flooded edge
-        boot_id, lease_revision = a.boot_id, a._lease_revision
+        boot_id, lease_revision = a.boot_id, a.leases.revision
         flood = asyncio.create_task(_flood_is_closed_1008(a, burst=500, slack=100))
         await _relay_both_ways(mac_client, ios_client, 20)
         await flood
         await _relay_both_ways(mac_client, ios_client, 20)
         # The edge kept its lease all along: same incarnation, renewed since, nobody told `timeout`.
-        await until(lambda: a._lease_revision != lease_revision)
+        await until(lambda: a.leases.revision != lease_revision)
         assert a.boot_id == boot_id and "lost its lease" not in caplog.text
         await mac_client.expect_silence()
         await ios_client.expect_silence()
@@ -181,7 +181,7 @@ async def test_a_lease_renewal_that_landed_unseen_costs_the_edge_nothing(nats_ur
                 raise AssertionError("could not renew the lease as the edge would")
         finally:
             await nc.close()
-        await until(lambda: a._lease_revision > ours.seq)  # the edge renewed after it
+        await until(lambda: a.leases.revision > ours.seq)  # the edge renewed after it
         await mac_client.expect_silence(0.5)
         await ios_client.expect_silence()
         assert a.boot_id == boot_id and "lost its lease" not in caplog.text

@@ -87,7 +87,7 @@ async def test_a_deleted_room_is_not_registered_again_by_a_refresh_pass_that_beg
             await asyncio.sleep(0.01)
         status, _ = await http_request(edge.port, "DELETE", f"/api/rooms/{mac.room_id}", account.auth)
         assert status == 200
-        await edge._registration_pass([listed.session.socket_id], 0.0)  # the pass reaches it
+        await edge.upkeep.registration_pass([listed.session.socket_id], 0.0)  # the pass reaches it
         rooms = body_of(await http_get(edge.port, "/api/rooms", account.auth))["rooms"]
         assert mac.room_id not in [r["room_id"] for r in rooms]
 
@@ -179,7 +179,7 @@ async def test_a_storage_failure_after_the_rotation_does_not_lose_the_new_pair(n
 
     account = await make_account(nats_url)
     async with running_edges(nats_url, count=1, auth="required") as (edge,):
-        store = edge._access.store
+        store = edge.ctx.access.store
         revoke = store._remove
 
         async def failing_remove(bucket, key, last=None):

@@ -125,7 +125,7 @@ async def test_sigterm_frees_the_slots_so_status_shows_them_disconnected(nats_ur
             mac_client, ios_client, mac = await paired(edge_process, other)
             await edge_process.stop(signal.SIGTERM)
             await ios_client.expect("peer_disconnected")
-            record, _ = await other._rooms.get(mac.room_id)
+            record, _ = await other.ctx.rooms.get(mac.room_id)
             assert record is not None and record.mac is None and record.ios is not None
 
 

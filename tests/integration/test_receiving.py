@@ -15,6 +15,8 @@ from typing import Any
 
 import nats
 
+import edge.fastpath
+
 from edge.eager import run_eagerly
 from tests.harness import Client, http_get, paired, running_edges, until
 
@@ -115,7 +117,7 @@ async def test_a_heartbeat_for_a_socket_with_frames_queued_is_answered_by_its_ha
             await ios_client.send(type="heartbeat")
             assert (await ios_client.expect("heartbeat_ack"))["mac_connected"] is True
         assert [(await ios_client.expect("relay"))["payload"] for _ in range(5)] == [f"p{n}" for n in range(5)]
-        assert b.heartbeats_answered_at_once == 0
+        assert b.ctx.counters.heartbeats_answered_at_once == 0
 
 
 async def test_a_relay_behind_a_frame_too_large_for_nats_is_never_forwarded(tmp_path):
@@ -208,15 +210,15 @@ async def test_publishes_waiting_for_a_stalled_nats_do_not_hold_the_shutdown(tmp
             try:
                 payload = "W" * 300_000
                 for _ in range(200):  # ~60 MB at most; the socket buffers and nats-py's 2 MiB fill long before
-                    taken = edge.frames_forwarded_at_once + len(edge._waiting_publishes)
+                    taken = edge.ctx.counters.forwarded_at_once + edge.carrier.publishes_waiting
                     await mac_client.send(type="relay", payload=payload)
                     for _ in range(200):  # until the edge took it (it takes one at a time here)
-                        if edge._waiting_publishes or edge.frames_forwarded_at_once > taken:
+                        if edge.carrier.publishes_waiting or edge.ctx.counters.forwarded_at_once > taken:
                             break
                         await asyncio.sleep(0.005)
-                    if edge._waiting_publishes:
+                    if edge.carrier.publishes_waiting:
                         break
-                assert edge._waiting_publishes, "nats-py's buffer never filled"
+                assert edge.carrier.publishes_waiting, "nats-py's buffer never filled"
                 edge.stop()
                 # The shutdown first closes the sockets (their slots cannot be released
                 # while NATS is stalled: each leave gives up after its JetStream timeouts).
@@ -242,7 +244,7 @@ async def test_a_heartbeat_behind_which_the_client_closes_is_left_to_the_handler
         mac_client.ws.send_data()
         assert (await ios_client.expect("peer_disconnected"))["reason"] == "client_left"
         await until(lambda: not a.connections)
-        assert a.heartbeats_answered_at_once == 0
+        assert a.ctx.counters.heartbeats_answered_at_once == 0
         assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
 
 
@@ -253,12 +255,14 @@ async def test_an_error_while_answering_a_heartbeat_at_once_ends_that_socket_onl
         failing = next(c for c in a.connections.values() if c.session.room_id == mac.room_id)
         await until(lambda: _waiting_with_nothing_queued(failing))
 
+        real_write_now = edge.fastpath.write_now
+
         def broken_write(conn, data):
             if conn is failing:
                 raise RuntimeError("a bug")
-            type(a)._write_now(conn, data)
+            real_write_now(conn, data)
 
-        monkeypatch.setattr(a, "_write_now", broken_write)
+        monkeypatch.setattr(edge.fastpath, "write_now", broken_write)
         await mac_client.send(type="heartbeat")
         assert (await mac_client.expect_close())[0] == 1011
         assert (await ios_client.expect("peer_disconnected"))["reason"] == "client_left"

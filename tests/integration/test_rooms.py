@@ -352,14 +352,14 @@ async def test_a_late_peer_joined_about_a_replaced_iphone_does_not_undo_the_newe
     async with running_edges(nats_url, count=3) as (a, b, c):
         mac = MacIdentity.new()
         mac_client, _ = await connect_mac(a, mac)
-        publish = b._publish_event
+        publish = b.carrier.publish_event
 
         async def slow_publish(session, to, role, event):
             if isinstance(event, PeerJoinedEvent):
                 await asyncio.sleep(0.1)  # fault: edge b is slow to tell the Mac about its iPhone
             await publish(session, to, role, event)
 
-        b._publish_event = slow_publish
+        b.carrier.publish_event = slow_publish
         first, second = await Client.connect(b, mac.room_id, "ios"), await Client.connect(c, mac.room_id, "ios")
         await first.send(**join_message(mac))
         await asyncio.sleep(0.02)

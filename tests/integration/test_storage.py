@@ -51,7 +51,7 @@ async def test_connected_sockets_last_seen_reaches_kv_while_they_stay_connected(
         rooms = [mac.room_id for _, _, mac in pairs]
         deadline = time.monotonic() + 3
         while True:
-            seen = await asyncio.gather(*(edge._presence.get_room_last_seen(room) for room in rooms))
+            seen = await asyncio.gather(*(edge.ctx.presence.get_room_last_seen(room) for room in rooms))
             if all(mac_seen and ios_seen and min(mac_seen, ios_seen) >= spoke_at for mac_seen, ios_seen in seen):
                 break
             assert time.monotonic() < deadline, f"lastSeen not flushed: {seen}"
@@ -62,7 +62,7 @@ async def test_an_unforeseen_error_in_the_last_seen_flush_is_logged_and_the_flus
     # Upkeep must not end the edge, and with it every socket, over one bad write.
     async with running_edges(nats_url, count=1, last_seen_interval_ms=200) as (edge,):
         mac_client, ios_client, mac = await paired(edge, edge)
-        real_spread, failures = edge._spread, []
+        real_spread, failures = edge.upkeep.spread, []
 
         async def pass_failing_once(*args):
             if not failures:
@@ -70,14 +70,14 @@ async def test_an_unforeseen_error_in_the_last_seen_flush_is_logged_and_the_flus
                 raise RuntimeError("a bug")
             return await real_spread(*args)
 
-        monkeypatch.setattr(edge, "_spread", pass_failing_once)
+        monkeypatch.setattr(edge.upkeep, "spread", pass_failing_once)
         spoke_at = int(time.time() * 1000)
         await mac_client.heartbeat()
         await ios_client.heartbeat()
         await until(lambda: failures)
         deadline = time.monotonic() + 5
         while True:
-            mac_seen, ios_seen = await edge._presence.get_room_last_seen(mac.room_id)
+            mac_seen, ios_seen = await edge.ctx.presence.get_room_last_seen(mac.room_id)
             if mac_seen and ios_seen and min(mac_seen, ios_seen) >= spoke_at:
                 break
             assert time.monotonic() < deadline, "the flush did not go on"
@@ -101,7 +101,7 @@ async def test_a_spread_pass_asks_whether_a_socket_is_due_just_before_its_slice(
             stopped.add(conns[-1].session.socket_id)  # the last one stops being due
 
         socket_ids = [conn.session.socket_id for conn in conns]
-        assert not await edge._spread(socket_ids, 0.3, work, lambda c: c.session.socket_id not in stopped)
+        assert not await edge.upkeep.spread(socket_ids, 0.3, work, lambda c: c.session.socket_id not in stopped)
         assert done == conns[:-1]
 
 
@@ -122,7 +122,7 @@ async def test_one_sockets_error_in_a_spread_pass_leaves_the_others_done_and_sto
                 raise RuntimeError("a bug in the predicate")
             return True
 
-        assert not await edge._spread(socket_ids, 0.0, work_failing_on_the_first, due)
+        assert not await edge.upkeep.spread(socket_ids, 0.0, work_failing_on_the_first, due)
         assert done == socket_ids[2:]  # the others are done; the two failures are logged
         logged = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
         assert any("a bug about this socket" in m for m in logged)
@@ -132,7 +132,7 @@ async def test_one_sockets_error_in_a_spread_pass_leaves_the_others_done_and_sto
             raise nats.errors.TimeoutError
 
         with pytest.raises(nats.errors.TimeoutError):  # the pass's caller waits storage out
-            await edge._spread(socket_ids, 0.0, storage_trouble, lambda c: True)
+            await edge.upkeep.spread(socket_ids, 0.0, storage_trouble, lambda c: True)
 
 
 async def test_racing_registers_on_two_edges_leave_exactly_one_mac_in_the_slot(nats_url):
@@ -152,7 +152,7 @@ async def test_racing_registers_on_two_edges_leave_exactly_one_mac_in_the_slot(n
             except asyncio.TimeoutError:
                 pass
         assert closed == 3
-        record, _ = await a._rooms.get(mac.room_id)
+        record, _ = await a.ctx.rooms.get(mac.room_id)
         survivors = [c for c in clients if c.ws.state.name == "OPEN"]
         assert len(survivors) == 1 and record.mac is not None
 
@@ -172,7 +172,7 @@ async def test_idle_room_drops_connection_state_and_keeps_its_identity(nats_url)
         await intruder.send(**{**mac.register_message(), "secret_hash": sha256_hex("other")})
         await intruder.expect_error("AUTH_FAILED")
         # What is stored was cleaned up too, identity kept.
-        record, _ = await a._rooms.get(mac.room_id)
+        record, _ = await a.ctx.rooms.get(mac.room_id)
         assert record is not None
         assert (record.pairing_token_hash, record.mac_session_nonce, record.mac_ephemeral_key) == ("", "", "")
         assert (record.secret_hash, record.mac_public_key) == (mac.secret_hash, mac.public_key)
@@ -183,7 +183,7 @@ async def test_idle_room_drops_connection_state_and_keeps_its_identity(nats_url)
 
 def lose_write_acks(edge, count: int = 1) -> None:
     """Fault: the edge's next `count` room writes commit in JetStream, but their answers never arrive."""
-    store = edge._rooms
+    store = edge.ctx.rooms
     real_write = store.write
     left = [count]
 
@@ -246,10 +246,10 @@ async def test_a_join_that_cannot_be_confirmed_gets_1011_and_leaves_no_phantom_i
         lose_write_acks(b, count=100)  # every answer lost, past the retry budget
         ios_client, _ = await connect_ios(b, mac)
         assert (await ios_client.expect_close())[0] == 1011  # a transient failure, never AUTH_FAILED
-        b._rooms.write = type(b._rooms).write.__get__(b._rooms)  # storage answers again
+        b.ctx.rooms.write = type(b.ctx.rooms).write.__get__(b.ctx.rooms)  # storage answers again
         # The join did land; the edge releases the slot as the socket goes.
         deadline = time.monotonic() + 5
-        while (await a._rooms.get(mac.room_id))[0].ios is not None:
+        while (await a.ctx.rooms.get(mac.room_id))[0].ios is not None:
             assert time.monotonic() < deadline, "the failed join's slot was never released"
             await asyncio.sleep(0.02)
         await mac_client.close()

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from accounts.tiers import DEFAULT_TIERS
-from edge import limits
-from edge.limits import SocketCaps, TokenBucket, UpgradeRateLimiter, user_socket_limit
+from edge.protocol import limits
+from edge.protocol.limits import SocketCaps, TokenBucket, UpgradeRateLimiter, user_socket_limit
 from edge.settings import EdgeSettings
 
 # --- a bucket of bytes ---------------------------------------------------------------------

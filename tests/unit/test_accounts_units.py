@@ -9,10 +9,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
-import edge.limits
+import edge.protocol.limits
 from accounts import tokens
 from accounts.tiers import DEFAULT_TIERS, UNLIMITED, Tier, TierFileError, load_tiers
-from edge.limits import FailedAuthLimiter, TokenBucket
+from edge.protocol.limits import FailedAuthLimiter, TokenBucket
 from metering.usage import bonus_remaining, effective_limit, history_report, usage_report
 from metering.windows import WINDOW_MS, iso_ms, period_label, period_of, period_start_ms, resets_at, window_index
 from schemas.records import BonusUsage, UsageWindow, User, WelcomeBonus
@@ -313,7 +313,7 @@ def test_failed_auth_limiter_with_max_failures_zero_never_limits():
 
 
 def test_failed_auth_limiter_forgets_the_oldest_addresses_past_its_memory_bound(monkeypatch):
-    monkeypatch.setattr(edge.limits, "MAX_TRACKED_ADDRESSES", 3)
+    monkeypatch.setattr(edge.protocol.limits, "MAX_TRACKED_ADDRESSES", 3)
     limiter = FailedAuthLimiter(max_failures=1, window_s=1000)
     for i, address in enumerate(["a", "b", "c"]):
         limiter.failed(address, float(i))
@@ -328,7 +328,7 @@ def test_failed_auth_limiter_forgets_the_oldest_addresses_past_its_memory_bound(
 
 
 def test_failed_auth_limiter_memory_bound_keeps_recently_failing_addresses(monkeypatch):
-    monkeypatch.setattr(edge.limits, "MAX_TRACKED_ADDRESSES", 2)
+    monkeypatch.setattr(edge.protocol.limits, "MAX_TRACKED_ADDRESSES", 2)
     limiter = FailedAuthLimiter(max_failures=2, window_s=1000)
     limiter.failed("a", 0.0)
     limiter.failed("b", 1.0)

@@ -1,6 +1,6 @@
 """Which edge incarnations died between two views of the live leases."""
 
-from edge.server import edges_gone
+from edge.protocol.plans import edges_gone
 
 
 def test_an_edge_missing_from_the_new_view_is_gone():

@@ -1,8 +1,8 @@
-"""Limits on guessing (edge.guessing): pure decisions, no I/O."""
+"""Limits on guessing (edge.protocol.guessing): pure decisions, no I/O."""
 
-from edge import guessing
-from edge.guessing import LoginGuard, RoomGuessGuard
-from edge.rooms import Outcome
+from edge.protocol import guessing
+from edge.protocol.guessing import LoginGuard, RoomGuessGuard
+from edge.protocol.rooms import Outcome
 from schemas.client import Error, ErrorCode, RoomRegistered
 
 WRONG, GOOD = "rdkey_" + "1" * 32, "rdkey_" + "2" * 32

@@ -7,15 +7,13 @@ import asyncio
 
 import pytest
 
-from edge import server
-from edge.server import Edge
-from edge.settings import EdgeSettings
+from edge import upkeep
+from edge.upkeep import keep_running
 
 
 async def test_a_failing_task_waits_longer_while_failures_follow_each_other_and_starts_over_after_a_long_run(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(server, "_FAILURES_APART_S", 0.05)
     waits: list[float] = []
     real_sleep = asyncio.sleep
 
@@ -23,8 +21,8 @@ async def test_a_failing_task_waits_longer_while_failures_follow_each_other_and_
         waits.append(seconds)
         await real_sleep(0)
 
-    monkeypatch.setattr(server.asyncio, "sleep", recorded_sleep)
-    edge = Edge(EdgeSettings(nats_url="nats://127.0.0.1:4222", edge_id="unit"))
+    monkeypatch.setattr(upkeep.asyncio, "sleep", recorded_sleep)
+    stopping = asyncio.Event()
     runs = iter(["fail", "fail", "fail", "long then fail", "fail", "stop"])
 
     async def run_once() -> None:
@@ -35,7 +33,7 @@ async def test_a_failing_task_waits_longer_while_failures_follow_each_other_and_
                 await real_sleep(0.06)
                 raise RuntimeError("a bug, much later")
             case "stop":
-                edge.stop()
+                stopping.set()
 
-    await asyncio.wait_for(edge._keep_running("upkeep", run_once), 5)
+    await asyncio.wait_for(keep_running("upkeep", run_once, stopping, failures_apart_s=0.05), 5)
     assert waits == [0.1, 0.2, 0.4, 0.1, 0.2]

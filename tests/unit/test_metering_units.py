@@ -6,7 +6,7 @@ import msgspec
 import pytest
 
 from accounts.tiers import DEFAULT_TIERS, Tier
-from edge.meter import UsageMeter
+from edge.protocol.meter import UsageMeter
 from metering.ledger import USAGE_TTL_MS, apply_usage, quota_answer, window_of
 from metering.windows import WINDOW_MS, iso_ms
 from schemas.metering import UsageEntry

@@ -9,7 +9,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from edge import rooms
+from edge.protocol import rooms
 from schemas.client import Error, ErrorCode, JoinRoom, PeerJoined, RegisterRoom, RoomRegistered
 from schemas.edge_events import PeerJoinedEvent
 from schemas.records import RoomRecord, SlotHolder

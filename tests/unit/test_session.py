@@ -9,10 +9,11 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from edge import rooms
-from edge.limits import TokenBucket
-from edge.rooms import Outcome
-from edge.session import Close, Forward, Notify, RoomRequest, Send, Session
+from edge.protocol import rooms
+from edge.protocol.limits import TokenBucket
+from edge.protocol.rooms import Outcome
+from edge.protocol.actions import Close, Forward, Notify, RoomRequest, Send
+from edge.protocol.session import Session
 from schemas.client import Error, JoinRoom, PeerJoined, RegisterRoom, RoomRegistered
 from schemas.edge_events import PeerJoinedEvent, PeerLeftEvent, ReplacedEvent
 from schemas.records import RoomRecord, SlotHolder
@@ -646,7 +647,7 @@ def test_take_now_leaves_a_heartbeat_to_receive_when_its_answer_cannot_be_writte
 
 
 def test_the_longest_heartbeat_ack_fits_the_room_the_fast_path_checks_for():
-    from edge.server import _HEARTBEAT_ACK_MAX
+    from edge.fastpath import HEARTBEAT_ACK_MAX as _HEARTBEAT_ACK_MAX
     from schemas.client import HeartbeatAck, encode
 
     longest = encode(HeartbeatAck(mac_connected=False, account_match="mismatch", account_deleted=True))

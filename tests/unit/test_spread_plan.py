@@ -7,7 +7,11 @@ import math
 
 import pytest
 
-from edge.server import _SLICE, _SPREAD_STEP_S, spread_plan
+from edge.protocol.plans import spread_plan
+from edge.settings import EdgeSettings
+
+_SLICE = EdgeSettings.upkeep_slice  # the defaults
+_SPREAD_STEP_S = EdgeSettings.spread_step_ms / 1000
 
 
 @pytest.mark.parametrize(
@@ -21,7 +25,7 @@ from edge.server import _SLICE, _SPREAD_STEP_S, spread_plan
     ],
 )
 def test_a_pass_goes_in_slices_as_small_as_keeps_them_apart(count, over_s, size, gap_s):
-    got_size, got_gap = spread_plan(count, over_s)
+    got_size, got_gap = spread_plan(count, over_s, _SLICE, _SPREAD_STEP_S)
     assert got_size == size
     assert got_gap == pytest.approx(gap_s)
     slices = math.ceil(count / got_size)
@@ -31,5 +35,5 @@ def test_a_pass_goes_in_slices_as_small_as_keeps_them_apart(count, over_s, size,
 
 @pytest.mark.parametrize("count, over_s", [(0, 15.0), (0, 0.0), (5, 0.0), (5, -1.0)])
 def test_an_empty_pass_or_one_without_time_goes_at_once(count, over_s):
-    size, gap_s = spread_plan(count, over_s)
+    size, gap_s = spread_plan(count, over_s, _SLICE, _SPREAD_STEP_S)
     assert size == _SLICE and gap_s == 0.0

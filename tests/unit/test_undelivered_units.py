@@ -6,9 +6,10 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from edge.meter import UsageMeter
-from edge.rooms import Outcome
-from edge.session import Send, Session, Undelivered
+from edge.protocol.meter import UsageMeter
+from edge.protocol.rooms import Outcome
+from edge.protocol.actions import Send, Undelivered
+from edge.protocol.session import Session
 from schemas.edge_events import PeerLeftEvent
 from schemas.records import SlotHolder
 from schemas.subjects import sender_addressee_and_credits, undelivered_reply_prefix

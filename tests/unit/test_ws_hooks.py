@@ -8,7 +8,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from edge import ws_hooks
-from edge.limits import TokenBucket
+from edge.protocol.limits import TokenBucket
 
 PING = b"\x89\x80\x00\x00\x00\x00"  # masked with a zero key, empty
 PONG_FROM_CLIENT = b"\x8a\x80\x00\x00\x00\x00"

@@ -6,7 +6,7 @@
 - `RoomGuessGuard`: failed `join_room`/`register_room` authentications (a wrong room
   secret or pairing token) per room and per user.
 
-Both are per edge and in memory, bounded like `edge.limits.FailedAuthLimiter` (which
+Both are per edge and in memory, bounded like `edge.protocol.limits.FailedAuthLimiter` (which
 they are made of). Each says when a failure starts a lock-out, so that it is logged once.
 Nothing here keeps a key or a secret: keys are remembered by hashes only.
 """
@@ -19,8 +19,8 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from edge.limits import FailedAuthLimiter
-from edge.rooms import Outcome
+from edge.protocol.limits import FailedAuthLimiter
+from edge.protocol.rooms import Outcome
 from schemas.client import CloseCode, Error, ErrorCode
 
 #: A key's "prefix" for counting: `rdkey_` and 8 hex digits (`rdrt_` and 9 for a refresh

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from edge.limits import TokenBucket
-from edge.rooms import Outcome
+from edge.protocol.actions import Action, Close, Forward, Notify, RoomRequest, Send, Undelivered
+from edge.protocol.limits import TokenBucket
+from edge.protocol.rooms import Outcome
 from schemas.client import (
     CloseCode,
     DisconnectReason,
@@ -32,66 +33,6 @@ from schemas.client import (
 )
 from schemas.edge_events import EdgeEvent, PeerJoinedEvent, PeerLeftEvent, ReplacedEvent
 from schemas.records import SlotHolder
-
-# Actions are made per frame: plain slotted dataclasses (a frozen one costs three times as
-# much to build). Nobody changes an action after it is made.
-
-
-@dataclass(slots=True)
-class Send:
-    """Write this text frame to the session's own socket."""
-
-    data: bytes
-
-
-@dataclass(slots=True)
-class Forward:
-    """Publish this frame (already the text the peer receives) to the peer's socket."""
-
-    data: bytes
-    to: SlotHolder
-    payloads: int = 1  # how many payloads it carries (a `relay_batch` may carry several)
-
-
-@dataclass(frozen=True)
-class RoomRequest:
-    """Run the room logic for this request, then hand the outcome to `Session.apply`."""
-
-    message: RegisterRoom | JoinRoom
-
-
-@dataclass(frozen=True)
-class Notify:
-    """Publish a control event to `to`, the holder of `role`'s slot."""
-
-    to: SlotHolder
-    role: str
-    event: EdgeEvent
-
-
-@dataclass(frozen=True)
-class Close:
-    """Close the session's socket, after sending `farewell` if the client still reads."""
-
-    code: int
-    reason: str
-    farewell: bytes | None = None
-
-
-Action = Send | Forward | RoomRequest | Notify | Close
-
-
-@dataclass(frozen=True, slots=True)
-class Undelivered:
-    """News from NATS about a frame this session forwarded: it reached nobody.
-
-    `edge_gone`: nobody subscribes for the addressee `to_socket_id` any more (NATS answered
-    "no responders": its edge crashed or lost NATS); else its edge has no such socket (it
-    left, and its edge's `peer_left` is on its way). Not charged: the edge refunds it.
-    """
-
-    to_socket_id: str
-    edge_gone: bool
 
 
 @dataclass(frozen=True)
@@ -257,8 +198,9 @@ class Session:
 
     # --- from the room logic -----------------------------------------------------
 
-    def apply(self, outcome: Outcome, revision: int = 0) -> list[Action]:
-        """The room logic's decision on this session's request, written at room `revision`."""
+    def apply(self, outcome: Outcome, revision: int = 0, notice: Send | None = None) -> list[Action]:
+        """The room logic's decision on this session's request, written at room `revision`;
+        `notice` (an `ACCOUNT_MISMATCH` error) goes to the client right after the replies."""
         self._busy = False
         if outcome.accepted:
             self.in_room = True
@@ -267,6 +209,8 @@ class Session:
             if any(isinstance(reply, PeerJoined) for reply in outcome.replies):
                 self._peer_revision = revision  # the client now knows the peer as of this revision
         actions: list[Action] = [Send(encode(reply)) for reply in outcome.replies]
+        if notice is not None:
+            actions.append(notice)
         if outcome.notify_peer is not None and outcome.peer is not None:
             event = msgspec.structs.replace(outcome.notify_peer, revision=revision)
             actions.append(Notify(outcome.peer, self.peer_role, event))
@@ -366,6 +310,43 @@ class Session:
             return []
         self.peer = None
         return [Send(encode(PeerDisconnected(reason=DisconnectReason.TIMEOUT)))]
+
+    # --- its end -----------------------------------------------------------------
+
+    @property
+    def releases_slot_on_leave(self) -> bool:
+        """Whether the socket's going frees a slot and tells its peer: it held one, or may
+        hold one (a request that failed unanswered), and was not replaced (its successor
+        holds the slot now)."""
+        return (self.in_room or self.uncertain) and not self.replaced and self.role is not None
+
+    def left_event(self) -> PeerLeftEvent:
+        """What the room's live peer is told when this socket is gone."""
+        return PeerLeftEvent(reason=self.leave_reason)
+
+    def too_slow(self) -> list[Action]:
+        """What waits for its client passed its bounds: frames for it are being dropped, so
+        its session is broken, and to its peer it timed out. Closed 1013."""
+        self.leave_reason = DisconnectReason.TIMEOUT
+        return [Close(CloseCode.TRY_AGAIN_LATER, "too slow")]
+
+    def dropped_unread(self) -> None:
+        """Its outgoing buffer passed its bound (it does not read): dropped without a close,
+        and to its peer it timed out, as a slow reader does."""
+        self.leave_reason = DisconnectReason.TIMEOUT
+
+    def shed(self) -> None:
+        """Its connection closed it 1008 for a flood (pings, pongs or bytes): to its peer it
+        left, as for too many messages."""
+        self.leave_reason = DisconnectReason.CLIENT_LEFT
+
+    def frame_too_large(self) -> list[Action]:
+        """A frame larger than NATS carries (its max_payload): closed 1009."""
+        return [Close(CloseCode.TOO_BIG, "frame too large for this relay")]
+
+    def ends_with(self, leave_reason: str) -> None:
+        """The edge closes this socket for its own reason (a restart, a lost lease): its peer hears `leave_reason`."""
+        self.leave_reason = leave_reason
 
     # --- liveness ----------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 - `FailedAuthLimiter`: failed authentications per client address; past the limit the
   address gets HTTP 429 until its window has passed.
 - `TokenBucket`: a socket's inbound rate; a burst is fine, sustained excess is not. One
-  bucket per socket, spent by its messages (`edge.session`) and by its pings and pongs
+  bucket per socket, spent by its messages (`edge.protocol.session`) and by its pings and pongs
   (`edge.front.HttpConnection`): a flood of control frames costs the edge as much CPU
   per frame as a flood of messages, and is shed the same way (close 1008). A second
   bucket per socket counts the bytes it sends (`edge.front.HttpConnection`, per read):

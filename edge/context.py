@@ -1,0 +1,156 @@
+"""What every part of one edge process shares: its identity, NATS, stores, sockets, task group.
+
+One `EdgeContext` per process, made by `edge.server.Edge`; the parts (`edge.carrier`,
+`edge.delivery`, `edge.leases`, …) each hold it and nothing of each other's but what they
+are handed at wiring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections import deque
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.client import Client as NATS
+
+from accounts.tiers import Tier
+from edge.access import Access, Principal
+from edge.api import HttpApi
+from edge.front import HttpConnection
+from edge.metering_link import MeteringLink
+from edge.protocol.meter import UsageMeter
+from edge.protocol.session import Session
+from edge.settings import EdgeSettings
+from edge.store import Presence, RoomStore
+from schemas.records import SlotHolder
+
+log = logging.getLogger("edge")
+
+
+@dataclass(frozen=True)
+class WsTarget:
+    """What the upgrade request asked for, validated and authenticated before the 101."""
+
+    room_id: str
+    role: str | None
+    principal: Principal
+    # The room limit needs no look at the first register: the room was registered already
+    # (a reconnection) or the tier has no limit.
+    room_settled: bool = False
+
+    @property
+    def user_id(self) -> str:
+        return self.principal.user_id
+
+
+@dataclass(eq=False)
+class Connection:
+    """A live client socket on this edge: the socket, its protocol state, what waits to be written to it."""
+
+    ws: HttpConnection
+    session: Session
+    target: WsTarget
+    # role → the room subject of that role, built once (the room id was validated at the
+    # upgrade; re-validating it per forwarded frame would be work on the hot path).
+    subjects: dict[str, str] = field(default_factory=dict)
+    last_message_ms: int = 0  # wall clock of the last inbound frame, for lastSeen
+    last_seen_written_ms: int = 0
+    closing: bool = False
+    timed_out: bool = False
+    registered_at: int | None = None  # epoch ms of this Mac socket's first room registration
+    in_session_since: float | None = None  # monotonic s: session time counted up to here (Mac sockets)
+    forward_to: str = ""  # the peer socket that `forward_subject` addresses
+    forward_subject: str = ""
+    # Its frames' reply subject, for one credit (`undelivered_reply_prefix` + "1").
+    forward_reply: str = ""
+    # Held while writing what the session decided about its peer, and while writing a
+    # frame from NATS, so that the client never sees a peer's frame before its peer_joined.
+    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # What arrived from NATS for this socket and could not be written at once (the socket
+    # is slow, or news about the peer is being written), in arrival order: a frame's bytes
+    # or a control event, each with its sender. Written by `drainer`; bounded.
+    backlog: deque[tuple[bytes | Any, str]] = field(default_factory=deque)
+    backlog_bytes: int = 0
+    drainer: asyncio.Task[None] | None = None
+    closing_slow: bool = False  # being closed 1013 for a backlog over its bounds
+
+    def clear_backlog(self) -> None:
+        self.backlog.clear()
+        self.backlog_bytes = 0
+
+
+@dataclass
+class FrameCounters:
+    """What /metrics counts of the frame path."""
+
+    forwarded_at_once: int = 0  # taken as they arrived (`edge.fastpath`)
+    heartbeats_answered_at_once: int = 0
+    forwarded_by_handler: int = 0
+    undelivered: int = 0  # NATS or the addressee's edge said nobody got them; not charged
+
+
+class EdgeContext:
+    """The state the parts of one edge share; the stores are there once NATS is."""
+
+    def __init__(self, settings: EdgeSettings, tiers: dict[str, Tier]) -> None:
+        self.settings = settings
+        self.tiers = tiers
+        self.boot_id = secrets.token_hex(8)  # this incarnation; a new one after a lost lease
+        self.connections: dict[str, Connection] = {}
+        self.live_edges: dict[str, str] = {}  # edge_id → boot_id of every incarnation whose lease is alive
+        self.stopping = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.accepted = False  # has been ready: has a graceful shutdown to run
+        self.nc: NATS | None = None
+        self.rooms: RoomStore | None = None
+        self.presence: Presence | None = None
+        self.access: Access | None = None
+        self.api: HttpApi | None = None
+        self.metering: MeteringLink | None = None  # with settings.metering, once NATS is there
+        self.meter = UsageMeter(settings.edge_id, self.boot_id, settings.session_ms_per_credit)
+        self.metering_on = settings.metering  # off: nothing is counted (nothing would take it)
+        self.max_forward_bytes = 0  # see `Edge.learn_max_payload`
+        self.counters = FrameCounters()
+        self.tg: asyncio.TaskGroup | None = None
+
+    def spawn(self, work: Coroutine[Any, Any, None], what: str) -> asyncio.Task[None] | None:
+        """Run `work` in the edge's TaskGroup; a failure is logged, never fatal to the edge."""
+
+        async def supervised() -> None:
+            try:
+                await work
+            except Exception:
+                log.exception("%s failed", what)
+
+        if self.tg is None:
+            work.close()  # shutting down: nothing runs any more
+            return None
+        return self.tg.create_task(supervised())
+
+    async def sleep(self, seconds: float, until: asyncio.Event | None = None) -> bool:
+        """Sleep, or return True at once when the edge is stopping (or `until` is set)."""
+        try:
+            await asyncio.wait_for((until or self.stopping).wait(), seconds)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def is_alive(self, holder: SlotHolder) -> bool:
+        """Whether the socket `holder` names lives: ours we know for sure; another edge's
+        lives while its incarnation's lease does."""
+        if holder.edge_id == self.settings.edge_id and holder.boot_id == self.boot_id:
+            return holder.socket_id in self.connections
+        return self.live_edges.get(holder.edge_id) == holder.boot_id
+
+    @property
+    def close_timeout_s(self) -> float:
+        return max(self.settings.close_timeout_ms / 1000, 0.05)
+
+    @property
+    def seen_ttl_s(self) -> float:
+        """How long a lastSeen value lives in KV: as long as a room may look idle."""
+        return max(1.0, self.settings.room_idle_timeout_ms / 1000)

@@ -1,0 +1,138 @@
+"""What NATS brings for this edge's sockets: frames and control events, written in order.
+
+Never waits for a socket: a frame is written at once when that cannot wait (`edge.fastpath`),
+else it joins the socket's backlog, which a task of that socket writes. So a slow socket
+never holds up the others, and the order of one socket's messages is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgspec
+from nats.aio.msg import Msg
+from websockets.exceptions import ConnectionClosed
+
+from edge.carrier import NO_SUCH_SOCKET, Carrier
+from edge.context import Connection, EdgeContext
+from edge.fastpath import can_write_now, write_now
+from edge.protocol.actions import Undelivered
+from edge.protocol.plans import backlog_over_bounds
+from schemas.edge_events import KIND_EVENT, edge_event_decoder
+from schemas.subjects import addressee_sender_and_kind, sender_addressee_and_credits
+
+log = logging.getLogger("edge")
+
+# The status NATS gives the reply of a message nobody subscribes for ("no responders").
+NO_RESPONDERS = "503"
+
+
+class Delivery:
+    """Delivers NATS messages to this edge's sockets, each socket's in arrival order."""
+
+    def __init__(self, ctx: EdgeContext, carrier: Carrier) -> None:
+        self.ctx = ctx
+        self.carrier = carrier
+
+    async def dispatch(self, msg: Msg) -> None:
+        """Everything NATS brings for this edge's sockets, in the order it comes."""
+        to, sender, kind = addressee_sender_and_kind(msg.subject)
+        conn = self.ctx.connections.get(to)
+        if kind == KIND_EVENT:
+            if msg.reply:
+                # Acknowledged on receipt, not after processing: the sender may be holding
+                # its own socket's write lock while it waits for this.
+                await msg.respond(b"" if conn is not None else NO_SUCH_SOCKET)
+            if conn is None:
+                return
+            try:
+                event = edge_event_decoder.decode(msg.data)
+            except msgspec.DecodeError:
+                log.error("undecodable control event on %s", msg.subject)
+                return
+            self.enqueue(conn, event, sender, 0)
+            return
+        if conn is None:
+            if msg.reply:  # the sender's edge takes back the charge and tells its client NO_PEER
+                await self.ctx.nc.publish(msg.reply, NO_SUCH_SOCKET)
+            return
+        if can_write_now(conn, len(msg.data)):
+            if conn.session.accepts_frame_from(sender):
+                write_now(conn, msg.data)
+        else:
+            self.enqueue(conn, msg.data, sender, len(msg.data))
+
+    def enqueue(self, conn: Connection, item: bytes | Any, sender: str, size: int) -> None:
+        """Queue `item` for the socket's drainer; a socket that cannot keep up is closed 1013."""
+        if conn.closing or conn.closing_slow:
+            return
+        conn.backlog.append((item, sender))
+        conn.backlog_bytes += size
+        s = self.ctx.settings
+        # What waits for the socket in all: its backlog and its transport's write buffer.
+        waiting = conn.backlog_bytes + conn.ws.transport.get_write_buffer_size()
+        if backlog_over_bounds(len(conn.backlog), waiting, s.socket_queue_max_msgs, s.socket_queue_max_bytes):
+            log.warning("socket %s cannot keep up; closing it", conn.session.socket_id)
+            conn.closing_slow = True  # said once; what comes for it until the close is dropped
+            conn.clear_backlog()
+            self.ctx.spawn(self.carrier.carry_out(conn, conn.session.too_slow()), "close a slow socket")
+            return
+        if conn.drainer is None and self.ctx.tg is not None:
+            try:
+                conn.drainer = self.ctx.tg.create_task(self._drain(conn))
+            except RuntimeError:  # the edge's TaskGroup is finishing: its sockets are closed
+                conn.clear_backlog()
+
+    async def _drain(self, conn: Connection) -> None:
+        """Write the socket's backlog in order: frames (after any news being written) and
+        control events (decided and written under the write lock)."""
+        session = conn.session
+        try:
+            while conn.backlog:
+                item, sender = conn.backlog.popleft()
+                if type(item) is bytes:
+                    conn.backlog_bytes -= len(item)
+                    if conn.write_lock.locked():
+                        async with conn.write_lock:
+                            await self._write_frame(conn, item, sender)
+                    else:
+                        await self._write_frame(conn, item, sender)
+                else:
+                    async with conn.write_lock:
+                        await self.carrier.carry_out(conn, session.receive_event(item, sender))
+        except Exception:
+            log.exception("socket %s: writing its backlog failed", session.socket_id)
+        finally:
+            conn.drainer = None
+
+    @staticmethod
+    async def _write_frame(conn: Connection, data: bytes, sender: str) -> None:
+        """Write a frame from NATS to the client if it comes from the session's current peer."""
+        if conn.session.accepts_frame_from(sender):
+            try:
+                await conn.ws.send(data, text=True)
+            except ConnectionClosed:
+                pass
+
+    async def undelivered(self, msg: Msg) -> None:
+        """A frame one of our sockets forwarded reached nobody: NATS answered its reply subject
+        "no responders" (nobody subscribes for the addressee: its edge crashed, or lost NATS),
+        or the addressee's edge said it has no such socket. The frame's credits are taken back,
+        and the session decides, in order with what else comes for the socket, what its client
+        hears (`Session.receive_event`, `Undelivered`): `NO_PEER`, and when the peer's edge is
+        gone `peer_disconnected` first, without waiting for that edge's lease to expire."""
+        edge_gone = msg.headers is not None and msg.headers.get("Status") == NO_RESPONDERS
+        if not edge_gone and msg.data != NO_SUCH_SOCKET:
+            return
+        try:
+            sender, to, credits = sender_addressee_and_credits(msg.subject)
+        except ValueError:
+            return
+        conn = self.ctx.connections.get(sender)
+        if conn is None:
+            return  # gone too, its user charged for it: rare, and no one left to tell
+        self.ctx.counters.undelivered += 1
+        if self.ctx.metering_on:
+            self.ctx.meter.refund_messages(conn.session.user_id, credits)
+        self.enqueue(conn, Undelivered(to, edge_gone), to, 0)

@@ -1,0 +1,103 @@
+"""The frame path's shortcuts: a frame written the moment it arrives from NATS, and a
+message taken from the client the moment it is parsed, without a task or a wait.
+
+Most frames take these; everything else goes the handler's way (`edge.sockets`) and the
+socket's backlog (`edge.delivery`), which the shortcuts must never overtake.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+
+from websockets.protocol import State
+
+from edge.carrier import Carrier
+from edge.context import Connection, EdgeContext
+from edge.eager import run_eagerly
+from edge.protocol.actions import Send
+from edge.store import now_ms
+from schemas.client import CloseCode
+
+log = logging.getLogger("edge")
+
+# The largest WebSocket frame header the server writes (no mask): 2 + 8 bytes.
+FRAME_HEADER_MAX = 10
+# Longer than any `heartbeat_ack` (its longest has every optional field).
+HEARTBEAT_ACK_MAX = 128
+
+
+def can_write_now(conn: Connection, size: int) -> bool:
+    """Whether a text frame of `size` bytes can be written to the socket at once, in
+    order: nothing of the socket's is queued or being written, it is open, not paused
+    (from over the high-water mark until down to the low one), and this write keeps it
+    under the high-water mark."""
+    ws = conn.ws
+    return (
+        conn.drainer is None  # else it holds an item taken from the backlog: after it
+        and not conn.write_lock.locked()
+        and not ws.paused
+        and ws.send_in_progress is None
+        and ws.protocol.state is State.OPEN
+        and ws.transport.get_write_buffer_size() + size + FRAME_HEADER_MAX < ws.write_limit_high
+    )
+
+
+def write_now(conn: Connection, data: bytes) -> None:
+    """What `ws.send` would do once `can_write_now`, without its waits (there is nothing
+    to wait for) and without its per-call context manager, the largest cost of a delivery."""
+    conn.ws.protocol.send_text(data)
+    conn.ws.send_data()
+
+
+class FastPath:
+    """Takes a socket's messages as they arrive, while its handler waits with nothing queued."""
+
+    def __init__(self, ctx: EdgeContext, carrier: Carrier) -> None:
+        self.ctx = ctx
+        self.carrier = carrier
+
+    def taker_for(self, conn: Connection) -> Callable[[bytes], bool]:
+        """The connection's `take_message_now`, built once per socket, not per frame."""
+        can_answer_now = functools.partial(can_write_now, conn, HEARTBEAT_ACK_MAX)
+        return functools.partial(self.take_message_now, conn, can_answer_now)
+
+    def take_message_now(self, conn: Connection, can_answer_now: Callable[[], bool], data: bytes) -> bool:
+        """A whole text message, as it arrives: a `relay` or `relay_batch` for a present peer
+        is published here and now, a `heartbeat` answered here and now when the answer can
+        be written at once (no wake-up of the handler, no task); anything else is declined
+        (False), for the handler.
+        """
+        ctx = self.ctx
+        if len(data) > ctx.max_forward_bytes or ctx.tg is None or not ctx.nc.is_connected:
+            return False  # the handler's way says why (1009), or waits for NATS
+        try:
+            text = data.decode()  # as websockets would for the handler: text frames are UTF-8
+        except UnicodeDecodeError:
+            return False  # the handler's `recv` fails the connection with 1007
+        try:
+            taken = conn.session.take_now(text, time.monotonic(), can_answer_now)
+            if taken is None:
+                return False
+            conn.last_message_ms = now_ms()
+            if type(taken) is Send:
+                write_now(conn, taken.data)
+                ctx.counters.heartbeats_answered_at_once += 1
+                return True
+            waiting = run_eagerly(self.carrier.forward(conn, taken, at_once=True), self.carrier.spawn_publish)
+        except Exception:
+            # As the handler does with what it raises: this socket ends (1011), nothing else.
+            # Raised out of websockets' data callback, it would abort the connection (1006)
+            # and lose the rest of what arrived with it.
+            log.exception("socket %s in room %s failed", conn.session.socket_id, conn.session.room_id)
+            conn.ws.take_message_now = None
+            ctx.spawn(self.carrier.close(conn, CloseCode.INTERNAL, "Internal error"), "close a failed socket")
+            return True
+        if waiting is not None:
+            # nats-py's buffer is full: the frame is in it, in order, but the publish waits
+            # for the flush. Like the handler's own wait, this socket's next message goes
+            # to the handler, which waits too: what a fast sender floods stays bounded.
+            conn.ws.take_message_now = None
+        return True

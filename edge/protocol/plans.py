@@ -1,0 +1,30 @@
+"""How the edge paces work over many sockets, and what a change of the live edges means. No I/O."""
+
+from __future__ import annotations
+
+import math
+
+
+def spread_plan(count: int, over_s: float, slice_size: int, step_s: float) -> tuple[int, float]:
+    """(sockets per slice, seconds from one slice to the next) for a pass over `count`
+    sockets spread over `over_s`: slices at least `step_s` apart, of at most `slice_size`
+    sockets (more sockets than that allows: slices closer together).
+
+    Spread, not in one go: 25 acknowledged registration writes at once held frames ~10 ms
+    every few seconds; one write every 150 ms is felt by nobody (bench/README.md).
+    """
+    if count == 0 or over_s <= 0:
+        return slice_size, 0.0
+    size = max(1, min(slice_size, math.ceil(count * step_s / over_s)))
+    return size, over_s / math.ceil(count / size)
+
+
+def edges_gone(before: dict[str, str], after: dict[str, str]) -> list[tuple[str, str]]:
+    """Edge incarnations (edge_id, boot_id) alive in `before` and not in `after`."""
+    return [(edge_id, boot_id) for edge_id, boot_id in before.items() if after.get(edge_id) != boot_id]
+
+
+def backlog_over_bounds(messages: int, bytes_waiting: int, max_messages: int, max_bytes: int) -> bool:
+    """Whether a socket's backlog (`messages`, and `bytes_waiting` with its write buffer)
+    shows a reader that cannot keep up: it is closed 1013, nobody else waits for it."""
+    return messages > max_messages or bytes_waiting > max_bytes

@@ -1,0 +1,165 @@
+"""A client socket's life on this edge, from the 101 to the release of its slot.
+
+`serve` is websockets' connection handler: it makes the socket's `Session`, feeds it what
+the client sends, and when the socket is gone frees its room slot and tells its peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import secrets
+import time
+from collections.abc import Container
+
+import nats.errors
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from edge.carrier import Carrier
+from edge.context import Connection, EdgeContext, WsTarget
+from edge.fastpath import FastPath
+from edge.protocol import rooms
+from edge.protocol.session import Session, other_role
+from edge.store import StorageConflict, now_ms
+from edge.usage import Usage
+from schemas.client import CloseCode, encode
+from schemas.records import RoomRecord
+from schemas.subjects import ROLES, room_subject
+
+log = logging.getLogger("edge")
+
+
+class Sockets:
+    """Serves each client socket, and cleans up after it."""
+
+    def __init__(self, ctx: EdgeContext, carrier: Carrier, fastpath: FastPath, usage: Usage, deleted_users: Container[str]) -> None:
+        self.ctx = ctx
+        self.carrier = carrier
+        self.fastpath = fastpath
+        self.usage = usage
+        self.deleted_users = deleted_users  # accounts deleted while this edge watched
+
+    async def serve(self, ws: ServerConnection) -> None:
+        ctx = self.ctx
+        target: WsTarget = ws.relay_target  # type: ignore[attr-defined]
+        session = Session(
+            room_id=target.room_id,
+            role=target.role,
+            socket_id=secrets.token_urlsafe(16),
+            edge_id=ctx.settings.edge_id,
+            boot_id=ctx.boot_id,
+            user_id=target.user_id,
+            last_message_at=time.monotonic(),
+            rate=ws.rate,  # shared with the connection, which spends it on control frames
+        )
+        subjects = {role: room_subject(target.room_id, role) for role in ROLES}
+        conn = Connection(ws=ws, session=session, target=target, subjects=subjects)
+        ctx.connections[session.socket_id] = conn
+        ws.on_shed = functools.partial(self._shed, conn)
+        ws.check_outgoing = functools.partial(self._check_outgoing, conn)
+        try:
+            if session.user_id in self.deleted_users:
+                await self.carrier.carry_out(conn, session.account_deleted())
+                return
+            if ctx.metering is not None:
+                # After the 101, before the first message (§6.4): a body cannot go with a 101.
+                exceeded = await ctx.metering.check_quota(session.user_id)
+                if exceeded is not None:
+                    await self.carrier.carry_out(conn, session.quota_exceeded(encode(exceeded)))
+                    return
+            take_message_now = self.fastpath.taker_for(conn)
+            while True:
+                # Armed only while this waits with nothing queued: a message taken at once is
+                # then in its place in the socket's order.
+                ws.take_message_now = take_message_now
+                try:
+                    frame = await ws.recv()
+                finally:
+                    ws.take_message_now = None
+                conn.last_message_ms = now_ms()  # any message is a sign of life (§4.7)
+                if conn.closing:
+                    continue  # sent after the edge began to close this socket: not acted on
+                await self.carrier.carry_out(conn, session.receive(frame, time.monotonic()))
+        except ConnectionClosed:
+            pass
+        except Exception:
+            log.exception("socket %s in room %s failed", session.socket_id, session.room_id)
+            with contextlib.suppress(Exception):
+                await ws.close(CloseCode.INTERNAL, "Internal error")
+        finally:
+            await self._leave(conn)
+
+    async def _leave(self, conn: Connection) -> None:
+        """The socket is gone: free its slot if it still held one, tell the peer."""
+        session = conn.session
+        self.ctx.connections.pop(session.socket_id, None)
+        self.usage.count_session_time(conn, time.monotonic(), ending=True)
+        conn.clear_backlog()  # nobody to write it to
+        if not session.releases_slot_on_leave:
+            return
+        last_seen = max(conn.last_message_ms, conn.ws.last_dropped_ms) or now_ms()
+        try:
+            await self._release_and_announce(session, last_seen)
+        except (nats.errors.Error, asyncio.TimeoutError, StorageConflict) as exc:
+            log.warning("room %s: could not release the %s slot (%s); retrying", session.room_id, session.role, exc)
+            self.ctx.spawn(self._retry_release(session, last_seen), "release a departed socket's slot")
+
+    async def _release_and_announce(self, session: Session, last_seen_ms: int) -> None:
+        """Free the session's slot if it still holds it, and tell the room's live peer why it left."""
+        ctx = self.ctx
+        role, holder, now = session.role, session.holder, now_ms()
+
+        def release(record: RoomRecord | None, _seen: tuple[int | None, ...]) -> tuple[RoomRecord | None, rooms.Release]:
+            released = rooms.release(record, holder, role, now, ctx.is_alive)
+            return released.record, released
+
+        released, _ = await ctx.rooms.transact(session.room_id, release)
+        if released.peer is not None:
+            await self.carrier.publish_event(session, released.peer, other_role(role), session.left_event())
+        await ctx.presence.put_last_seen(session.room_id, role, last_seen_ms, ctx.seen_ttl_s)
+
+    async def _retry_release(self, session: Session, last_seen_ms: int) -> None:
+        """Keep trying to release a departed socket's slot while NATS is away, until the edge stops.
+
+        Giving up would leave a slot naming a socket that is gone, on an edge that lives.
+        """
+        backoff = 1.0
+        while not await self.ctx.sleep(backoff):
+            try:
+                await self._release_and_announce(session, last_seen_ms)
+                log.info("room %s: released the %s slot of a departed socket", session.room_id, session.role)
+                return
+            except (nats.errors.Error, asyncio.TimeoutError, StorageConflict):
+                backoff = min(backoff * 2, 5.0)
+
+    def _shed(self, conn: Connection, passed: str) -> None:
+        """The connection shed its socket for what it `passed` (pings or pongs past its rate
+        limit, or bytes past its byte rate limit): it has answered 1008 and discards what
+        follows, and what it sent before is not acted on either."""
+        log.warning("socket %s in room %s: %s; closed 1008", conn.session.socket_id, conn.session.room_id, passed)
+        conn.session.shed()
+        conn.closing = True
+        conn.ws.drop_messages = True
+
+    def _check_outgoing(self, conn: Connection) -> None:
+        """After a read while the socket's write buffer is over its high-water mark: what
+        waits to be written to it (its backlog, and the write buffer, where websockets puts
+        its pongs) must stay within RELAY_SOCKET_QUEUE_MAX_BYTES. Past it the connection is
+        dropped at once, not closed: a client that lets that much pile up does not read,
+        and would not read a close frame either; the buffer's memory comes back now."""
+        ws = conn.ws
+        waiting = conn.backlog_bytes + ws.transport.get_write_buffer_size()
+        if waiting <= self.ctx.settings.socket_queue_max_bytes:
+            return
+        log.warning(
+            "socket %s in room %s: %d bytes wait to be written to it, over RELAY_SOCKET_QUEUE_MAX_BYTES; dropped",
+            conn.session.socket_id, conn.session.room_id, waiting,
+        )
+        ws.check_outgoing = None
+        conn.closing = conn.closing_slow = True
+        conn.clear_backlog()
+        conn.session.dropped_unread()
+        ws.transport.abort()
