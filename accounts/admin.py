@@ -19,21 +19,20 @@ import json
 import os
 import re
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import msgspec
-import nats
-import nats.errors
 
 from accounts.store import AccountStore, UnknownUser, UserExists
 from accounts.tiers import Tier, TierFileError, load_tiers
-from edge.local_lock import DEFAULT_DATA, running_relay_nats_url
-from edge.settings import OneLineErrorParser, add_setting_flags, check_fields, redact_urls, settings_from_args
 from metering.usage import UsageReader, open_usage_bucket, usage_report
 from metering.windows import period_of
+from runtime.clock import now_ms
+from runtime.connection import STORAGE_ERRORS, connect_once
+from runtime.local_lock import DEFAULT_DATA, running_relay_nats_url
+from runtime.settings import NatsSettings, OneLineErrorParser, add_setting_flags, redact_urls, settings_from_args
 from schemas.records import User, WelcomeBonus
 from schemas.subjects import is_valid_user_id
 
@@ -56,22 +55,15 @@ class AdminError(Exception):
 
 
 @dataclass(frozen=True, kw_only=True)
-class AdminSettings:
-    """What relay-admin can be told: flags before the command, else `RELAY_*` variables."""
+class AdminSettings(NatsSettings):
+    """What relay-admin can be told: flags before the command, else `RELAY_*` variables.
+    Without a NATS URL it uses the relay `make run` runs here, if there is one."""
 
-    nats_url: str = field(
-        default="nats://127.0.0.1:4222",
-        metadata={"help": "NATS server URL(s), comma-separated; unset, the relay `make run` runs here if there is one", "url": True},
-    )
-    tiers_file: str = field(default="", metadata={"help": "TOML file overriding the tiers (as the edges use)"})
-    kv_replicas: int = field(default=1, metadata={"help": "replicas of the KV buckets, if they must be created", "min": 1})
     api_key_ttl_s: int = field(default=30 * 86_400, metadata={"help": "API_KEY_TTL_SECONDS of new keys"})
     refresh_token_ttl_s: int = field(default=180 * 86_400, metadata={"help": "REFRESH_TOKEN_TTL_SECONDS of new refresh tokens"})
     welcome_bonus_credits: int = field(default=10_000, metadata={"help": "welcome-bonus credits granted to a new user (0: none)", "min": 0})
     welcome_bonus_days: int = field(default=7, metadata={"help": "days the welcome bonus stays valid", "min": 1})
 
-    def __post_init__(self) -> None:
-        check_fields(self)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -132,22 +124,10 @@ def _print_json(value: Any) -> None:
     print(json.dumps(msgspec.to_builtins(value), ensure_ascii=False))
 
 
-async def _ignore(exc: Exception) -> None:
-    pass
-
-
 async def _run(args: argparse.Namespace, settings: AdminSettings, tiers: dict[str, Tier]) -> None:
     try:
-        nc = await nats.connect(
-            servers=[u.strip() for u in settings.nats_url.split(",")],
-            name="relay-admin",
-            connect_timeout=5,
-            allow_reconnect=False,
-            max_reconnect_attempts=1,  # 0 would mean "forever" in nats-py
-            reconnect_time_wait=0.5,
-            error_cb=_ignore,  # reported once, below, not as a traceback per attempt
-        )
-    except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:
+        nc = await connect_once(settings.nats_url, "relay-admin")
+    except (OSError, *STORAGE_ERRORS) as exc:
         raise AdminError(EXIT_UNAVAILABLE, f"cannot reach NATS at {redact_urls(settings.nats_url)}: {exc or type(exc).__name__}")
     try:
         js = nc.jetstream(timeout=5)
@@ -161,7 +141,7 @@ async def _run(args: argparse.Namespace, settings: AdminSettings, tiers: dict[st
 async def _command(
     args: argparse.Namespace, settings: AdminSettings, tiers: dict[str, Tier], store: AccountStore, js: Any
 ) -> None:
-    now = time.time_ns() // 1_000_000
+    now = now_ms()
     group, action = args.group, getattr(args, "action", None)
     user_id = getattr(args, "user", None)
     if group == "users" and action == "add":
@@ -281,7 +261,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except AdminError as exc:
         _fail(exc.code, str(exc))
-    except (nats.errors.Error, asyncio.TimeoutError) as exc:
+    except STORAGE_ERRORS as exc:
         _fail(EXIT_UNAVAILABLE, f"storage unavailable: {exc or type(exc).__name__}")
 
 

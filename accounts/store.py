@@ -8,19 +8,17 @@ Buckets:
   refreshed while the room's Mac is connected (protocol.md §7). An expired
   registration simply disappears: no markers, no cleanup job.
 
-Every write and removal goes through `edge.kv.write` and `edge.kv.remove`, in buckets
-made with `edge.kv.durable_bucket`: a revoked key, a used refresh token or a deleted
-registration stays gone across crashes of the NATS servers (see `edge.kv`). A record
-past its own `expires_at` reads as absent, whatever the server still holds.
+Every write and removal goes through `runtime.kv.write` and `runtime.kv.remove`, in
+buckets made with `runtime.kv.durable_bucket`: a revoked key, a used refresh token or a
+deleted registration stays gone across crashes of the NATS servers (see `runtime.kv`).
+A record past its own `expires_at` reads as absent, whatever the server still holds.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import random
-import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import msgspec
 import nats.errors
@@ -29,8 +27,10 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from accounts import claims, tokens
-from edge import kv
-from edge.kv import get_present, open_bucket, present_values
+from runtime import kv
+from runtime import clock
+from runtime.connection import STORAGE_ERRORS
+from runtime.kv import CompareAndSetLost, compare_and_set, get_present, open_bucket, present_values
 from schemas.records import (
     ApiKeyRecord,
     RefreshTokenRecord,
@@ -48,6 +48,8 @@ from schemas.subjects import (
     REGISTRATIONS_BUCKET,
     USER_FILTER,
     api_key_key,
+    kv_stream,
+    kv_subject,
     refresh_token_key,
     registration_key,
     registrations_filter,
@@ -56,6 +58,8 @@ from schemas.subjects import (
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _MAX_CAS_ATTEMPTS = 20
 # A key's expiry slides forward at most this often: a KV write per connection would be waste.
@@ -90,16 +94,6 @@ class AccountStore:
         accounts, registrations = await open_account_buckets(js, replicas)
         return cls(js, accounts, registrations)
 
-    # --- low level -----------------------------------------------------------------
-
-    async def _put_with_ttl(self, bucket: str, key: str, value: bytes, ttl_s: float, last: int | None = None) -> int:
-        """Write `key` with a per-message TTL; `last` makes it a compare-and-set."""
-        return await kv.write(self._js, bucket, key, value, last=last, ttl_s=ttl_s)
-
-    async def _remove(self, bucket: str, key: str, last: int | None = None) -> None:
-        """Remove `key` for good (compare-and-set on `last`)."""
-        await kv.remove(self._js, bucket, key, last=last)
-
     # --- users ---------------------------------------------------------------------
 
     async def get_user(self, user_id: str) -> User | None:
@@ -117,17 +111,16 @@ class AccountStore:
     async def update_user(self, user_id: str, change: Callable[[User], User]) -> User:
         """Apply `change` to the account by compare-and-set; returns the stored result."""
         key = user_key(user_id)
-        for attempt in range(_MAX_CAS_ATTEMPTS):
+
+        async def attempt() -> User:
             entry = await get_present(self._accounts, key)
             if entry is None:
                 raise UnknownUser(user_id)
             new = change(user_decoder.decode(entry.value))
-            try:
-                await kv.write(self._js, ACCOUNTS_BUCKET, key, msgspec.json.encode(new), last=entry.revision)
-                return new
-            except nats.js.errors.KeyWrongLastSequenceError:
-                await asyncio.sleep(min(0.001 * 2**attempt, 0.05))
-        raise RuntimeError(f"account {user_id}: too many concurrent changes")
+            await kv.write(self._js, ACCOUNTS_BUCKET, key, msgspec.json.encode(new), last=entry.revision)
+            return new
+
+        return await compare_and_set(attempt, _MAX_CAS_ATTEMPTS, f"account {user_id}")
 
     async def list_users(self) -> list[User]:
         """Every account, deleted ones included, ordered by id."""
@@ -154,8 +147,8 @@ class AccountStore:
             created_at=now_ms,
             expires_at=now_ms + int(refresh_ttl_s * 1000),
         )
-        await self._put_with_ttl(ACCOUNTS_BUCKET, refresh_token_key(refresh_hash), msgspec.json.encode(refresh_record), refresh_ttl_s)
-        await self._put_with_ttl(ACCOUNTS_BUCKET, api_key_key(key_hash), msgspec.json.encode(key_record), key_ttl_s)
+        await kv.write(self._js, ACCOUNTS_BUCKET, refresh_token_key(refresh_hash), msgspec.json.encode(refresh_record), ttl_s=refresh_ttl_s)
+        await kv.write(self._js, ACCOUNTS_BUCKET, api_key_key(key_hash), msgspec.json.encode(key_record), ttl_s=key_ttl_s)
         return api_key, refresh
 
     async def find_key(self, api_key: str, now_ms: int, key_ttl_s: float) -> ApiKeyRecord | None:
@@ -174,8 +167,8 @@ class AccountStore:
         if record.expires_at - now_ms < ttl_ms - KEY_TOUCH_INTERVAL_MS:
             slid = msgspec.structs.replace(record, expires_at=now_ms + ttl_ms)
             try:
-                await self._put_with_ttl(
-                    ACCOUNTS_BUCKET, api_key_key(key_hash), msgspec.json.encode(slid), key_ttl_s, last=entry.revision
+                await kv.write(
+                    self._js, ACCOUNTS_BUCKET, api_key_key(key_hash), msgspec.json.encode(slid), ttl_s=key_ttl_s, last=entry.revision
                 )
                 record = slid
             except nats.js.errors.KeyWrongLastSequenceError:
@@ -193,9 +186,9 @@ class AccountStore:
         if entry is None:
             return False
         record = api_key_record_decoder.decode(entry.value)
-        await self._remove(ACCOUNTS_BUCKET, api_key_key(key_hash))
+        await kv.remove(self._js, ACCOUNTS_BUCKET, api_key_key(key_hash))
         if record.refresh_hash:
-            await self._remove(ACCOUNTS_BUCKET, refresh_token_key(record.refresh_hash))
+            await kv.remove(self._js, ACCOUNTS_BUCKET, refresh_token_key(record.refresh_hash))
         return True
 
     async def find_refresh(self, refresh_token: str, now_ms: int) -> RefreshTokenRecord | None:
@@ -245,18 +238,18 @@ class AccountStore:
                 used = msgspec.structs.replace(
                     record, rotated_at=rotated_at, successor_key_hash=new_key_hash
                 )
-                await self._put_with_ttl(ACCOUNTS_BUCKET, key, msgspec.json.encode(used), grace_left_s, last=entry.revision)
+                await kv.write(self._js, ACCOUNTS_BUCKET, key, msgspec.json.encode(used), ttl_s=grace_left_s, last=entry.revision)
             else:
-                await self._remove(ACCOUNTS_BUCKET, key, last=entry.revision)
+                await kv.remove(self._js, ACCOUNTS_BUCKET, key, last=entry.revision)
         except nats.js.errors.KeyWrongLastSequenceError:
             await self.revoke_key(api_key)
             return None
         # The rest only tidies up: the new pair is valid whatever happens from here.
         try:
-            await self._remove(ACCOUNTS_BUCKET, api_key_key(record.api_key_hash))
+            await kv.remove(self._js, ACCOUNTS_BUCKET, api_key_key(record.api_key_hash))
             if record.successor_key_hash:  # a retry: the pair of the lost answer goes
                 await self.revoke_key_hash(record.successor_key_hash)
-        except (nats.errors.Error, asyncio.TimeoutError):
+        except STORAGE_ERRORS:
             log.warning("refresh for %s: an old key could not be revoked now; it expires by itself", record.user_id)
         return record.user_id, api_key, refresh
 
@@ -271,7 +264,7 @@ class AccountStore:
             last_seen=now_ms,
             expires_at=now_ms + int(ttl_s * 1000),
         )
-        await self._put_with_ttl(REGISTRATIONS_BUCKET, registration_key(user_id, room_id), msgspec.json.encode(record), ttl_s)
+        await kv.write(self._js, REGISTRATIONS_BUCKET, registration_key(user_id, room_id), msgspec.json.encode(record), ttl_s=ttl_s)
 
     async def get_registration(self, user_id: str, room_id: str) -> Registration | None:
         entry = await get_present(self._registrations, registration_key(user_id, room_id))
@@ -282,7 +275,7 @@ class AccountStore:
 
     async def delete_registration(self, user_id: str, room_id: str) -> None:
         """Remove the registration and free the room's claim on the room limit."""
-        await self._remove(REGISTRATIONS_BUCKET, registration_key(user_id, room_id))
+        await kv.remove(self._js, REGISTRATIONS_BUCKET, registration_key(user_id, room_id))
         await self.release_room(user_id, room_id)
 
     async def registrations(self, user_id: str) -> list[Registration]:
@@ -296,10 +289,9 @@ class AccountStore:
         near the limit's edge is the caller's business (a just-removed registration's
         purge marker counts for a second)."""
         info = await self._js.stream_info(
-            f"KV_{REGISTRATIONS_BUCKET}", subjects_filter=f"$KV.{REGISTRATIONS_BUCKET}.{registrations_filter(user_id)}"
+            kv_stream(REGISTRATIONS_BUCKET), subjects_filter=kv_subject(REGISTRATIONS_BUCKET, registrations_filter(user_id))
         )
         return len(info.state.subjects or {})
-
 
     # --- room claims: the room limit under concurrency (accounts.claims) ----------------
 
@@ -308,7 +300,7 @@ class AccountStore:
         compare-and-set them on (0: no record). Without a record (none yet, all lapsed, or
         written before claims existed) they are the live registrations', so that rooms
         registered before count too (one written without an expiry: for `ttl_s` from now)."""
-        now = time.time_ns() // 1_000_000
+        now = clock.now_ms()
         entry, revision = await self._claims_entry(room_claims_key(user_id))
         if entry is not None:
             return claims.live_claims(room_claims_decoder.decode(entry.value).rooms, now), revision
@@ -331,54 +323,51 @@ class AccountStore:
         its expiry slides) or `claims.REFUSED` (`max_rooms` other rooms are claimed; never
         with `force`: a room registered already, or a refresh)."""
         key = room_claims_key(user_id)
-        for attempt in range(_MAX_CAS_ATTEMPTS):
+
+        async def attempt() -> str:
             rooms, revision = await self.room_claims(user_id, ttl_s)
-            now = time.time_ns() // 1_000_000
+            now = clock.now_ms()
             claimed = claims.claim(rooms, room_id, now, now + int(ttl_s * 1000), max_rooms, force)
             if claimed is None:
                 return claims.REFUSED
-            try:
-                await self._write_claims(key, user_id, claimed, now, revision)
-                return claims.HELD if room_id in rooms else claims.NEW
-            except nats.js.errors.KeyWrongLastSequenceError:
-                await _cas_backoff(attempt)
-        raise nats.errors.TimeoutError  # as a storage that does not answer: the client retries
+            await self._write_claims(key, user_id, claimed, now, revision)
+            return claims.HELD if room_id in rooms else claims.NEW
+
+        return await self._claims_compare_and_set(attempt, user_id)
 
     async def release_room(self, user_id: str, room_id: str) -> None:
         """Free the room's claim (a deleted room, a refused register)."""
         key = room_claims_key(user_id)
-        for attempt in range(_MAX_CAS_ATTEMPTS):
+
+        async def attempt() -> None:
             entry, revision = await self._claims_entry(key)
             if entry is None:
                 return  # no record: the claims are the registrations' (see room_claims)
-            now = time.time_ns() // 1_000_000
+            now = clock.now_ms()
             rooms = room_claims_decoder.decode(entry.value).rooms
-            if room_id not in rooms:
-                return
-            try:
+            if room_id in rooms:
                 await self._write_claims(key, user_id, claims.release(rooms, room_id, now), now, revision)
-                return
-            except nats.js.errors.KeyWrongLastSequenceError:
-                await _cas_backoff(attempt)
-        raise nats.errors.TimeoutError
+
+        await self._claims_compare_and_set(attempt, user_id)
+
+    async def _claims_compare_and_set(self, attempt: Callable[[], Awaitable[T]], user_id: str) -> T:
+        try:
+            return await compare_and_set(attempt, _MAX_CAS_ATTEMPTS, f"room claims of {user_id}")
+        except CompareAndSetLost as exc:
+            raise nats.errors.TimeoutError from exc  # as a storage that does not answer: the client retries
 
     async def _write_claims(self, key: str, user_id: str, rooms: dict[str, int], now: int, revision: int) -> None:
         if not rooms:
             if revision:
-                await self._remove(REGISTRATIONS_BUCKET, key, last=revision)
+                await kv.remove(self._js, REGISTRATIONS_BUCKET, key, last=revision)
             return
         # The record lives as long as its last claim: nothing of a user stays behind.
         ttl_s = max(1.0, (max(rooms.values()) - now) / 1000)
         value = msgspec.json.encode(RoomClaims(user_id=user_id, rooms=rooms))
-        await self._put_with_ttl(REGISTRATIONS_BUCKET, key, value, ttl_s, last=revision)
-
-
-async def _cas_backoff(attempt: int) -> None:
-    """A lost compare-and-set waits a little, jittered, before it reads again."""
-    await asyncio.sleep(random.uniform(0, min(0.002 * 2**attempt, 0.05)))
+        await kv.write(self._js, REGISTRATIONS_BUCKET, key, value, ttl_s=ttl_s, last=revision)
 
 
 def _lives(registration: Registration) -> bool:
     """Whether a registration is within its lifetime (one written before `expires_at` existed
     has 0 there, and lives as long as its TTL keeps it)."""
-    return registration.expires_at == 0 or registration.expires_at > time.time_ns() // 1_000_000
+    return registration.expires_at == 0 or registration.expires_at > clock.now_ms()

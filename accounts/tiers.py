@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.service import StartError
+
 UNLIMITED = -1
 
 
@@ -45,8 +47,10 @@ DEFAULT_TIERS: Mapping[str, Tier] = {
 _FIELDS = ("credits_per_window", "max_rooms", "max_sessions")
 
 
-class TierFileError(ValueError):
+class TierFileError(StartError, ValueError):
     """The tiers file cannot be used; the message says where and why."""
+
+    hint = "fix the file or point RELAY_TIERS_FILE / --tiers-file elsewhere"
 
 
 def load_tiers(path: str | Path | None) -> dict[str, Tier]:

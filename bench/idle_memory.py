@@ -12,7 +12,7 @@ import resource
 import sys
 import tempfile
 
-from edge.embedded_nats import EmbeddedNatsServer
+from runtime.embedded_nats import EmbeddedNatsServer
 from tests.harness import EdgeProcess, MacIdentity, connect_ios, connect_mac
 
 

@@ -21,7 +21,7 @@ import msgspec
 import nats
 
 from accounts.store import AccountStore
-from edge.embedded_nats import EmbeddedNatsServer
+from runtime.embedded_nats import EmbeddedNatsServer
 from metering.service import Metering, MeteringSettings
 from metering.stream import open_usage_stream
 from metering.windows import period_of

@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from edge.embedded_nats import EmbeddedNatsServer
+from runtime.embedded_nats import EmbeddedNatsServer
 from tests.harness import EdgeProcess, MacIdentity, connect_ios, connect_mac
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")

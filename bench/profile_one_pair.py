@@ -15,7 +15,7 @@ import pstats
 import sys
 import time
 
-from edge.embedded_nats import EmbeddedNatsServer
+from runtime.embedded_nats import EmbeddedNatsServer
 from tests.harness import paired, running_edges
 
 

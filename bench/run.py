@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen import LoadConfig, proc_rss_kib, raise_nofile_limit, run_load, summary
-from edge.embedded_nats import EmbeddedNatsServer, find_nats_server, free_port
+from runtime.embedded_nats import EmbeddedNatsServer, find_nats_server, free_port
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PRODUCT, REFERENCE = "product", "reference"

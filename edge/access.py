@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-import nats.errors
 from websockets.datastructures import Headers
 
 from accounts import claims, tokens
@@ -29,13 +28,12 @@ from accounts.tiers import DEFAULT_TIERS, Tier
 from edge.protocol.guessing import KEY, LoginGuard, RoomGuessGuard
 from edge.protocol.limits import SocketCaps, UpgradeRateLimiter, user_socket_limit
 from edge.settings import EdgeSettings
-from edge.store import now_ms
+from runtime.clock import now_ms
+from runtime.connection import STORAGE_ERRORS
 from schemas.records import User
 from schemas.subjects import is_valid_user_id
 
 log = logging.getLogger("edge.access")
-
-STORAGE_ERRORS = (nats.errors.Error, asyncio.TimeoutError)
 
 # What a client refused for a socket cap is told to wait: one of its sockets must close
 # first, which it cannot know; the clients back off on their own (0.5 s to 8 s, §5.2).

@@ -13,7 +13,7 @@ from nats.js.api import DeliverPolicy
 
 from edge.carrier import Carrier
 from edge.context import EdgeContext
-from edge.upkeep import keep_running
+from runtime.service import keep_running
 from schemas.client import DisconnectReason
 from schemas.records import user_decoder
 from schemas.subjects import ACCOUNTS_BUCKET, USER_FILTER, kv_subject

@@ -19,10 +19,12 @@ import nats.js.errors
 from websockets.datastructures import Headers
 
 from edge.protocol import rooms
-from edge.access import STORAGE_ERRORS, Access, Principal, Refusal
-from edge.store import Presence, RoomStore, now_ms
+from edge.access import Access, Principal, Refusal
+from edge.store import Presence, RoomStore
 from metering.usage import UsageReader, history_report, usage_report
 from metering.windows import period_of
+from runtime.clock import now_ms
+from runtime.connection import STORAGE_ERRORS
 from schemas.http_api import (
     Profile,
     RefreshRequest,

@@ -2,130 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import errno
 import logging
-import signal
-import sys
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, NoReturn, Protocol
+from collections.abc import Sequence
 
-import nats.errors
-
-from accounts.tiers import TierFileError
-from edge.server import CannotServe, Edge
-from edge.settings import EdgeSettings, load_settings, redact_urls
-
-
-def configure_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # websockets logs every HTTP request at INFO; health probes would drown the log.
-    logging.getLogger("websockets").setLevel(logging.WARNING)
-    logging.getLogger("edge.websockets").setLevel(logging.WARNING)  # the same, for our server's connections
-
-
-class Service(Protocol):
-    """A long-running service (`Edge`, `Metering`): runs until stopped."""
-
-    @property
-    def serving(self) -> bool: ...
-
-    def stop(self) -> None: ...
-
-    async def run(self) -> None: ...
-
-
-async def serve_until_signalled(service: Service) -> None:
-    """Run `service`; SIGTERM/SIGINT starts its graceful stop, or ends a start that is still waiting."""
-    loop = asyncio.get_running_loop()
-    run = asyncio.create_task(service.run())
-
-    def on_signal() -> None:
-        if service.serving:
-            service.stop()
-        else:
-            run.cancel()  # still waiting for NATS: there is nothing to hand over or finish
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
-    try:
-        await run
-    except asyncio.CancelledError:
-        if not run.cancelled():
-            raise
-        logging.getLogger(type(service).__name__.lower()).info("stopped before it was serving")
-
-
-def run_event_loop(main: Coroutine[Any, Any, None], use_uvloop: bool) -> None:
-    """Run `main` to completion, on uvloop when asked and installed (it moves each frame
-    through the event loop in less time than asyncio's own loop)."""
-    if use_uvloop:
-        try:
-            import uvloop
-        except ImportError:
-            logging.getLogger("edge").warning("uvloop is not installed; using asyncio's event loop")
-        else:
-            uvloop.run(main)
-            return
-    asyncio.run(main)
-
-
-class StartError(Exception):
-    """A service cannot start; the message is one line: the cause and what to do."""
-
-
-def start_error(exc: BaseException, *, nats_url: str, host: str | None = None, port: int | None = None) -> str | None:
-    """The one line that explains a failed start, or None for an error nobody foresaw.
-
-    An ExceptionGroup (a TaskGroup's) is explained by the first of its errors that can be.
-    """
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            line = start_error(inner, nats_url=nats_url, host=host, port=port)
-            if line:
-                return line
-        return None
-    if isinstance(exc, (StartError, CannotServe)):  # CannotServe: the edge's own one-line refusals
-        return str(exc)
-    if isinstance(exc, TierFileError):
-        return f"{exc}; fix the file or point RELAY_TIERS_FILE / --tiers-file elsewhere"
-    where = f"{host}:{port}"
-    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
-        return f"cannot listen on {where}: the port is in use; stop what holds it, or choose another (--port / RELAY_PORT)"
-    if isinstance(exc, OSError) and exc.errno == errno.EADDRNOTAVAIL:
-        return f"cannot listen on {where}: this machine has no address {host} (--host / RELAY_HOST; 0.0.0.0 is every address)"
-    if isinstance(exc, OSError) and exc.errno == errno.EACCES and port is not None:
-        return f"cannot listen on {where}: permission denied (ports below 1024 need root; choose another with --port)"
-    if isinstance(exc, (nats.errors.NoServersError, nats.errors.TimeoutError, ConnectionRefusedError)):
-        return f"cannot reach NATS at {redact_urls(nats_url)} ({exc or type(exc).__name__}); start it, or fix --nats-url / RELAY_NATS_URL"
-    if isinstance(exc, OSError) and port is not None:
-        return f"cannot start (listening on {where}, NATS at {redact_urls(nats_url)}): {exc.strerror or exc}"
-    return None
-
-
-def exit_if_start_fails(prog: str, run: Callable[[], None], **context: Any) -> None:
-    """Run `run`; a foreseen failure to start ends the process with one line and exit 1
-    (an unforeseen one keeps its traceback: that is a bug to report)."""
-    try:
-        run()
-    except KeyboardInterrupt:
-        pass
-    except Exception as exc:
-        line = start_error(exc, **context)
-        if line is None:
-            raise
-        fail(prog, line)
-
-
-def fail(prog: str, line: str) -> NoReturn:
-    """End the process with `prog: error: line` on standard error and exit code 1."""
-    logging.shutdown()
-    print(f"{prog}: error: {line}", file=sys.stderr, flush=True)
-    sys.exit(1)
+from edge.server import Edge
+from edge.settings import EdgeSettings
+from runtime.service import configure_logging, exit_if_start_fails, run_event_loop, serve_until_signalled
+from runtime.settings import load_settings
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -18,7 +18,7 @@ from edge.carrier import Carrier
 from edge.context import Connection, EdgeContext
 from edge.eager import run_eagerly
 from edge.protocol.actions import Send
-from edge.store import now_ms
+from runtime.clock import now_ms
 from schemas.client import CloseCode
 
 log = logging.getLogger("edge")

@@ -21,8 +21,9 @@ from edge.carrier import Carrier
 from edge.context import EdgeContext
 from edge.protocol.leases import GONE, RUNNING, STOPPING, AfterLostRace, Holder, after_lost_race, judge_holder
 from edge.protocol.plans import edges_gone
-from edge.store import Presence, now_ms
-from edge.upkeep import keep_running
+from edge.store import Presence
+from runtime.clock import now_ms
+from runtime.service import StartError, keep_running
 from schemas.client import CloseCode, DisconnectReason
 from schemas.records import EdgeLease
 from schemas.subjects import edge_id_of_lease_key, edge_incarnation_subject
@@ -30,7 +31,7 @@ from schemas.subjects import edge_id_of_lease_key, edge_incarnation_subject
 log = logging.getLogger("edge")
 
 
-class CannotServe(Exception):
+class CannotServe(StartError):
     """The edge cannot start, or cannot go on; the message is one line: the cause and what to do."""
 
 

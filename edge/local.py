@@ -23,12 +23,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge.cli import configure_logging, exit_if_start_fails, fail, run_event_loop, serve_until_signalled
-from edge.embedded_nats import EmbeddedNatsServer
-from edge.local_lock import AlreadyRunning, LocalRelayLock
 from edge.server import Edge
-from edge.settings import EdgeSettings, OneLineErrorParser, add_setting_flags, settings_from_args
+from edge.settings import EdgeSettings
 from metering.service import Metering, MeteringSettings
+from runtime.embedded_nats import EmbeddedNatsServer
+from runtime.local_lock import AlreadyRunning, LocalRelayLock
+from runtime.service import configure_logging, exit_if_start_fails, fail, run_event_loop, serve_until_signalled
+from runtime.settings import OneLineErrorParser, add_setting_flags, settings_from_args
 
 log = logging.getLogger("edge")
 

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 import nats.errors
 import nats.js.errors
 
-from edge.access import STORAGE_ERRORS, Refusal
+from edge.access import Refusal
 from edge.carrier import Carrier
 from edge.context import Connection, EdgeContext
 from edge.protocol import guessing, rooms
@@ -29,7 +29,9 @@ from edge.protocol.requests import (
     needs_room_claim,
     room_limit_close,
 )
-from edge.store import StorageConflict, now_ms
+from edge.store import StorageConflict
+from runtime.clock import now_ms
+from runtime.connection import STORAGE_ERRORS
 from schemas.client import JoinRoom, RegisterRoom
 from schemas.records import RoomRecord
 

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 
-import nats
 import nats.errors
 from websockets import __version__ as websockets_version
 from websockets.asyncio.server import Server, serve
@@ -40,13 +39,16 @@ from edge.leases import CannotServe, Leases
 from edge.metering_link import MeteringLink
 from edge.protocol.meter import UsageMeter
 from edge.room_requests import RoomRequests
-from edge.settings import EdgeSettings, redact_urls
+from edge.settings import EdgeSettings
 from edge.sockets import Sockets
 from edge.store import Presence, RoomStore, open_buckets
 from edge.upkeep import Upkeep
 from edge.usage import Usage
 from metering.stream import open_usage_stream
 from metering.usage import UsageReader, open_usage_bucket
+from runtime.backoff import until_storage_opens
+from runtime.connection import connect_for_service
+from runtime.settings import redact_urls
 from schemas.client import CloseCode, DisconnectReason
 from schemas.subjects import OVER_LIMIT_SUBJECT, edge_filter, edge_last_seen_subject, edge_undelivered_filter
 
@@ -134,17 +136,14 @@ class Edge:
                 self.metrics_port = metrics_server.sockets[0].getsockname()[1]
                 log.info("edge %s serves /metrics on %s:%d", s.edge_id, s.metrics_host, self.metrics_port)
             log.info("edge %s connecting to NATS at %s", s.edge_id, redact_urls(s.nats_url))
-            # Retries forever, also at start: an edge may well start before its NATS cluster.
-            ctx.nc = await nats.connect(
-                servers=[u.strip() for u in s.nats_url.split(",")],
-                name=f"relay-edge {s.edge_id}",
-                error_cb=self._nats_error,
+            ctx.nc = await connect_for_service(
+                s.nats_url,
+                f"relay-edge {s.edge_id}",
+                self._nats_error,
                 disconnected_cb=self._nats_disconnected,
                 reconnected_cb=self._nats_reconnected,
-                max_reconnect_attempts=-1,
-                connect_timeout=5,
             )
-            await self._open_storage()
+            await until_storage_opens(self._open_storage, log)
             self._learn_max_payload()
             async with asyncio.TaskGroup() as tg:
                 ctx.tg = tg
@@ -214,31 +213,22 @@ class Edge:
             )
 
     async def _open_storage(self) -> None:
-        """Open the buckets and take our lease, waiting out a JetStream that is not ready yet
-        (a cluster elects its leaders for some seconds after it starts)."""
+        """Open the buckets and take our lease (one attempt; `until_storage_opens` retries)."""
         ctx, s = self.ctx, self.settings
         js = ctx.nc.jetstream(timeout=s.jetstream_timeout_ms / 1000)
-        backoff = 0.2
-        while True:
-            try:
-                rooms_kv, presence_kv = await open_buckets(js, s.kv_replicas)
-                ctx.rooms = RoomStore(rooms_kv, js)
-                ctx.presence = Presence(js, presence_kv, ctx.nc)
-                accounts = await AccountStore.open(js, s.kv_replicas)
-                usage = UsageReader(await open_usage_bucket(js, s.kv_replicas))
-                ctx.access = Access(s, accounts, ctx.tiers)
-                ctx.api = HttpApi(ctx.access, ctx.rooms, ctx.presence, usage, ctx.is_alive, self.last_seen.of_room)
-                if s.auth == "none":
-                    await ctx.access.ensure_local_user()
-                if s.metering:
-                    await open_usage_stream(js, s.kv_replicas)
-                    ctx.metering = MeteringLink(ctx.nc, js, s.edge_id, s.quota_check_timeout_ms / 1000, s.kv_replicas)
-                await self.leases.take()
-                return
-            except (nats.errors.Error, asyncio.TimeoutError) as exc:
-                log.warning("JetStream not ready (%s); retrying in %.1fs", exc or type(exc).__name__, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+        rooms_kv, presence_kv = await open_buckets(js, s.kv_replicas)
+        ctx.rooms = RoomStore(rooms_kv, js)
+        ctx.presence = Presence(js, presence_kv, ctx.nc)
+        accounts = await AccountStore.open(js, s.kv_replicas)
+        usage = UsageReader(await open_usage_bucket(js, s.kv_replicas))
+        ctx.access = Access(s, accounts, ctx.tiers)
+        ctx.api = HttpApi(ctx.access, ctx.rooms, ctx.presence, usage, ctx.is_alive, self.last_seen.of_room)
+        if s.auth == "none":
+            await ctx.access.ensure_local_user()
+        if s.metering:
+            await open_usage_stream(js, s.kv_replicas)
+            ctx.metering = MeteringLink(ctx.nc, js, s.edge_id, s.quota_check_timeout_ms / 1000, s.kv_replicas)
+        await self.leases.take()
 
     async def _shutdown(self, server: Server) -> None:
         """Stop accepting, release every slot (peers hear `server_restart`), close 1001."""

@@ -23,8 +23,9 @@ from edge.context import Connection, EdgeContext, WsTarget
 from edge.fastpath import FastPath
 from edge.protocol import rooms
 from edge.protocol.session import Session, other_role
-from edge.store import StorageConflict, now_ms
+from edge.store import StorageConflict
 from edge.usage import Usage
+from runtime.clock import now_ms
 from schemas.client import CloseCode, encode
 from schemas.records import RoomRecord
 from schemas.subjects import ROLES, room_subject

@@ -3,8 +3,8 @@
 Buckets:
 - `relay_rooms`: one `RoomRecord` per room id. Every write names the revision it
   replaces, so two edges racing on a room cannot both win; writes and deletes go
-  through `edge.kv.write` and `edge.kv.remove`, so a deleted room stays deleted across
-  crashes of the NATS servers (see `edge.kv`).
+  through `runtime.kv.write` and `runtime.kv.remove`, so a deleted room stays deleted
+  across crashes of the NATS servers (see `runtime.kv`).
 - `relay_presence`: `edge.<id>` leases and `seen.<room>.<role>` times, both written
   with a per-message TTL. Expired keys leave a marker, which is how watchers learn
   that an edge died.
@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import msgspec
-import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
-from edge import kv
-from edge.kv import NOT_FOUND, ValuesWatch, get_present, open_bucket, present
+from runtime import kv
+from runtime.kv import NOT_FOUND, ValuesWatch, get_present, open_bucket, present
 from schemas.records import (
     EdgeLease,
     RoomRecord,
@@ -38,6 +36,7 @@ from schemas.subjects import (
     PRESENCE_BUCKET,
     ROOMS_BUCKET,
     edge_lease_key,
+    kv_subject,
     last_seen_key,
     room_key,
 )
@@ -49,13 +48,8 @@ T = TypeVar("T")
 _MAX_CAS_ATTEMPTS = 50
 
 
-class StorageConflict(Exception):
-    """A compare-and-set kept losing; the caller should give up on this request."""
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
+#: A compare-and-set on a room kept losing; the caller gives up on this request.
+StorageConflict = kv.CompareAndSetLost
 
 async def open_buckets(js: JetStreamContext, replicas: int) -> tuple[KeyValue, KeyValue]:
     """Create (or open) the rooms and presence buckets."""
@@ -110,17 +104,16 @@ class RoomStore:
         one read), once the write (if any) has won. `extra(record)`, if given, is awaited
         first to fetch what else the decision needs (lastSeen times).
         """
-        for attempt in range(_MAX_CAS_ATTEMPTS):
+
+        async def attempt() -> tuple[T, int]:
             record, revision = await self.get(room_id)
             more = await extra(record) if extra is not None and record is not None else ()
             new, result = decide(record, more)
             if new is None:
                 return result, revision
-            try:
-                return result, await self.write(room_id, new, revision)
-            except nats.js.errors.KeyWrongLastSequenceError:
-                await asyncio.sleep(min(0.001 * 2**attempt, 0.05))
-        raise StorageConflict(f"room {room_id}: {_MAX_CAS_ATTEMPTS} compare-and-set attempts lost")
+            return result, await self.write(room_id, new, revision)
+
+        return await kv.compare_and_set(attempt, _MAX_CAS_ATTEMPTS, f"room {room_id}")
 
 
 class Presence:
@@ -130,32 +123,19 @@ class Presence:
         self._js = js
         self._kv = kv
         self._nc = nc
-        self._subject_prefix = f"$KV.{PRESENCE_BUCKET}."
 
     async def put_lease(self, lease: EdgeLease, ttl_s: float) -> int:
         """Write an edge's lease unconditionally (startup). Returns its revision."""
-        ack = await self._js.publish(
-            self._subject_prefix + edge_lease_key(lease.edge_id), msgspec.json.encode(lease), msg_ttl=ttl_s
-        )
-        return ack.seq
+        return await kv.put_with_ttl(self._js, PRESENCE_BUCKET, edge_lease_key(lease.edge_id), msgspec.json.encode(lease), ttl_s)
 
     async def renew_lease(self, lease: EdgeLease, ttl_s: float, revision: int) -> int:
         """Renew a lease still at `revision`, keeping its TTL (update() would drop it).
 
         Raises KeyWrongLastSequenceError when the lease expired or was taken meanwhile.
         """
-        try:
-            ack = await self._js.publish(
-                self._subject_prefix + edge_lease_key(lease.edge_id),
-                msgspec.json.encode(lease),
-                msg_ttl=ttl_s,
-                headers={"Nats-Expected-Last-Subject-Sequence": str(revision)},
-            )
-        except nats.js.errors.APIError as exc:
-            if exc.err_code in (10071, 10164):
-                raise nats.js.errors.KeyWrongLastSequenceError(description=exc.description) from exc
-            raise
-        return ack.seq
+        return await kv.put_with_ttl(
+            self._js, PRESENCE_BUCKET, edge_lease_key(lease.edge_id), msgspec.json.encode(lease), ttl_s, last=revision
+        )
 
     async def read_lease(self, edge_id: str) -> tuple[EdgeLease | None, int]:
         """An edge id's lease (None if none lives) and the key's revision, for a
@@ -190,13 +170,13 @@ class Presence:
 
     async def put_last_seen(self, room_id: str, role: str, at_ms: int, ttl_s: float) -> None:
         """Record when a room's `role` socket last sent anything. Expires with the room's idleness."""
-        await self._js.publish(self._subject_prefix + last_seen_key(room_id, role), str(at_ms).encode(), msg_ttl=ttl_s)
+        await kv.put_with_ttl(self._js, PRESENCE_BUCKET, last_seen_key(room_id, role), str(at_ms).encode(), ttl_s)
 
     async def put_last_seen_unacknowledged(self, room_id: str, role: str, at_ms: int, ttl_s: float) -> None:
         """`put_last_seen` without waiting for JetStream's acknowledgement, for the periodic
         flush: thousands of acknowledged writes at once hold the event loop for a quarter
         of a second (every frame waits), and a lost one only leaves lastSeen one interval old."""
-        subject = self._subject_prefix + last_seen_key(room_id, role)
+        subject = kv_subject(PRESENCE_BUCKET, last_seen_key(room_id, role))
         await self._nc.publish(subject, str(at_ms).encode(), headers={"Nats-TTL": str(int(max(1.0, ttl_s)))})
 
     async def get_room_last_seen(self, room_id: str) -> tuple[int | None, int | None]:

@@ -1,8 +1,7 @@
 """The edge's periodic work over its sockets: liveness, lastSeen writes, registration refreshes.
 
-Each pass goes in slices with frames in between (`edge.protocol.plans.spread_plan`): one
-pass over 2000 sockets in one go held frames 2 ms, and 2000 KV writes at once were felt in
-every frame's latency.
+Each pass goes in slices with frames in between (`edge.protocol.plans.spread_plan`): a
+pass over every socket at once, or a KV write for each at once, would hold up every frame.
 """
 
 from __future__ import annotations
@@ -12,37 +11,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from edge.access import STORAGE_ERRORS
 from edge.carrier import Carrier
 from edge.context import Connection, EdgeContext
 from edge.protocol.plans import spread_plan
 from edge.room_requests import RoomRequests
+from runtime.connection import STORAGE_ERRORS
+from runtime.service import keep_running
 
 log = logging.getLogger("edge")
-
-FAILURES_APART_S = 5.0
-
-
-async def keep_running(
-    what: str, run_once: Callable[[], Awaitable[None]], stopping: asyncio.Event, failures_apart_s: float = FAILURES_APART_S
-) -> None:
-    """Run `run_once` again each time it returns, until `stopping`; after a failure, wait
-    first (0.1 s, doubling up to 5 s while failures follow each other: a failure after a
-    run of `failures_apart_s` or more starts again at 0.1 s)."""
-    backoff = 0.1
-    while not stopping.is_set():
-        began = time.monotonic()
-        try:
-            await run_once()
-            backoff = 0.1
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            if time.monotonic() - began >= failures_apart_s:
-                backoff = 0.1
-            log.warning("%s failed; recreating it in %.1fs", what, backoff, exc_info=True)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
 
 
 class Upkeep:

@@ -18,8 +18,8 @@ from nats.aio.msg import Msg
 from edge.carrier import Carrier
 from edge.context import Connection, EdgeContext
 from edge.protocol.charging import session_time_sample
-from edge.store import now_ms
 from metering.windows import WINDOW_MS
+from runtime.clock import now_ms
 from schemas.client import encode
 from schemas.metering import over_limit_decoder
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from edge.cli import configure_logging, exit_if_start_fails, run_event_loop, serve_until_signalled
-from edge.settings import load_settings, redact_urls
 from metering.service import Metering, MeteringSettings
+from runtime.service import configure_logging, exit_if_start_fails, run_event_loop, serve_until_signalled
+from runtime.settings import load_settings
 
 log = logging.getLogger("metering")
 
@@ -15,7 +15,7 @@ log = logging.getLogger("metering")
 def main(argv: Sequence[str] | None = None) -> None:
     settings: MeteringSettings = load_settings(MeteringSettings, argv, prog="relay-metering")
     configure_logging()
-    log.info("settings: nats_url=%s kv_replicas=%d ack_wait_ms=%d", redact_urls(settings.nats_url), settings.kv_replicas, settings.ack_wait_ms)
+    log.info("settings: %s", settings.redacted())
     exit_if_start_fails(
         "relay-metering",
         lambda: run_event_loop(serve_until_signalled(Metering(settings)), settings.uvloop),

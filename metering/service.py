@@ -31,11 +31,14 @@ from nats.js.kv import KeyValue
 
 from accounts.store import AccountStore
 from accounts.tiers import load_tiers
-from edge.kv import get_present
-from edge.settings import check_fields, redact_urls
 from metering.ledger import apply_usage, quota_answer
 from metering.stream import metering_consumer_config, open_usage_stream
 from metering.usage import open_usage_bucket
+from runtime.backoff import Backoff, until_storage_opens
+from runtime.clock import now_ms
+from runtime.connection import STORAGE_ERRORS, connect_for_service
+from runtime.kv import get_present
+from runtime.settings import NatsSettings, redact_urls
 from schemas.metering import (
     OverLimit,
     QuotaAnswer,
@@ -64,7 +67,6 @@ _LEDGERS_CACHED = 20_000
 # Accounts read while applying batches are reused this long: a tier, override or bonus
 # change reaches the announcements within it (quota checks at connect always read afresh).
 _USERS_CACHED_S = 5.0
-_STORAGE_ERRORS = (nats.errors.Error, asyncio.TimeoutError)
 
 
 class _StorageTrouble(Exception):
@@ -72,15 +74,9 @@ class _StorageTrouble(Exception):
 
 
 @dataclass(frozen=True, kw_only=True)
-class MeteringSettings:
+class MeteringSettings(NatsSettings):
     """Everything a metering process can be told. See the README's settings table."""
 
-    nats_url: str = field(
-        default="nats://127.0.0.1:4222",
-        metadata={"help": "NATS server URL(s), comma-separated; may carry user:password@", "url": True},
-    )
-    kv_replicas: int = field(default=1, metadata={"help": "replicas of the usage stream and bucket (3 in a production cluster)", "min": 1})
-    tiers_file: str = field(default="", metadata={"help": "TOML file overriding the tiers' limits (the edges' file)"})
     ack_wait_ms: int = field(
         default=10_000,
         metadata={"help": "a batch held this long by a metering process that died goes to another (the pause after a crash)"},
@@ -89,7 +85,7 @@ class MeteringSettings:
     uvloop: bool = field(default=True, metadata={"help": "run on uvloop when it is installed"})
 
     def __post_init__(self) -> None:
-        check_fields(self)
+        super().__post_init__()
         if self.ack_wait_ms < 1_000:
             raise ValueError("ack_wait_ms must be at least 1000")
         if self.apply_concurrency < 1:
@@ -126,13 +122,7 @@ class Metering:
     async def run(self) -> None:
         s = self.settings
         log.info("metering connecting to NATS at %s", redact_urls(s.nats_url))
-        self._nc = await nats.connect(
-            servers=[u.strip() for u in s.nats_url.split(",")],
-            name="relay-metering",
-            max_reconnect_attempts=-1,
-            connect_timeout=5,
-            error_cb=self._nats_error,
-        )
+        self._nc = await connect_for_service(s.nats_url, "relay-metering", self._nats_error)
         try:
             js = self._nc.jetstream(timeout=_JETSTREAM_TIMEOUT_S)
             await self._open_storage(js)
@@ -159,19 +149,15 @@ class Metering:
 
     async def _open_storage(self, js: nats.js.JetStreamContext) -> None:
         """Open the stream, the consumer and the buckets, waiting out a JetStream not ready yet."""
-        backoff = 0.2
-        while True:
-            try:
-                await open_usage_stream(js, self.settings.kv_replicas)
-                # Created, or updated to this process's ack wait.
-                await js.add_consumer(USAGE_STREAM, metering_consumer_config(self.settings.ack_wait_ms / 1000))
-                self._usage = await open_usage_bucket(js, self.settings.kv_replicas)
-                self._accounts = await AccountStore.open(js, self.settings.kv_replicas)
-                return
-            except _STORAGE_ERRORS as exc:
-                log.warning("JetStream not ready (%s); retrying in %.1fs", exc or type(exc).__name__, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+
+        async def open_once() -> None:
+            await open_usage_stream(js, self.settings.kv_replicas)
+            # Created, or updated to this process's ack wait.
+            await js.add_consumer(USAGE_STREAM, metering_consumer_config(self.settings.ack_wait_ms / 1000))
+            self._usage = await open_usage_bucket(js, self.settings.kv_replicas)
+            self._accounts = await AccountStore.open(js, self.settings.kv_replicas)
+
+        await until_storage_opens(open_once, log)
 
     # --- the usage stream ----------------------------------------------------------------
 
@@ -183,7 +169,7 @@ class Metering:
             except nats.errors.TimeoutError:
                 outage = False
                 continue
-            except _STORAGE_ERRORS as exc:
+            except STORAGE_ERRORS as exc:
                 if not outage:
                     log.warning("cannot fetch usage batches (%s); retrying", exc or type(exc).__name__)
                     outage = True
@@ -204,7 +190,7 @@ class Metering:
         try:
             await open_usage_stream(js, self.settings.kv_replicas)
             await js.add_consumer(USAGE_STREAM, metering_consumer_config(self.settings.ack_wait_ms / 1000))
-        except _STORAGE_ERRORS as exc:
+        except STORAGE_ERRORS as exc:
             log.debug("usage stream or consumer not re-created yet (%s)", type(exc).__name__)
 
     async def _process(self, msg: Msg) -> None:
@@ -223,7 +209,7 @@ class Metering:
             return
         progress = asyncio.create_task(self._keep_in_progress(msg))
         try:
-            backoff = 0.2
+            backoff = Backoff(0.2, 5.0)
             while True:
                 try:
                     answers = await self._apply(batch, seq)
@@ -232,8 +218,7 @@ class Metering:
                     if self._stopping.is_set():
                         return  # not acknowledged: redelivered to whoever runs next
                     log.warning("usage batch %d: storage error (%s); retrying", seq, exc)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
+                    await asyncio.sleep(backoff.next())
                 except Exception:
                     log.exception("usage batch %d from %s cannot be applied; dropped", seq, batch.msg_id)
                     await msg.term()
@@ -251,7 +236,7 @@ class Metering:
         """While a large batch is being applied, tell the server it is not abandoned."""
         while True:
             await asyncio.sleep(self.settings.ack_wait_ms / 3000)
-            with contextlib.suppress(*_STORAGE_ERRORS):
+            with contextlib.suppress(*STORAGE_ERRORS):
                 await msg.in_progress()
 
     async def _apply(self, batch: UsageBatch, seq: int) -> dict[str, QuotaAnswer]:
@@ -269,7 +254,7 @@ class Metering:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(apply_one(user_id, entries)) for user_id, entries in by_user.items()]
         except ExceptionGroup as group:
-            storage, other = group.split(_STORAGE_ERRORS)
+            storage, other = group.split(STORAGE_ERRORS)
             if other is not None:
                 raise other
             raise _StorageTrouble(type(storage.exceptions[0]).__name__) from group
@@ -310,7 +295,7 @@ class Metering:
             self._remember(user_id, ledger, revision)
             break
         tier = self.tiers.get(user.tier) if user is not None else None
-        return quota_answer(ledger, user, tier, _now_ms())
+        return quota_answer(ledger, user, tier, now_ms())
 
     async def _ledger(self, user_id: str) -> tuple[UsageLedger, int]:
         cached = self._ledgers.get(user_id)
@@ -345,15 +330,11 @@ class Metering:
             )
             ledger = usage_ledger_decoder.decode(entry.value) if entry is not None else UsageLedger(user_id=check.user_id)
             tier = self.tiers.get(user.tier) if user is not None else None
-            await msg.respond(msgspec.json.encode(quota_answer(ledger, user, tier, _now_ms())))
-        except _STORAGE_ERRORS as exc:
+            await msg.respond(msgspec.json.encode(quota_answer(ledger, user, tier, now_ms())))
+        except STORAGE_ERRORS as exc:
             log.warning("a quota check was not answered: storage error (%s)", type(exc).__name__)
         except Exception as exc:  # an unreadable check, account or ledger
             log.error("a quota check was not answered: %s: %s", type(exc).__name__, exc)
 
     async def _nats_error(self, exc: Exception) -> None:
         log.warning("NATS: %s", exc or type(exc).__name__)
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)

@@ -12,7 +12,7 @@ from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
 from accounts.tiers import Tier
-from edge.kv import get_present, open_bucket
+from runtime.kv import get_present, open_bucket
 from metering.ledger import USAGE_TTL_MS, bonus_remaining, effective_limit, window_of
 from metering.windows import iso_ms, period_label, period_of, period_start_ms, resets_at
 from schemas.http_api import ExtraQuota, HistoryEntry, Usage, UsageHistory

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from edge.embedded_nats import EmbeddedNatsServer
+from runtime.embedded_nats import EmbeddedNatsServer
 from tests.harness import TEST_USER, new_test_user
 
 log = logging.getLogger("tests")

@@ -359,7 +359,7 @@ class EdgeProcess(ChildProcess):
     module, name = "edge.cli", "relay-edge"
 
     def __init__(self, nats_url: str, **settings: Any) -> None:
-        from edge.embedded_nats import free_port
+        from runtime.embedded_nats import free_port
 
         self.port = free_port()
         self.edge_id = settings.pop("edge_id", None) or f"proc-{secrets.token_hex(3)}"

@@ -433,7 +433,7 @@ async def test_storage_too_slow_before_the_upgrade_answers_503_in_time(nats_url,
 
 
 async def test_deleting_an_account_right_after_a_nats_restart_closes_its_sockets_at_once(tmp_path):
-    from edge.embedded_nats import EmbeddedNatsServer
+    from runtime.embedded_nats import EmbeddedNatsServer
 
     server = EmbeddedNatsServer(store_dir=tmp_path / "nats").start()
     try:

@@ -19,8 +19,8 @@ from typing import NamedTuple
 import nats
 
 from accounts.tokens import token_hash
-from edge.embedded_nats import EmbeddedNatsServer
-from edge.kv import present_values
+from runtime.embedded_nats import EmbeddedNatsServer
+from runtime.kv import present_values
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 20

@@ -11,7 +11,7 @@ import nats.errors
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from edge.embedded_nats import EmbeddedNatsCluster
+from runtime.embedded_nats import EmbeddedNatsCluster
 from schemas.subjects import PRESENCE_BUCKET, ROOMS_BUCKET
 from tests.harness import Client, connect_mac, paired, running_edges
 

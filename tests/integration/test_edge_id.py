@@ -23,7 +23,8 @@ import pytest
 
 from edge.server import CannotServe, Edge
 from edge.settings import EdgeSettings
-from edge.store import Presence, now_ms, open_buckets
+from edge.store import Presence, open_buckets
+from runtime.clock import now_ms
 from schemas.records import EdgeLease
 from schemas.subjects import edge_incarnation_subject
 from tests.harness import TEST_USER, EdgeProcess, MacIdentity, connect_ios, connect_mac, paired, running_edges

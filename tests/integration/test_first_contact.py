@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.embedded_nats import free_port
+from runtime.embedded_nats import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 30

@@ -178,7 +178,7 @@ async def test_frames_up_to_4_mib_are_forwarded(nats_url):
 
 
 async def test_frame_larger_than_the_nats_max_payload_closes_1009_not_1011(tmp_path):
-    from edge.embedded_nats import EmbeddedNatsServer
+    from runtime.embedded_nats import EmbeddedNatsServer
 
     with EmbeddedNatsServer(store_dir=tmp_path / "nats", max_payload=64 * 1024) as small:
         async with running_edges(small.url) as (a, b):

@@ -10,6 +10,7 @@ import msgspec
 import nats
 
 from metering.usage import open_usage_bucket
+from runtime import kv
 from metering.windows import period_of
 from schemas.records import BonusUsage, UsageLedger, UsageWindow
 from schemas.subjects import usage_ledger_key
@@ -174,22 +175,21 @@ async def test_concurrent_uses_of_one_refresh_token_have_one_winner_without_grac
         assert sorted(status for status, _ in results) == [200] + [401] * 7
 
 
-async def test_a_storage_failure_after_the_rotation_does_not_lose_the_new_pair(nats_url):
+async def test_a_storage_failure_after_the_rotation_does_not_lose_the_new_pair(nats_url, monkeypatch):
     import nats.errors
 
     account = await make_account(nats_url)
     async with running_edges(nats_url, count=1, auth="required") as (edge,):
-        store = edge.ctx.access.store
-        revoke = store._remove
+        remove = kv.remove
 
-        async def failing_remove(bucket, key, last=None):
+        async def failing_remove(js, bucket, key, *, last=None):
             if key.startswith("apikey."):  # tidying up the old key fails
                 raise nats.errors.TimeoutError
-            return await revoke(bucket, key, last)
+            return await remove(js, bucket, key, last=last)
 
-        store._remove = failing_remove
+        monkeypatch.setattr(kv, "remove", failing_remove)
         fresh = body_of(await refresh(edge, account.refresh_token))
-        store._remove = revoke
+        monkeypatch.setattr(kv, "remove", remove)
         assert (await http_get(edge.port, "/profile", bearer(fresh["api_key"])))[0] == 200
 
 

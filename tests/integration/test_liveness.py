@@ -160,7 +160,7 @@ async def test_slow_reader_is_closed_1013_without_stalling_other_rooms(nats_url)
 
 
 async def test_edge_waiting_for_nats_is_healthy_not_ready_and_stops_promptly_on_sigterm():
-    from edge.embedded_nats import free_port
+    from runtime.embedded_nats import free_port
 
     unreachable, port = f"nats://127.0.0.1:{free_port()}", free_port()
     process = await asyncio.create_subprocess_exec(
@@ -183,7 +183,7 @@ async def test_edge_waiting_for_nats_is_healthy_not_ready_and_stops_promptly_on_
 
 
 async def test_after_a_nats_outage_sockets_are_closed_1001_so_sessions_restart(tmp_path):
-    from edge.embedded_nats import EmbeddedNatsServer
+    from runtime.embedded_nats import EmbeddedNatsServer
 
     server = EmbeddedNatsServer(store_dir=tmp_path / "nats").start()
     try:
@@ -201,7 +201,7 @@ async def test_after_a_nats_outage_sockets_are_closed_1001_so_sessions_restart(t
 
 
 async def test_an_edge_that_died_during_a_nats_outage_is_known_dead_afterwards(tmp_path):
-    from edge.embedded_nats import EmbeddedNatsServer
+    from runtime.embedded_nats import EmbeddedNatsServer
 
     server = EmbeddedNatsServer(store_dir=tmp_path / "nats").start()
     try:

@@ -11,7 +11,7 @@ import sys
 import time
 from types import SimpleNamespace
 
-from edge.embedded_nats import free_port
+from runtime.embedded_nats import free_port
 from tests.harness import paired, http_get
 
 

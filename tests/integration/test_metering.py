@@ -18,7 +18,7 @@ import nats.js.errors
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from edge.embedded_nats import EmbeddedNatsServer
+from runtime.embedded_nats import EmbeddedNatsServer
 from metering.ledger import window_of
 from metering.service import Metering, MeteringSettings
 from metering.stream import open_usage_stream

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from edge.embedded_nats import free_port
+from runtime.embedded_nats import free_port
 from tests.harness import EdgeProcess, http_get, metrics, paired, running_edges
 
 

@@ -121,7 +121,7 @@ async def test_a_heartbeat_for_a_socket_with_frames_queued_is_answered_by_its_ha
 
 
 async def test_a_relay_behind_a_frame_too_large_for_nats_is_never_forwarded(tmp_path):
-    from edge.embedded_nats import EmbeddedNatsServer
+    from runtime.embedded_nats import EmbeddedNatsServer
 
     with EmbeddedNatsServer(
         store_dir=tmp_path / "nats", max_payload=64 * 1024
@@ -199,7 +199,7 @@ async def test_publishes_waiting_for_a_stalled_nats_do_not_hold_the_shutdown(tmp
     import os
     import signal
 
-    from edge.embedded_nats import EmbeddedNatsServer
+    from runtime.embedded_nats import EmbeddedNatsServer
 
     with EmbeddedNatsServer(store_dir=tmp_path / "nats") as server:
         async with running_edges(

@@ -27,8 +27,8 @@ import pytest
 from nats.js.api import KeyValueConfig
 
 from accounts.store import AccountStore
-from edge import kv
-from edge.embedded_nats import EmbeddedNatsCluster, EmbeddedNatsServer
+from runtime import kv
+from runtime.embedded_nats import EmbeddedNatsCluster, EmbeddedNatsServer
 from edge.store import RoomStore, open_buckets
 from schemas.records import Registration, RoomRecord, User
 from schemas.subjects import (

@@ -270,7 +270,7 @@ async def _scratch_bucket(nc):
 
 
 async def test_a_listing_holds_every_present_key_and_no_deleted_or_purged_one(nats_url):
-    from edge.kv import present_values
+    from runtime.kv import present_values
 
     nc = await nats.connect(nats_url)
     try:
@@ -290,7 +290,7 @@ async def test_a_listing_holds_every_present_key_and_no_deleted_or_purged_one(na
 
 
 async def test_a_values_watch_marks_the_start_once_then_follows_changes(nats_url):
-    from edge.kv import ValuesWatch
+    from runtime.kv import ValuesWatch
 
     nc = await nats.connect(nats_url)
     try:
@@ -318,10 +318,42 @@ async def test_a_values_watch_marks_the_start_once_then_follows_changes(nats_url
         await nc.close()
 
 
+async def test_a_values_watch_without_the_watchers_subscription_trusts_nats_pys_start_marker(nats_url, monkeypatch):
+    # The fallback for a nats-py release whose watcher has no `_sub`: its own marker is used.
+    from runtime.kv import ValuesWatch
+
+    nc = await nats.connect(nats_url)
+    try:
+        kv = await _scratch_bucket(nc)
+        for n in range(3):
+            await kv.put(f"k.{n}", b"v")
+        real_watch = kv.watch
+
+        async def watch_without_subscription(*args, **kwargs):
+            watcher = await real_watch(*args, **kwargs)
+            watcher.subscription, watcher._sub = watcher._sub, None
+            return watcher
+
+        monkeypatch.setattr(kv, "watch", watch_without_subscription)
+        watch = await ValuesWatch.start(kv, "k.>")
+        assert watch.initial is None
+        entries = []
+        async with asyncio.timeout(3):
+            async for entry in watch:
+                entries.append(entry)
+                if entry is None:
+                    break
+        assert [e.key for e in entries[:-1]] == ["k.0", "k.1", "k.2"] and entries[-1] is None
+        watch.watcher._sub = watch.watcher.subscription
+        await watch.stop()
+    finally:
+        await nc.close()
+
+
 async def test_a_values_watch_whose_counted_values_do_not_all_come_marks_the_start_after_a_grace(nats_url, monkeypatch):
     # As when a value counted at the start expires before it is delivered: the watch goes on.
-    from edge import kv as kv_module
-    from edge.kv import ValuesWatch
+    from runtime import kv as kv_module
+    from runtime.kv import ValuesWatch
 
     monkeypatch.setattr(kv_module, "MARKER_GRACE_S", 0.2)
     nc = await nats.connect(nats_url)
@@ -330,7 +362,7 @@ async def test_a_values_watch_whose_counted_values_do_not_all_come_marks_the_sta
         for n in range(3):
             await kv.put(f"k.{n}", b"v")
         started = await ValuesWatch.start(kv, "k.>")
-        watch = ValuesWatch(started._watcher, started._initial + 1)  # one more than will come
+        watch = ValuesWatch(started.watcher, started.initial + 1)  # one more than will come
         entries = []
         async with asyncio.timeout(3):
             async for entry in watch:

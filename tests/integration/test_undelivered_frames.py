@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from edge.embedded_nats import EmbeddedNatsServer
+from runtime.embedded_nats import EmbeddedNatsServer
 from tests.harness import (
     EdgeProcess,
     MacIdentity,

@@ -3,7 +3,8 @@
 import pytest
 
 from edge.local import banner, banner_hosts
-from edge.settings import EdgeSettings, load_settings, nats_url_problem
+from edge.settings import EdgeSettings
+from runtime.settings import load_settings, nats_url_problem
 
 
 def test_banner_prints_a_specific_listen_address_as_it_is():

@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from edge import upkeep
-from edge.upkeep import keep_running
+from runtime import service
+from runtime.service import keep_running
 
 
 async def test_a_failing_task_waits_longer_while_failures_follow_each_other_and_starts_over_after_a_long_run(
@@ -21,7 +21,7 @@ async def test_a_failing_task_waits_longer_while_failures_follow_each_other_and_
         waits.append(seconds)
         await real_sleep(0)
 
-    monkeypatch.setattr(upkeep.asyncio, "sleep", recorded_sleep)
+    monkeypatch.setattr(service.asyncio, "sleep", recorded_sleep)
     stopping = asyncio.Event()
     runs = iter(["fail", "fail", "fail", "long then fail", "fail", "stop"])
 

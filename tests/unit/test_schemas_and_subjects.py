@@ -8,7 +8,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from edge.settings import EdgeSettings, load_settings
+from edge.settings import EdgeSettings
+from runtime.settings import load_settings
 from schemas import subjects
 from schemas.client import (
     MAX_BATCH_PAYLOADS,

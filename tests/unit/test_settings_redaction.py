@@ -1,6 +1,7 @@
 """Secrets never reach the logs: the settings as logged mask tokens and URL passwords."""
 
-from edge.settings import EdgeSettings, redact_urls
+from edge.settings import EdgeSettings
+from runtime.settings import redact_urls
 
 
 def test_nats_url_credentials_are_masked_in_logged_settings():

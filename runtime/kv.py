@@ -1,7 +1,7 @@
 """JetStream KV the same way everywhere: absent keys, expiry markers, listings, and
 writes and removals that stay done across crashes.
 
-Shared by the edge's stores, `accounts.store` (relay-admin) and `metering.usage`.
+Shared by the edge's stores, `accounts.store` (relay-admin) and `metering`.
 
 Why writes and removals go through `write` and `remove` here (issue 16, item 1):
 nats-server's file store records a removed message with a tombstone, so that a store
@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import nats.js.errors
 from nats.js import JetStreamContext
@@ -57,6 +59,40 @@ REMOVAL_MARKER_TTL_S = 1
 
 #: JetStream's "wrong last sequence" error codes (a compare-and-set lost).
 _WRONG_LAST = (10071, 10164)
+
+T = TypeVar("T")
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
+class CompareAndSetLost(Exception):
+    """A compare-and-set kept losing to other writers; the caller gives up on this request."""
+
+
+async def compare_and_set(attempt: Callable[[], Awaitable[T]], attempts: int, what: str) -> T:
+    """Run `attempt` (read, decide, write with `last=` the revision read) until its write
+    wins: a lost race (KeyWrongLastSequenceError) waits a little, jittered so that the
+    losers do not collide again, and reads again. CompareAndSetLost after `attempts`."""
+    for n in range(attempts):
+        try:
+            return await attempt()
+        except nats.js.errors.KeyWrongLastSequenceError:
+            await asyncio.sleep(random.uniform(0, min(0.002 * 2**n, 0.05)))
+    raise CompareAndSetLost(f"{what}: {attempts} compare-and-set attempts lost")
+
+
+def lost_race(exc: nats.js.errors.APIError) -> nats.js.errors.APIError:
+    """The error a JetStream publish with an expected last sequence means: nats-py raises a
+    bare APIError for JetStream's codes, KeyValue's own calls a KeyWrongLastSequenceError."""
+    if exc.err_code in _WRONG_LAST:
+        return nats.js.errors.KeyWrongLastSequenceError(description=exc.description)
+    return exc
 
 
 def durable_bucket(bucket: str, replicas: int) -> KeyValueConfig:
@@ -99,6 +135,16 @@ async def write(
     return (await _publish(js, kv_subject(bucket, key), value, headers, ttl_s)).seq
 
 
+async def put_with_ttl(
+    js: JetStreamContext, bucket: str, key: str, value: bytes, ttl_s: float, *, last: int | None = None
+) -> int:
+    """Store `value` under `key` with a per-message TTL, as a plain write (no rollup: for
+    keys that are never removed, only left to expire). `last` makes it a compare-and-set
+    (KeyWrongLastSequenceError when lost). Returns the new revision."""
+    headers = {} if last is None else {"Nats-Expected-Last-Subject-Sequence": str(last)}
+    return (await _publish(js, kv_subject(bucket, key), value, headers or None, ttl_s)).seq
+
+
 async def remove(js: JetStreamContext, bucket: str, key: str, *, last: int | None = None) -> None:
     """Remove `key` for good: a purge marker, as a subject rollup, that expires by itself.
 
@@ -112,14 +158,15 @@ async def remove(js: JetStreamContext, bucket: str, key: str, *, last: int | Non
 
 
 async def _publish(
-    js: JetStreamContext, subject: str, payload: bytes, headers: dict[str, str], ttl_s: float | None
+    js: JetStreamContext, subject: str, payload: bytes, headers: dict[str, str] | None, ttl_s: float | None
 ) -> PubAck:
     try:
         return await js.publish(subject, payload, headers=headers, msg_ttl=None if ttl_s is None else max(1.0, ttl_s))
     except nats.js.errors.APIError as exc:
-        if exc.err_code in _WRONG_LAST:
-            raise nats.js.errors.KeyWrongLastSequenceError(description=exc.description) from exc
-        raise
+        translated = lost_race(exc)
+        if translated is exc:
+            raise
+        raise translated from exc
 
 
 def present(entry: KeyValue.Entry | None) -> bool:
@@ -150,27 +197,40 @@ class ValuesWatch:
     Start it with `await ValuesWatch.start(kv, key_filter)`; `stop()` ends the iteration.
     """
 
-    def __init__(self, watcher: KeyValue.KeyWatcher, initial: int) -> None:
-        self._watcher, self._initial = watcher, initial
+    def __init__(self, watcher: KeyValue.KeyWatcher, initial: int | None) -> None:
+        """`initial`: how many messages make up the values at the start; None: unknown, so
+        nats-py's own marker is trusted."""
+        self.watcher, self.initial = watcher, initial
 
     @classmethod
     async def start(cls, kv: KeyValue, key_filter: str) -> ValuesWatch:
         watcher = await kv.watch(key_filter)  # deletions too: every message is counted
+        # nats-py's one internal used here: the watcher's subscription, which its own keys()
+        # asks the same way. Without it (another release), its marker is trusted.
+        subscription = getattr(watcher, "_sub", None)
+        if subscription is None or not hasattr(subscription, "consumer_info"):
+            _warn_once("nats-py's KV watcher has no _sub.consumer_info(); trusting its start marker (nats-io/nats.py#842)")
+            return cls(watcher, None)
         try:
-            info = await watcher._sub.consumer_info()  # the subscription nats-py's own keys() asks
+            info = await subscription.consumer_info()
         except BaseException:
             await watcher.stop()
             raise
         return cls(watcher, (info.num_pending or 0) + (info.delivered.consumer_seq if info.delivered else 0))
 
     async def stop(self) -> None:
-        await self._watcher.stop()
+        await self.watcher.stop()
 
     def __aiter__(self) -> AsyncIterator[KeyValue.Entry | None]:
-        return self._entries()
+        return self._entries() if self.initial is not None else self._as_nats_py_marks()
+
+    async def _as_nats_py_marks(self) -> AsyncIterator[KeyValue.Entry | None]:
+        async for entry in self.watcher:
+            yield entry
 
     async def _entries(self) -> AsyncIterator[KeyValue.Entry | None]:
-        marked = self._initial == 0
+        assert self.initial is not None
+        marked = self.initial == 0
         if marked:
             yield None
         seen, nats_marked = 0, False
@@ -181,13 +241,13 @@ class ValuesWatch:
                     # once if they come at all (a message counted at the start can vanish
                     # before delivery, e.g. by its TTL, and nats-py skips markers it does
                     # not know). Waiting for ever would keep an edge from getting ready.
-                    entry = await asyncio.wait_for(anext(self._watcher), MARKER_GRACE_S)
+                    entry = await asyncio.wait_for(anext(self.watcher), MARKER_GRACE_S)
                 else:
-                    entry = await anext(self._watcher)
+                    entry = await anext(self.watcher)
             except StopAsyncIteration:
                 return
             except TimeoutError:
-                log.warning("a KV watcher got %d of the %d values it started with; going on", seen, self._initial)
+                log.warning("a KV watcher got %d of the %d values it started with; going on", seen, self.initial)
                 marked = True
                 yield None
                 continue
@@ -196,7 +256,7 @@ class ValuesWatch:
                 continue
             seen += 1
             yield entry
-            if not marked and seen >= self._initial:
+            if not marked and seen >= self.initial:
                 marked = True
                 yield None
 

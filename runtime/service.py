@@ -1,0 +1,158 @@
+"""Running a service: logging, signals, the event loop, keeping its loops running, and a
+failed start explained in one line."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import sys
+import signal
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, NoReturn, Protocol
+
+import nats.errors
+
+from runtime.backoff import Backoff
+from runtime.settings import redact_urls
+
+log = logging.getLogger(__name__)
+
+#: A failure after a run this long starts the waits before a restart over.
+FAILURES_APART_S = 5.0
+
+
+def configure_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # websockets logs every HTTP request at INFO; health probes would drown the log.
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+    logging.getLogger("edge.websockets").setLevel(logging.WARNING)  # the same, for the edge's connections
+
+
+class Service(Protocol):
+    """A long-running service (`Edge`, `Metering`): runs until stopped."""
+
+    @property
+    def serving(self) -> bool: ...
+
+    def stop(self) -> None: ...
+
+    async def run(self) -> None: ...
+
+
+async def serve_until_signalled(service: Service) -> None:
+    """Run `service`; SIGTERM/SIGINT starts its graceful stop, or ends a start that is still waiting."""
+    loop = asyncio.get_running_loop()
+    run = asyncio.create_task(service.run())
+
+    def on_signal() -> None:
+        if service.serving:
+            service.stop()
+        else:
+            run.cancel()  # still waiting for NATS: there is nothing to hand over or finish
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await run
+    except asyncio.CancelledError:
+        if not run.cancelled():
+            raise
+        logging.getLogger(type(service).__name__.lower()).info("stopped before it was serving")
+
+
+def run_event_loop(main: Coroutine[Any, Any, None], use_uvloop: bool) -> None:
+    """Run `main` to completion, on uvloop when asked and installed (it moves each frame
+    through the event loop in less time than asyncio's own loop)."""
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            log.warning("uvloop is not installed; using asyncio's event loop")
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
+
+
+async def keep_running(
+    what: str, run_once: Callable[[], Awaitable[None]], stopping: asyncio.Event, failures_apart_s: float = FAILURES_APART_S
+) -> None:
+    """Run `run_once` again each time it returns, until `stopping`; after a failure, wait
+    first (0.1 s, doubling up to 5 s while failures follow each other: a failure after a
+    run of `failures_apart_s` or more starts again at 0.1 s). A bug in one loop must not
+    end the service, and with it every client."""
+    backoff = Backoff(0.1, 5.0)
+    while not stopping.is_set():
+        began = time.monotonic()
+        try:
+            await run_once()
+            backoff.reset()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if time.monotonic() - began >= failures_apart_s:
+                backoff.reset()
+            wait = backoff.next()
+            log.warning("%s failed; recreating it in %.1fs", what, wait, exc_info=True)
+            await asyncio.sleep(wait)
+
+
+class StartError(Exception):
+    """A service cannot start; the message is one line: the cause. `hint`, if a subclass
+    sets one, says what to do."""
+
+    hint = ""
+
+
+def start_error(exc: BaseException, *, nats_url: str, host: str | None = None, port: int | None = None) -> str | None:
+    """The one line that explains a failed start, or None for an error nobody foresaw.
+
+    An ExceptionGroup (a TaskGroup's) is explained by the first of its errors that can be.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            line = start_error(inner, nats_url=nats_url, host=host, port=port)
+            if line:
+                return line
+        return None
+    if isinstance(exc, StartError):
+        return f"{exc}; {exc.hint}" if exc.hint else str(exc)
+    where = f"{host}:{port}"
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        return f"cannot listen on {where}: the port is in use; stop what holds it, or choose another (--port / RELAY_PORT)"
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {where}: this machine has no address {host} (--host / RELAY_HOST; 0.0.0.0 is every address)"
+    if isinstance(exc, OSError) and exc.errno == errno.EACCES and port is not None:
+        return f"cannot listen on {where}: permission denied (ports below 1024 need root; choose another with --port)"
+    if isinstance(exc, (nats.errors.NoServersError, nats.errors.TimeoutError, ConnectionRefusedError)):
+        return f"cannot reach NATS at {redact_urls(nats_url)} ({exc or type(exc).__name__}); start it, or fix --nats-url / RELAY_NATS_URL"
+    if isinstance(exc, OSError) and port is not None:
+        return f"cannot start (listening on {where}, NATS at {redact_urls(nats_url)}): {exc.strerror or exc}"
+    return None
+
+
+def exit_if_start_fails(prog: str, run: Callable[[], None], **context: Any) -> None:
+    """Run `run`; a foreseen failure to start ends the process with one line and exit 1
+    (an unforeseen one keeps its traceback: that is a bug to report)."""
+    try:
+        run()
+    except KeyboardInterrupt:
+        pass
+    except Exception as exc:
+        line = start_error(exc, **context)
+        if line is None:
+            raise
+        fail(prog, line)
+
+
+def fail(prog: str, line: str) -> NoReturn:
+    """End the process with `prog: error: line` on standard error and exit code 1."""
+    logging.shutdown()
+    print(f"{prog}: error: {line}", file=sys.stderr, flush=True)
+    sys.exit(1)

@@ -1,0 +1,61 @@
+"""The packages' imports go one way (README, Layout): `schemas` imports none of ours;
+`runtime` only `schemas`; nothing outside `edge` imports `edge`; and inside `edge`, the
+protocol package does no I/O and imports nothing of the asyncio side."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OURS = {"accounts", "edge", "metering", "runtime", "schemas"}
+# Libraries that do I/O or run an event loop: none belongs in the pure protocol package.
+IO_LIBRARIES = {"asyncio", "nats", "websockets", "socket", "subprocess", "uvloop"}
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module `path` imports, at any depth (imports inside functions count too)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+    return found
+
+
+def imported_by(package: str) -> dict[str, set[str]]:
+    """File (relative to the root) → the modules it imports, for every file of `package`."""
+    return {str(p.relative_to(ROOT)): imports_of(p) for p in sorted((ROOT / package).rglob("*.py"))}
+
+
+def offending(package: str, allowed: set[str]) -> list[str]:
+    return [
+        f"{path} imports {module}"
+        for path, modules in imported_by(package).items()
+        for module in sorted(modules)
+        if module.split(".")[0] in OURS - allowed
+    ]
+
+
+def test_schemas_import_nothing_of_ours() -> None:
+    assert offending("schemas", {"schemas"}) == []
+
+
+def test_runtime_imports_only_schemas() -> None:
+    assert offending("runtime", {"runtime", "schemas"}) == []
+
+
+def test_nothing_outside_edge_imports_edge() -> None:
+    outside = [p for p in ("accounts", "metering", "runtime", "schemas", "bench") if (ROOT / p).is_dir()]
+    assert [line for package in outside for line in offending(package, OURS - {"edge"})] == []
+
+
+def test_the_protocol_package_does_no_io_and_imports_nothing_of_the_asyncio_side() -> None:
+    problems = []
+    for path, modules in imported_by("edge/protocol").items():
+        for module in sorted(modules):
+            top = module.split(".")[0]
+            if top in IO_LIBRARIES or (top == "edge" and not module.startswith("edge.protocol")):
+                problems.append(f"{path} imports {module}")
+    assert problems == []
