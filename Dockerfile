@@ -8,6 +8,7 @@ COPY pyproject.toml README.md ./
 COPY accounts ./accounts
 COPY edge ./edge
 COPY metering ./metering
+COPY runtime ./runtime
 COPY schemas ./schemas
 RUN pip install --no-cache-dir --no-deps --no-build-isolation . && pip check && useradd --system --uid 10001 relay
 USER relay

@@ -1,6 +1,5 @@
-"""The edge: terminates WebSockets and HTTP, carries the room logic's actions out over NATS.
+"""The edge: terminates WebSockets and HTTP, carries the protocol's actions out over NATS.
 
-- `rooms`, `session`: the protocol's decisions, without I/O.
-- `store`, `presence`: JetStream KV (room records, leases, lastSeen).
-- `server`: the asyncio process that ties sockets to NATS.
+`protocol/` decides, without I/O; the modules beside it carry out one job each, wired by
+`server.Edge` (see the README's "How the code is built").
 """

@@ -11,7 +11,6 @@ per second, and sockets held per user and per client address; past any of them, 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ipaddress
 import logging

@@ -23,6 +23,7 @@ from edge.protocol.leases import GONE, RUNNING, STOPPING, AfterLostRace, Holder,
 from edge.protocol.plans import edges_gone
 from edge.store import Presence
 from runtime.clock import now_ms
+from runtime.connection import STORAGE_ERRORS
 from runtime.service import StartError, keep_running
 from schemas.client import CloseCode, DisconnectReason
 from schemas.records import EdgeLease
@@ -188,7 +189,7 @@ class Leases:
                         ctx.ready.clear()
                 await self._reincarnate()
                 lost = False
-            except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            except STORAGE_ERRORS as exc:
                 log.warning("lease renewal failed (%s); retrying in %.2fs", type(exc).__name__, retry)
                 delay = retry
 

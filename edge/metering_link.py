@@ -15,6 +15,8 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from metering.stream import open_usage_stream
+from runtime.backoff import Backoff
+from runtime.connection import STORAGE_ERRORS
 from schemas.client import QuotaExceeded
 from schemas.metering import QuotaCheck, UsageBatch, quota_answer_decoder
 from schemas.subjects import QUOTA_CHECK_SUBJECT, usage_events_subject
@@ -78,22 +80,21 @@ class MeteringLink:
 
         `between_attempts` runs while waiting to retry (the edge keeps its meter ticking).
         """
-        backoff, failing = 0.1, False
+        backoff, failing = Backoff(0.1, 2.0), False
         while True:
             try:
                 await self.publish(batch)
                 if failing:
                     log.info("usage batch %s published after retries", batch.msg_id)
                 return
-            except (TimeoutError, nats.errors.Error) as exc:
+            except STORAGE_ERRORS as exc:
                 self.usage_publish_failures += 1
                 if not failing:
                     log.warning("usage batch %s not acknowledged (%s); retrying", batch.msg_id, type(exc).__name__ or exc)
                     failing = True
                 if isinstance(exc, nats.js.errors.NoStreamResponseError):
                     # The stream is gone (deleted by hand): make it again, as at start.
-                    with contextlib.suppress(TimeoutError, nats.errors.Error):
+                    with contextlib.suppress(*STORAGE_ERRORS):
                         await open_usage_stream(self._js, self._replicas)
             await between_attempts()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+            await asyncio.sleep(backoff.next())

@@ -30,6 +30,7 @@ from edge.protocol.requests import (
     room_limit_close,
 )
 from edge.store import StorageConflict
+from runtime.backoff import Backoff
 from runtime.clock import now_ms
 from runtime.connection import STORAGE_ERRORS
 from schemas.client import JoinRoom, RegisterRoom
@@ -84,7 +85,7 @@ class RoomRequests:
         mismatch = None
         if is_account_mismatch(message, outcome, session.user_id):
             # The slot is ours already: should anything below fail, it is released on leave.
-            session.uncertain = True
+            session.may_hold_a_slot()
             mismatch = await self._account_mismatch_error(outcome.owner_user_id, conn)
         if outcome.accepted and isinstance(message, RegisterRoom):
             # Registered before the Mac hears room_registered: a GET /api/rooms it makes
@@ -151,16 +152,16 @@ class RoomRequests:
         into an AUTH_FAILED on its next register."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.ctx.settings.storage_retry_budget_ms / 1000
-        delay = 0.1
+        backoff = Backoff(0.1, 1.0)
         while True:
             try:
                 return await self._once(conn, message)
             except (nats.errors.TimeoutError, asyncio.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
-                if loop.time() + delay >= deadline:
+                wait = backoff.next()
+                if loop.time() + wait >= deadline:
                     raise
                 log.warning("room %s: storage did not answer (%s); retrying", conn.session.room_id, type(exc).__name__)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                await asyncio.sleep(wait)
 
     async def _once(self, conn: Connection, message: RegisterRoom | JoinRoom) -> tuple[rooms.Outcome, int]:
         ctx, session = self.ctx, conn.session

@@ -2,7 +2,9 @@
 
 Each field `name` is read from the flag `--name-with-dashes`, else from the environment
 variable `RELAY_NAME`, else its default. The seed's timing constants keep their names
-(`HEARTBEAT_DEAD_THRESHOLD` → `heartbeat_dead_threshold_ms`, …) and their defaults.
+(`HEARTBEAT_DEAD_THRESHOLD` → `heartbeat_dead_threshold_ms`, …) and their defaults. The
+settings every service shares (`nats_url`, `kv_replicas`, `tiers_file`) come from
+`runtime.settings.NatsSettings`.
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ import secrets
 import time
 from collections.abc import Container
 
-import nats.errors
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
@@ -25,7 +24,9 @@ from edge.protocol import rooms
 from edge.protocol.session import Session, other_role
 from edge.store import StorageConflict
 from edge.usage import Usage
+from runtime.backoff import Backoff
 from runtime.clock import now_ms
+from runtime.connection import STORAGE_ERRORS
 from schemas.client import CloseCode, encode
 from schemas.records import RoomRecord
 from schemas.subjects import ROLES, room_subject
@@ -104,7 +105,7 @@ class Sockets:
         last_seen = max(conn.last_message_ms, conn.ws.last_dropped_ms) or now_ms()
         try:
             await self._release_and_announce(session, last_seen)
-        except (nats.errors.Error, asyncio.TimeoutError, StorageConflict) as exc:
+        except (*STORAGE_ERRORS, StorageConflict) as exc:
             log.warning("room %s: could not release the %s slot (%s); retrying", session.room_id, session.role, exc)
             self.ctx.spawn(self._retry_release(session, last_seen), "release a departed socket's slot")
 
@@ -127,14 +128,14 @@ class Sockets:
 
         Giving up would leave a slot naming a socket that is gone, on an edge that lives.
         """
-        backoff = 1.0
-        while not await self.ctx.sleep(backoff):
+        backoff = Backoff(1.0, 5.0)
+        while not await self.ctx.sleep(backoff.next()):
             try:
                 await self._release_and_announce(session, last_seen_ms)
                 log.info("room %s: released the %s slot of a departed socket", session.room_id, session.role)
                 return
-            except (nats.errors.Error, asyncio.TimeoutError, StorageConflict):
-                backoff = min(backoff * 2, 5.0)
+            except (*STORAGE_ERRORS, StorageConflict):
+                pass
 
     def _shed(self, conn: Connection, passed: str) -> None:
         """The connection shed its socket for what it `passed` (pings or pongs past its rate

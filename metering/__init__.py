@@ -1,6 +1,6 @@
 """Metering: usage per user and 5-hour window, quota checks.
 
-`windows` holds the window arithmetic and `usage` reads usage records and reports them
-(for the edge's HTTP API and `relay-admin usage`). The consumer that counts usage is
-the metering issue's work.
+`ledger` applies usage and judges quotas (no I/O), `service` is `relay-metering` (the
+usage stream's consumer and the quota answers), `usage` reads ledgers for the edge's
+HTTP API and `relay-admin usage`, `windows` holds the window arithmetic.
 """

@@ -197,10 +197,10 @@ class ValuesWatch:
     Start it with `await ValuesWatch.start(kv, key_filter)`; `stop()` ends the iteration.
     """
 
-    def __init__(self, watcher: KeyValue.KeyWatcher, initial: int | None) -> None:
+    def __init__(self, watcher: KeyValue.KeyWatcher, initial: int | None, grace_s: float = MARKER_GRACE_S) -> None:
         """`initial`: how many messages make up the values at the start; None: unknown, so
-        nats-py's own marker is trusted."""
-        self.watcher, self.initial = watcher, initial
+        nats-py's own marker is trusted. `grace_s`: how long counted values may lag it."""
+        self.watcher, self.initial, self.grace_s = watcher, initial, grace_s
 
     @classmethod
     async def start(cls, kv: KeyValue, key_filter: str) -> ValuesWatch:
@@ -241,7 +241,7 @@ class ValuesWatch:
                     # once if they come at all (a message counted at the start can vanish
                     # before delivery, e.g. by its TTL, and nats-py skips markers it does
                     # not know). Waiting for ever would keep an edge from getting ready.
-                    entry = await asyncio.wait_for(anext(self.watcher), MARKER_GRACE_S)
+                    entry = await asyncio.wait_for(anext(self.watcher), self.grace_s)
                 else:
                     entry = await anext(self.watcher)
             except StopAsyncIteration:

@@ -59,3 +59,20 @@ def test_the_protocol_package_does_no_io_and_imports_nothing_of_the_asyncio_side
             if top in IO_LIBRARIES or (top == "edge" and not module.startswith("edge.protocol")):
                 problems.append(f"{path} imports {module}")
     assert problems == []
+
+
+def test_every_folder_of_code_is_a_package_that_an_install_includes() -> None:
+    # setuptools' find leaves out folders without __init__.py: an installed relay (the
+    # Dockerfile's) would miss them while an editable one still works.
+    missing = [
+        str(folder.relative_to(ROOT))
+        for top in sorted(OURS)
+        for folder in [ROOT / top, *(p for p in (ROOT / top).rglob("*") if p.is_dir())]
+        if any(folder.glob("*.py")) and not (folder / "__init__.py").exists()
+    ]
+    assert missing == []
+
+
+def test_the_dockerfile_copies_every_package() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert [top for top in sorted(OURS) if f"COPY {top} ./{top}" not in dockerfile] == []

@@ -28,6 +28,7 @@ class FailedAuthLimiter:
 
     max_failures: int
     window_s: float
+    max_tracked: int = MAX_TRACKED_ADDRESSES  # addresses remembered, oldest first out
     _failures: OrderedDict[str, deque[float]] = field(default_factory=OrderedDict)
 
     def retry_after(self, address: str, now: float) -> float:
@@ -46,7 +47,7 @@ class FailedAuthLimiter:
         times = self._recent(address, now)
         if times is None:
             times = self._failures[address] = deque(maxlen=self.max_failures)
-            while len(self._failures) > MAX_TRACKED_ADDRESSES:
+            while len(self._failures) > self.max_tracked:
                 self._failures.popitem(last=False)
         self._failures.move_to_end(address)
         times.append(now)
@@ -99,11 +100,12 @@ class UpgradeRateLimiter:
     """At most `rate_per_s` WebSocket upgrades per client address on average, bursts of
     `burst` (a reconnect storm: every client behind one NAT address at once). A rate of 0
     turns it off. Addresses are remembered least recently used first out, at most
-    `MAX_TRACKED_ADDRESSES`: one forgotten starts again with a full bucket, which an
+    `max_tracked`: one forgotten starts again with a full bucket, which an
     address idle for burst/rate seconds has anyway."""
 
     rate_per_s: float
     burst: float
+    max_tracked: int = MAX_TRACKED_ADDRESSES
     _buckets: OrderedDict[str, TokenBucket] = field(default_factory=OrderedDict)
     _refusing: set[str] = field(default_factory=set)
 
@@ -115,7 +117,7 @@ class UpgradeRateLimiter:
         bucket = self._buckets.get(address)
         if bucket is None:
             bucket = self._buckets[address] = TokenBucket(self.rate_per_s, self.burst)
-            while len(self._buckets) > MAX_TRACKED_ADDRESSES:
+            while len(self._buckets) > self.max_tracked:
                 forgotten, _ = self._buckets.popitem(last=False)
                 self._refusing.discard(forgotten)
         else:

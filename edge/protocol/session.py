@@ -2,11 +2,13 @@
 
 The edge feeds a `Session` what its socket sends (`receive`), what the room logic
 decided (`apply`), and the control events other edges address to it (`receive_event`),
-then carries out the returned actions in order.
+then carries out the returned actions in order. Where the socket stands in its room is
+one `SocketState`, changed only by the transitions in `_TRANSITIONS`.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -45,6 +47,23 @@ class _EdgeDied:
 ROLE_OF_REQUEST = {RegisterRoom: "mac", JoinRoom: "ios"}
 
 
+class SocketState(enum.Enum):
+    """Where a socket stands in its room; one at a time, as in h11's `_state.py`."""
+
+    OUTSIDE = "outside"  # no request of its has been accepted
+    UNCERTAIN = "uncertain"  # a request may have won a slot without the socket learning it
+    IN_ROOM = "in_room"  # it holds its role's slot
+    REPLACED = "replaced"  # another device took its slot; it is being closed 4001
+
+
+_TRANSITIONS: dict[SocketState, frozenset[SocketState]] = {
+    SocketState.OUTSIDE: frozenset({SocketState.UNCERTAIN, SocketState.IN_ROOM, SocketState.REPLACED}),
+    SocketState.UNCERTAIN: frozenset({SocketState.IN_ROOM, SocketState.REPLACED}),
+    SocketState.IN_ROOM: frozenset({SocketState.REPLACED}),
+    SocketState.REPLACED: frozenset(),
+}
+
+
 def other_role(role: str) -> str:
     return "ios" if role == "mac" else "mac"
 
@@ -69,12 +88,8 @@ class Session:
     boot_id: str
     user_id: str
     last_message_at: float  # monotonic seconds
-    in_room: bool = False
+    state: SocketState = SocketState.OUTSIDE
     peer: SlotHolder | None = None
-    replaced: bool = False
-    # A room request failed without an answer: its write may have landed all the same,
-    # so the slot must be released when the socket goes, as if it had been accepted.
-    uncertain: bool = False
     # Why the socket ends, as its peer will hear it (`peer_disconnected.reason`).
     leave_reason: str = DisconnectReason.CLIENT_LEFT
     # The room's owner, once in the room: heartbeat acks say whether this socket's account matches.
@@ -84,6 +99,26 @@ class Session:
     _busy: bool = False  # a room request is in flight
     _held_events: list[tuple[EdgeEvent | Undelivered | _EdgeDied, str]] = field(default_factory=list)
     _peer_revision: int = 0  # room revision of the peer the client was last told of
+
+    @property
+    def in_room(self) -> bool:
+        return self.state is SocketState.IN_ROOM
+
+    @property
+    def replaced(self) -> bool:
+        return self.state is SocketState.REPLACED
+
+    def _enter(self, state: SocketState) -> None:
+        if state is not self.state:
+            if state not in _TRANSITIONS[self.state]:
+                raise AssertionError(f"socket {self.socket_id}: no transition from {self.state.value} to {state.value}")
+            self.state = state
+
+    def may_hold_a_slot(self) -> None:
+        """A request's write may have won the slot (it did, and what follows may fail, or it
+        failed unanswered): the slot is released when the socket goes, as if accepted."""
+        if self.state is SocketState.OUTSIDE:
+            self._enter(SocketState.UNCERTAIN)
 
     @property
     def holder(self) -> SlotHolder:
@@ -202,8 +237,8 @@ class Session:
         """The room logic's decision on this session's request, written at room `revision`;
         `notice` (an `ACCOUNT_MISMATCH` error) goes to the client right after the replies."""
         self._busy = False
-        if outcome.accepted:
-            self.in_room = True
+        if outcome.accepted and not self.replaced:
+            self._enter(SocketState.IN_ROOM)
             self.peer = outcome.peer
             self.owner_user_id = outcome.owner_user_id
             if any(isinstance(reply, PeerJoined) for reply in outcome.replies):
@@ -223,7 +258,7 @@ class Session:
     def request_failed(self) -> list[Action]:
         """The room request could not be carried out (storage unavailable): the client retries."""
         self._busy = False
-        self.uncertain = True
+        self.may_hold_a_slot()
         return [Close(CloseCode.INTERNAL, "Internal error")] + self._release_held_events()
 
     def _release_held_events(self) -> list[Action]:
@@ -266,8 +301,7 @@ class Session:
         if isinstance(event, ReplacedEvent):
             if self.replaced:
                 return []
-            self.replaced = True
-            self.in_room = False
+            self._enter(SocketState.REPLACED)
             self.peer = None
             return [Close(CloseCode.REPLACED, "Replaced by another device")]
         return []
@@ -318,7 +352,7 @@ class Session:
         """Whether the socket's going frees a slot and tells its peer: it held one, or may
         hold one (a request that failed unanswered), and was not replaced (its successor
         holds the slot now)."""
-        return (self.in_room or self.uncertain) and not self.replaced and self.role is not None
+        return self.state in (SocketState.IN_ROOM, SocketState.UNCERTAIN) and self.role is not None
 
     def left_event(self) -> PeerLeftEvent:
         """What the room's live peer is told when this socket is gone."""

@@ -350,19 +350,17 @@ async def test_a_values_watch_without_the_watchers_subscription_trusts_nats_pys_
         await nc.close()
 
 
-async def test_a_values_watch_whose_counted_values_do_not_all_come_marks_the_start_after_a_grace(nats_url, monkeypatch):
+async def test_a_values_watch_whose_counted_values_do_not_all_come_marks_the_start_after_a_grace(nats_url):
     # As when a value counted at the start expires before it is delivered: the watch goes on.
-    from runtime import kv as kv_module
     from runtime.kv import ValuesWatch
 
-    monkeypatch.setattr(kv_module, "MARKER_GRACE_S", 0.2)
     nc = await nats.connect(nats_url)
     try:
         kv = await _scratch_bucket(nc)
         for n in range(3):
             await kv.put(f"k.{n}", b"v")
         started = await ValuesWatch.start(kv, "k.>")
-        watch = ValuesWatch(started.watcher, started.initial + 1)  # one more than will come
+        watch = ValuesWatch(started.watcher, started.initial + 1, grace_s=0.2)  # one more than will come
         entries = []
         async with asyncio.timeout(3):
             async for entry in watch:

@@ -1,4 +1,4 @@
-"""The pure parts of issue 16 items 5 and 9 (edge/limits.py): bytes in a token bucket,
+"""The pure parts of issue 16 items 5 and 9 (edge/protocol/limits.py): bytes in a token bucket,
 upgrades per address, sockets per user and per address."""
 
 from __future__ import annotations
@@ -73,9 +73,8 @@ def test_an_upgrade_rate_of_zero_is_no_limit():
     assert not limiter._buckets
 
 
-def test_upgrade_buckets_are_bounded_and_a_forgotten_address_starts_full(monkeypatch):
-    monkeypatch.setattr(limits, "MAX_TRACKED_ADDRESSES", 3)
-    limiter = UpgradeRateLimiter(rate_per_s=1, burst=1)
+def test_upgrade_buckets_are_bounded_and_a_forgotten_address_starts_full():
+    limiter = UpgradeRateLimiter(rate_per_s=1, burst=1, max_tracked=3)
     limiter.take("a", 0.0)
     assert limiter.take("a", 0.0)[0] > 0
     for address in "bcd":

@@ -9,7 +9,6 @@ from pathlib import Path
 import msgspec
 import pytest
 
-import edge.protocol.limits
 from accounts import tokens
 from accounts.tiers import DEFAULT_TIERS, UNLIMITED, Tier, TierFileError, load_tiers
 from edge.protocol.limits import FailedAuthLimiter, TokenBucket
@@ -268,7 +267,7 @@ def test_tier_with_max_rooms_zero_allows_no_room():
     assert not Tier("t", credits_per_window=1, max_rooms=0, max_sessions=1).allows_another_room(0)
 
 
-# --- edge/limits.py ---------------------------------------------------------------------
+# --- edge/protocol/limits.py------------------------------------------------------------------
 
 
 def test_failed_auth_limiter_allows_up_to_max_failures_within_the_window():
@@ -312,9 +311,8 @@ def test_failed_auth_limiter_with_max_failures_zero_never_limits():
     assert len(limiter._failures) == 0  # nothing is even remembered
 
 
-def test_failed_auth_limiter_forgets_the_oldest_addresses_past_its_memory_bound(monkeypatch):
-    monkeypatch.setattr(edge.protocol.limits, "MAX_TRACKED_ADDRESSES", 3)
-    limiter = FailedAuthLimiter(max_failures=1, window_s=1000)
+def test_failed_auth_limiter_forgets_the_oldest_addresses_past_its_memory_bound():
+    limiter = FailedAuthLimiter(max_failures=1, window_s=1000, max_tracked=3)
     for i, address in enumerate(["a", "b", "c"]):
         limiter.failed(address, float(i))
     assert all(limiter.retry_after(a, 5.0) > 0 for a in "abc")
@@ -327,9 +325,8 @@ def test_failed_auth_limiter_forgets_the_oldest_addresses_past_its_memory_bound(
     assert len(limiter._failures) == 3
 
 
-def test_failed_auth_limiter_memory_bound_keeps_recently_failing_addresses(monkeypatch):
-    monkeypatch.setattr(edge.protocol.limits, "MAX_TRACKED_ADDRESSES", 2)
-    limiter = FailedAuthLimiter(max_failures=2, window_s=1000)
+def test_failed_auth_limiter_memory_bound_keeps_recently_failing_addresses():
+    limiter = FailedAuthLimiter(max_failures=2, window_s=1000, max_tracked=2)
     limiter.failed("a", 0.0)
     limiter.failed("b", 1.0)
     limiter.failed("a", 2.0)  # a failed again: now b is the oldest

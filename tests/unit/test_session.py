@@ -13,7 +13,7 @@ from edge.protocol import rooms
 from edge.protocol.limits import TokenBucket
 from edge.protocol.rooms import Outcome
 from edge.protocol.actions import Close, Forward, Notify, RoomRequest, Send
-from edge.protocol.session import Session
+from edge.protocol.session import Session, SocketState
 from schemas.client import Error, JoinRoom, PeerJoined, RegisterRoom, RoomRegistered
 from schemas.edge_events import PeerJoinedEvent, PeerLeftEvent, ReplacedEvent
 from schemas.records import RoomRecord, SlotHolder
@@ -694,3 +694,49 @@ def test_take_now_leaves_a_message_over_the_rate_to_receive_which_closes_1008(da
     (close,) = s.receive(data, now=2.0)
     assert isinstance(close, Close) and close.code == 1008
     assert wire(Send(close.farewell))["code"] == "RATE_LIMITED"
+
+
+# --- the socket's state: one at a time, changed only by its transitions -------------
+
+
+def test_a_socket_starts_outside_and_an_accepted_request_puts_it_in_the_room():
+    s = session(role="mac")
+    assert s.state is SocketState.OUTSIDE and not s.releases_slot_on_leave
+    s.receive(reg_frame(), now=1.0)
+    s.apply(Outcome(accepted=True, replies=(RoomRegistered(room_id=ROOM),)))
+    assert s.state is SocketState.IN_ROOM and s.releases_slot_on_leave
+
+
+def test_a_request_that_failed_unanswered_leaves_the_socket_uncertain_and_its_slot_released_on_leave():
+    s = session(role="mac")
+    s.receive(reg_frame(), now=1.0)
+    assert s.request_failed()[0] == Close(1011, "Internal error")
+    assert s.state is SocketState.UNCERTAIN and s.releases_slot_on_leave
+
+
+def test_a_slot_won_before_the_answer_is_released_on_leave_even_if_the_answer_never_comes():
+    s = session(role="ios")
+    s.receive(join_frame(), now=1.0)
+    s.may_hold_a_slot()
+    assert s.state is SocketState.UNCERTAIN and s.releases_slot_on_leave
+    s.apply(Outcome(accepted=True, peer=MAC_PEER, replies=()))
+    assert s.state is SocketState.IN_ROOM
+
+
+def test_a_replaced_socket_stays_replaced_and_frees_no_slot_whatever_comes_after():
+    s = session(role="mac", socket_id="m1")
+    s.receive(reg_frame(), now=1.0)
+    s.apply(Outcome(accepted=True, replies=(RoomRegistered(room_id=ROOM),)))
+    assert s.receive_event(ReplacedEvent(by_socket_id="m2"), "m2") == [Close(4001, "Replaced by another device")]
+    s.receive(reg_frame(), now=2.0)
+    s.apply(Outcome(accepted=True, replies=(RoomRegistered(room_id=ROOM),)))
+    assert s.state is SocketState.REPLACED and not s.releases_slot_on_leave and s.peer is None
+    s.may_hold_a_slot()
+    assert s.state is SocketState.REPLACED
+
+
+def test_a_socket_state_changes_only_by_its_transitions():
+    s = session(role="mac")
+    s.receive_event(ReplacedEvent(by_socket_id="m2"), "m2")
+    with pytest.raises(AssertionError, match="no transition from replaced to in_room"):
+        s._enter(SocketState.IN_ROOM)

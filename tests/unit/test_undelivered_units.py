@@ -10,7 +10,7 @@ from edge.protocol.meter import UsageMeter
 from edge.protocol.rooms import Outcome
 from edge.protocol.actions import Send, Undelivered
 from edge.protocol.session import Session
-from schemas.edge_events import PeerLeftEvent
+from schemas.edge_events import PeerLeftEvent, ReplacedEvent
 from schemas.records import SlotHolder
 from schemas.subjects import sender_addressee_and_credits, undelivered_reply_prefix
 
@@ -84,7 +84,8 @@ def test_news_of_an_undelivered_frame_waits_for_a_room_request_in_flight():
 
 def test_a_replaced_session_hears_nothing_of_undelivered_frames():
     s = mac_in_room()
-    s.replaced, s.in_room = True, False
+    s.receive_event(ReplacedEvent(by_socket_id="m2"), "m2")
+    assert s.replaced
     assert s.receive_event(Undelivered("i1", edge_gone=True), "i1") == []
 
 
