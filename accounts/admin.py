@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 import msgspec
 
 from accounts.store import AccountStore, UnknownUser, UserExists
-from accounts.tiers import Tier, TierFileError, load_tiers
+from schemas.tiers import Tier, TierFileError, load_tiers
 from metering.usage import UsageReader, open_usage_bucket, usage_report
 from metering.windows import period_of
 from runtime.clock import now_ms

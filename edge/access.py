@@ -23,7 +23,7 @@ from websockets.datastructures import Headers
 
 from accounts import claims, tokens
 from accounts.store import AccountStore, UserExists
-from accounts.tiers import DEFAULT_TIERS, Tier
+from schemas.tiers import DEFAULT_TIERS, Tier
 from edge.protocol.guessing import KEY, LoginGuard, RoomGuessGuard
 from edge.protocol.limits import SocketCaps, UpgradeRateLimiter, user_socket_limit
 from edge.settings import EdgeSettings

@@ -17,7 +17,7 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
-from accounts.tiers import Tier
+from schemas.tiers import Tier
 from edge.access import Access, Principal
 from edge.api import HttpApi
 from edge.front import HttpConnection

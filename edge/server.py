@@ -23,7 +23,7 @@ from websockets import __version__ as websockets_version
 from websockets.asyncio.server import Server, serve
 
 from accounts.store import AccountStore
-from accounts.tiers import load_tiers
+from schemas.tiers import load_tiers
 from edge import ws_hooks
 from edge.access import Access
 from edge.account_watch import AccountWatch

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from accounts.tiers import Tier
+from schemas.tiers import Tier
 from metering.windows import WINDOW_MS, iso_ms, period_of, period_start_ms, resets_at
 from schemas.client import QuotaExceeded
 from schemas.metering import QuotaAnswer, UsageEntry

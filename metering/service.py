@@ -29,15 +29,14 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
-from accounts.store import AccountStore
-from accounts.tiers import load_tiers
 from metering.ledger import apply_usage, quota_answer
 from metering.stream import metering_consumer_config, open_usage_stream
 from metering.usage import open_usage_bucket
 from runtime.backoff import Backoff, until_storage_opens
 from runtime.clock import now_ms
 from runtime.connection import STORAGE_ERRORS, connect_for_service
-from runtime.kv import get_present
+from runtime import kv
+from runtime.kv import get_present, open_bucket
 from runtime.settings import NatsSettings, redact_urls
 from schemas.metering import (
     OverLimit,
@@ -47,15 +46,18 @@ from schemas.metering import (
     quota_check_decoder,
     usage_batch_decoder,
 )
-from schemas.records import UsageLedger, User, usage_ledger_decoder
+from schemas.records import UsageLedger, User, usage_ledger_decoder, user_decoder
 from schemas.subjects import (
+    ACCOUNTS_BUCKET,
     METERING_CONSUMER,
     METERING_QUEUE,
     OVER_LIMIT_SUBJECT,
     QUOTA_CHECK_SUBJECT,
     USAGE_STREAM,
     usage_ledger_key,
+    user_key,
 )
+from schemas.tiers import load_tiers
 
 log = logging.getLogger("metering")
 
@@ -103,7 +105,7 @@ class Metering:
         self._stopping = asyncio.Event()
         self._nc: NATS | None = None
         self._usage: KeyValue | None = None
-        self._accounts: AccountStore | None = None
+        self._accounts: KeyValue | None = None  # read only: accounts are written by relay-admin and the edges
         self._tg: asyncio.TaskGroup | None = None
         # user → (ledger, its KV revision; 0: no record yet), as this process last wrote or read it.
         self._ledgers: OrderedDict[str, tuple[UsageLedger, int]] = OrderedDict()
@@ -155,7 +157,7 @@ class Metering:
             # Created, or updated to this process's ack wait.
             await js.add_consumer(USAGE_STREAM, metering_consumer_config(self.settings.ack_wait_ms / 1000))
             self._usage = await open_usage_bucket(js, self.settings.kv_replicas)
-            self._accounts = await AccountStore.open(js, self.settings.kv_replicas)
+            self._accounts = await open_bucket(js, kv.durable_bucket(ACCOUNTS_BUCKET, self.settings.kv_replicas))
 
         await until_storage_opens(open_once, log)
 
@@ -268,13 +270,17 @@ class Metering:
         if len(self._users) > _LEDGERS_CACHED:
             self._users = {u: c for u, c in self._users.items() if c[1] > now}
         try:
-            user = await self._accounts.get_user(user_id)
+            user = await self._read_user(user_id)
         except msgspec.DecodeError:
             # Usage still counts; the quota of an account metering cannot read is not judged.
             log.error("account %s cannot be read; its usage counts without bonus or quota", user_id)
             user = None
         self._users[user_id] = (user, now + _USERS_CACHED_S)
         return user
+
+    async def _read_user(self, user_id: str) -> User | None:
+        entry = await get_present(self._accounts, user_key(user_id))
+        return None if entry is None else user_decoder.decode(entry.value)
 
     async def _apply_to_user(self, user_id: str, entries: list[UsageEntry], seq: int, at_ms: int) -> QuotaAnswer:
         user = await self._user(user_id)
@@ -326,7 +332,7 @@ class Metering:
         try:
             check = quota_check_decoder.decode(msg.data)
             user, entry = await asyncio.gather(
-                self._accounts.get_user(check.user_id), get_present(self._usage, usage_ledger_key(check.user_id))
+                self._read_user(check.user_id), get_present(self._usage, usage_ledger_key(check.user_id))
             )
             ledger = usage_ledger_decoder.decode(entry.value) if entry is not None else UsageLedger(user_id=check.user_id)
             tier = self.tiers.get(user.tier) if user is not None else None

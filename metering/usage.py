@@ -11,7 +11,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
-from accounts.tiers import Tier
+from schemas.tiers import Tier
 from runtime.kv import get_present, open_bucket
 from metering.ledger import USAGE_TTL_MS, bonus_remaining, effective_limit, window_of
 from metering.windows import iso_ms, period_label, period_of, period_start_ms, resets_at

@@ -16,6 +16,7 @@ import nats.errors
 
 from runtime.backoff import Backoff
 from runtime.settings import redact_urls
+from schemas.tiers import TierFileError
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def start_error(exc: BaseException, *, nats_url: str, host: str | None = None, p
             if line:
                 return line
         return None
-    if isinstance(exc, StartError):
+    if isinstance(exc, (StartError, TierFileError)):
         return f"{exc}; {exc.hint}" if exc.hint else str(exc)
     where = f"{host}:{port}"
     if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:

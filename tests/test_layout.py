@@ -1,6 +1,6 @@
-"""The packages' imports go one way (README, Layout): `schemas` imports none of ours;
-`runtime` only `schemas`; nothing outside `edge` imports `edge`; and inside `edge`, the
-protocol package does no I/O and imports nothing of the asyncio side."""
+"""The packages' imports go one way (README, How the code is built): schemas ← runtime ←
+metering ← accounts ← edge; and inside `edge`, the protocol package does no I/O and
+imports nothing of the asyncio side."""
 
 from __future__ import annotations
 
@@ -36,6 +36,14 @@ def offending(package: str, allowed: set[str]) -> list[str]:
         for module in sorted(modules)
         if module.split(".")[0] in OURS - allowed
     ]
+
+
+#: Each package may import itself and those before it, never one after it.
+ORDER = ["schemas", "runtime", "metering", "accounts", "edge"]
+
+
+def test_the_packages_import_one_way() -> None:
+    assert [line for n, package in enumerate(ORDER) for line in offending(package, set(ORDER[: n + 1]))] == []
 
 
 def test_schemas_import_nothing_of_ours() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from accounts.tiers import DEFAULT_TIERS
+from schemas.tiers import DEFAULT_TIERS
 from edge.protocol import limits
 from edge.protocol.limits import SocketCaps, TokenBucket, UpgradeRateLimiter, user_socket_limit
 from edge.settings import EdgeSettings

@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 from accounts import tokens
-from accounts.tiers import DEFAULT_TIERS, UNLIMITED, Tier, TierFileError, load_tiers
+from schemas.tiers import DEFAULT_TIERS, UNLIMITED, Tier, TierFileError, load_tiers
 from edge.protocol.limits import FailedAuthLimiter, TokenBucket
 from metering.usage import bonus_remaining, effective_limit, history_report, usage_report
 from metering.windows import WINDOW_MS, iso_ms, period_label, period_of, period_start_ms, resets_at, window_index
@@ -127,7 +127,7 @@ def test_same_secret_is_true_only_for_equal_text():
     assert tokens.same_secret("", "")
 
 
-# --- accounts/tiers.py ------------------------------------------------------------------
+# --- schemas/tiers.py --------------------------------------------------------------------
 
 
 def test_default_tiers_equal_the_protocol_values():

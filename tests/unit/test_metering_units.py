@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from accounts.tiers import DEFAULT_TIERS, Tier
+from schemas.tiers import DEFAULT_TIERS, Tier
 from edge.protocol.meter import UsageMeter
 from metering.ledger import USAGE_TTL_MS, apply_usage, quota_answer, window_of
 from metering.windows import WINDOW_MS, iso_ms

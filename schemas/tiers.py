@@ -22,8 +22,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.service import StartError
-
 UNLIMITED = -1
 
 
@@ -47,8 +45,8 @@ DEFAULT_TIERS: Mapping[str, Tier] = {
 _FIELDS = ("credits_per_window", "max_rooms", "max_sessions")
 
 
-class TierFileError(StartError, ValueError):
-    """The tiers file cannot be used; the message says where and why."""
+class TierFileError(ValueError):
+    """The tiers file cannot be used; the message says where and why (`hint`: what to do)."""
 
     hint = "fix the file or point RELAY_TIERS_FILE / --tiers-file elsewhere"
 
