@@ -17,7 +17,7 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
-from schemas.tiers import Tier
+from edge import internals
 from edge.access import Access, Principal
 from edge.api import HttpApi
 from edge.front import HttpConnection
@@ -27,6 +27,7 @@ from edge.protocol.session import Session
 from edge.settings import EdgeSettings
 from edge.store import Presence, RoomStore
 from schemas.records import SlotHolder
+from schemas.tiers import Tier
 
 log = logging.getLogger("edge")
 
@@ -115,6 +116,8 @@ class EdgeContext:
         self.metering_on = settings.metering  # off: nothing is counted (nothing would take it)
         self.max_forward_bytes = 0  # see `Edge.learn_max_payload`
         self.counters = FrameCounters()
+        # This edge's own: edges in one process may differ (RELAY_LIBRARY_SHORTCUTS).
+        self.shortcuts = internals.shortcuts_for(settings.library_shortcuts)
         self.tg: asyncio.TaskGroup | None = None
 
     def spawn(self, work: Coroutine[Any, Any, None], what: str) -> asyncio.Task[None] | None:

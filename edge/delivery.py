@@ -1,8 +1,9 @@
 """What NATS brings for this edge's sockets: frames and control events, written in order.
 
-Never waits for a socket: a frame is written at once when that cannot wait (`edge.fastpath`),
-else it joins the socket's backlog, which a task of that socket writes. So a slow socket
-never holds up the others, and the order of one socket's messages is kept.
+Never waits for a socket: a frame is written at once when that cannot wait (the
+`write_at_once` shortcut of `edge.internals`), else it joins the socket's backlog, which
+a task of that socket writes. So a slow socket never holds up the others, and the order
+of one socket's messages is kept.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import msgspec
 from nats.aio.msg import Msg
 from websockets.exceptions import ConnectionClosed
 
+from edge import internals
 from edge.carrier import NO_SUCH_SOCKET, Carrier
 from edge.context import Connection, EdgeContext
-from edge.fastpath import can_write_now, write_now
 from edge.protocol.actions import Undelivered
 from edge.protocol.plans import backlog_over_bounds
 from schemas.edge_events import KIND_EVENT, edge_event_decoder
@@ -34,6 +35,8 @@ class Delivery:
     def __init__(self, ctx: EdgeContext, carrier: Carrier) -> None:
         self.ctx = ctx
         self.carrier = carrier
+        # Off: every frame goes through the socket's backlog and `ws.send`.
+        self.write_at_once = ctx.shortcuts.write_at_once
 
     async def dispatch(self, msg: Msg) -> None:
         """Everything NATS brings for this edge's sockets, in the order it comes."""
@@ -57,9 +60,9 @@ class Delivery:
             if msg.reply:  # the sender's edge takes back the charge and tells its client NO_PEER
                 await self.ctx.nc.publish(msg.reply, NO_SUCH_SOCKET)
             return
-        if can_write_now(conn, len(msg.data)):
+        if self.write_at_once and internals.can_write_now(conn, len(msg.data)):
             if conn.session.accepts_frame_from(sender):
-                write_now(conn, msg.data)
+                internals.write_now(conn, msg.data)
         else:
             self.enqueue(conn, msg.data, sender, len(msg.data))
 

@@ -2,7 +2,9 @@
 message taken from the client the moment it is parsed, without a task or a wait.
 
 Most frames take these; everything else goes the handler's way (`edge.sockets`) and the
-socket's backlog (`edge.delivery`), which the shortcuts must never overtake.
+socket's backlog (`edge.delivery`), which the shortcuts must never overtake. What they
+need of websockets' and asyncio's internals is in `edge.internals`; an edge whose
+`ctx.shortcuts` lack one takes no message at once.
 """
 
 from __future__ import annotations
@@ -12,44 +14,17 @@ import logging
 import time
 from collections.abc import Callable
 
-from websockets.protocol import State
-
+from edge import internals
 from edge.carrier import Carrier
 from edge.context import Connection, EdgeContext
-from edge.eager import run_eagerly
 from edge.protocol.actions import Send
 from runtime.clock import now_ms
 from schemas.client import CloseCode
 
 log = logging.getLogger("edge")
 
-# The largest WebSocket frame header the server writes (no mask): 2 + 8 bytes.
-FRAME_HEADER_MAX = 10
 # Longer than any `heartbeat_ack` (its longest has every optional field).
 HEARTBEAT_ACK_MAX = 128
-
-
-def can_write_now(conn: Connection, size: int) -> bool:
-    """Whether a text frame of `size` bytes can be written to the socket at once, in
-    order: nothing of the socket's is queued or being written, it is open, not paused
-    (from over the high-water mark until down to the low one), and this write keeps it
-    under the high-water mark."""
-    ws = conn.ws
-    return (
-        conn.drainer is None  # else it holds an item taken from the backlog: after it
-        and not conn.write_lock.locked()
-        and not ws.paused
-        and ws.send_in_progress is None
-        and ws.protocol.state is State.OPEN
-        and ws.transport.get_write_buffer_size() + size + FRAME_HEADER_MAX < ws.write_limit_high
-    )
-
-
-def write_now(conn: Connection, data: bytes) -> None:
-    """What `ws.send` would do once `can_write_now`, without its waits (there is nothing
-    to wait for) and without its per-call context manager, the largest cost of a delivery."""
-    conn.ws.protocol.send_text(data)
-    conn.ws.send_data()
 
 
 class FastPath:
@@ -58,10 +33,17 @@ class FastPath:
     def __init__(self, ctx: EdgeContext, carrier: Carrier) -> None:
         self.ctx = ctx
         self.carrier = carrier
+        shortcuts = ctx.shortcuts
+        # Taking at once needs writing at once: a heartbeat taken is answered there and then.
+        self.on = shortcuts.take_at_once and shortcuts.write_at_once
+        self.run = internals.run_eagerly if shortcuts.eager else internals.run_in_a_task
 
-    def taker_for(self, conn: Connection) -> Callable[[bytes], bool]:
-        """The connection's `take_message_now`, built once per socket, not per frame."""
-        can_answer_now = functools.partial(can_write_now, conn, HEARTBEAT_ACK_MAX)
+    def taker_for(self, conn: Connection) -> Callable[[bytes], bool] | None:
+        """The connection's `take_message_now`, built once per socket, not per frame; None
+        when this edge does not take messages at once."""
+        if not self.on:
+            return None
+        can_answer_now = functools.partial(internals.can_write_now, conn, HEARTBEAT_ACK_MAX)
         return functools.partial(self.take_message_now, conn, can_answer_now)
 
     def take_message_now(self, conn: Connection, can_answer_now: Callable[[], bool], data: bytes) -> bool:
@@ -83,10 +65,10 @@ class FastPath:
                 return False
             conn.last_message_ms = now_ms()
             if type(taken) is Send:
-                write_now(conn, taken.data)
+                internals.write_now(conn, taken.data)
                 ctx.counters.heartbeats_answered_at_once += 1
                 return True
-            waiting = run_eagerly(self.carrier.forward(conn, taken, at_once=True), self.carrier.spawn_publish)
+            waiting = self.run(self.carrier.forward(conn, taken, at_once=True), self.carrier.spawn_publish)
         except Exception:
             # As the handler does with what it raises: this socket ends (1011), nothing else.
             # Raised out of websockets' data callback, it would abort the connection (1006)

@@ -7,11 +7,12 @@ API also needs `POST /auth/refresh` with a JSON body and `DELETE /api/rooms/{id}
 bodiless GET; `process_request` then answers with `http_method` and `http_body` in hand.
 A WebSocket upgrade passes through unchanged.
 
-It also holds the per-socket limits that need websockets' internals (`edge.ws_hooks`):
-pings and pongs spend the socket's rate limit as they are parsed, every read spends its
-bytes of the socket's byte rate limit before it is parsed, and the edge is asked to check
-the socket's whole outgoing buffer after a read that websockets answered while the write
-buffer was over its high-water mark. And it gives back the socket's place under the
+It also holds the per-socket limits, on the hooks of `edge.internals.TappedConnection`:
+pings and pongs spend the socket's rate limit as they are parsed (without that shortcut,
+once the read was parsed), every read spends its bytes of the socket's byte rate limit
+before it is parsed, and the edge is asked to check the socket's whole outgoing buffer
+after a read that websockets answered while the write buffer was over its high-water
+mark (without the shortcuts, after every read). And it gives back the socket's place under the
 edge's socket caps when its connection is gone, whether or not the upgrade completed.
 """
 
@@ -20,11 +21,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from websockets.asyncio.server import ServerConnection
-from websockets.frames import DATA_OPCODES, Frame, Opcode
 from websockets.protocol import State
 
-from edge import ws_hooks
+from edge.internals import TappedConnection
 from edge.protocol.limits import TokenBucket
 from schemas.client import CloseCode, Error, ErrorCode, encode
 
@@ -42,20 +41,11 @@ BYTE_FLOOD_FAREWELL = encode(Error(code=ErrorCode.RATE_LIMITED, message="Too muc
 SHED_READ_PAUSE_S = 0.1
 
 
-class HttpConnection(ServerConnection):
+class HttpConnection(TappedConnection):
     """A `websockets` server connection that also carries the HTTP API's requests."""
 
     http_method: str = "GET"
     http_body: bytes = b""
-    # Set by the edge while the socket's handler waits for its next message with nothing
-    # queued: takes a whole text message there and then and says whether it did; what it
-    # declines goes the usual way, through websockets' queue to the handler.
-    take_message_now: Callable[[bytes], bool] | None = None
-    # Set by the edge once it closes the socket: messages are dropped as they arrive, so
-    # that a client sending fast cannot fill websockets' queue, which would stop reading
-    # and leave the client's answer to the close frame unread until the close timeout.
-    drop_messages: bool = False
-    last_dropped_ms: int = 0
     # The socket's inbound rate limit, the one its session spends a token of per message,
     # set by the edge at the upgrade: every ping and pong spends one too (protocol.md §12
     # item 6). Past it the socket hears `error RATE_LIMITED` and a close 1008 at once,
@@ -81,8 +71,6 @@ class HttpConnection(ServerConnection):
         self._release_caps: Callable[[], None] | None = None
         self._lost = False
         self._shed_done = False
-        if ws_hooks.HOOKED:
-            ws_hooks.watch_control_frames(self.protocol, self._control_frame_allowed)
 
     def _control_frame_allowed(self) -> bool:
         """A ping or pong arrived: spend a token of the socket's rate, or shed the socket."""
@@ -143,7 +131,7 @@ class HttpConnection(ServerConnection):
                 # Then websockets' parser discards this read.
                 self._shed(BYTE_FLOOD_FAREWELL, "inbound bytes past its byte rate limit (RELAY_SOCKET_BYTES_PER_S)")
             super().data_received(data)
-            if self.paused and self.check_outgoing is not None:
+            if self.writes_paused and self.check_outgoing is not None:
                 self.check_outgoing()
             return
         head_was_complete = b"\r\n\r\n" in self._front_buffer
@@ -185,22 +173,6 @@ class HttpConnection(ServerConnection):
         kept = [line for line, name in zip(headers, names) if name not in (b"content-length", b"expect")]
         self._front_buffer = None
         super().data_received(b"\r\n".join([b"GET " + target, *kept]) + b"\r\n\r\n")
-
-    def process_event(self, event: object) -> None:
-        if type(event) is Frame and event.opcode in DATA_OPCODES:
-            if self.drop_messages:
-                self.last_dropped_ms = int(time.time() * 1000)  # still a sign of life, for lastSeen
-                return
-            take = self.take_message_now
-            if take is not None and event.fin and event.opcode is Opcode.TEXT and take(event.data):
-                return
-            self.take_message_now = None  # it queues for the handler: what follows must queue behind it
-        elif not ws_hooks.HOOKED and type(event) is Frame and event.opcode in ws_hooks.CONTROL_OPCODES:
-            # The fallback when the parse cannot be watched: counted once parsed (and answered).
-            if not self._control_frame_allowed():
-                self.send_data()  # the farewell and the close frame; data_received wrote before
-                return
-        super().process_event(event)
 
     def _refuse(self, status: int, reason: str) -> None:
         """Answer a request this front cannot take, and hang up."""

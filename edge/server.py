@@ -7,6 +7,7 @@ decisions are in `edge.protocol`; each part here carries out one job:
 - `edge.http_front`: what is answered before the upgrade (the checks of /ws, the HTTP API);
 - `edge.sockets`: a socket's life; `edge.carrier`: carrying out its session's actions;
 - `edge.delivery`, `edge.fastpath`: frames and events from NATS to sockets, and back;
+  `edge.internals`: the library internals their shortcuts use, probed at import;
 - `edge.room_requests`: register and join against storage;
 - `edge.leases`, `edge.upkeep`, `edge.last_seen`, `edge.usage`, `edge.account_watch`:
   the background work, each in the one TaskGroup.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 
 import nats.errors
@@ -23,8 +25,6 @@ from websockets import __version__ as websockets_version
 from websockets.asyncio.server import Server, serve
 
 from accounts.store import AccountStore
-from schemas.tiers import load_tiers
-from edge import ws_hooks
 from edge.access import Access
 from edge.account_watch import AccountWatch
 from edge.api import HttpApi
@@ -51,6 +51,7 @@ from runtime.connection import connect_for_service
 from runtime.settings import redact_urls
 from schemas.client import CloseCode, DisconnectReason
 from schemas.subjects import OVER_LIMIT_SUBJECT, edge_filter, edge_last_seen_subject, edge_undelivered_filter
+from schemas.tiers import load_tiers
 
 __all__ = ["CannotServe", "Edge"]
 
@@ -122,7 +123,8 @@ class Edge:
             ping_interval=None,  # liveness is the protocol's heartbeat, as in the official relay
             close_timeout=ctx.close_timeout_s,
             server_header="termrelay",
-            create_connection=HttpConnection,  # POST and DELETE for the HTTP API
+            # POST and DELETE for the HTTP API; the per-socket limits, with this edge's shortcuts.
+            create_connection=functools.partial(HttpConnection, shortcuts=ctx.shortcuts),
             logger=ws_log,
             # A reconnect storm (every client of a lost edge at once) overflows asyncio's
             # default of 100, and each dropped SYN costs its client a 1-3 s retry.
@@ -184,12 +186,11 @@ class Edge:
         await watching.wait()
         await watching_accounts.wait()
         ctx.accepted = True
-        if not ws_hooks.HOOKED:
-            log.warning(
-                "websockets %s parses frames unlike what edge.ws_hooks expects: control frames "
-                "are counted after each read instead of as they are parsed",
-                websockets_version,
-            )
+        shortcuts = ctx.shortcuts
+        if shortcuts.all_on or not s.library_shortcuts:
+            log.info("edge %s: %s", s.edge_id, shortcuts.describe())
+        else:
+            log.warning("edge %s on websockets %s: %s; the public API instead", s.edge_id, websockets_version, shortcuts.describe())
         ctx.ready.set()
         log.info("edge %s ready on %s:%d (ws://%s:%d/ws)", s.edge_id, s.host, self.port, s.host, self.port)
         await ctx.stopping.wait()

@@ -109,6 +109,13 @@ class EdgeSettings(NatsSettings):
         default=4096, metadata={"min": 1, "help": "connections the kernel queues before accept (capped by net.core.somaxconn)"}
     )
     uvloop: bool = field(default=True, metadata={"help": "run on uvloop when it is installed (relay-edge, make run)"})
+    library_shortcuts: bool = field(
+        default=True,
+        metadata={
+            "help": "use websockets' and asyncio's internals for the fast path and the ping-flood check; "
+            "false: only their public API (slower; for a websockets release they do not fit)"
+        },
+    )
 
     # Closing.
     close_timeout_ms: int = field(default=5_000, metadata={"min": 1, "help": "time a closing handshake may take before the connection is dropped"})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import secrets
 import socket
@@ -14,7 +15,7 @@ import struct
 
 import nats
 
-from edge import ws_hooks
+from edge import internals
 from schemas.subjects import PRESENCE_BUCKET, edge_lease_key
 from tests.harness import MacIdentity, paired, running_edges, until
 
@@ -118,7 +119,7 @@ async def test_a_ping_flood_is_closed_1008_and_a_victim_pair_across_edges_loses_
 async def test_a_ping_flood_is_closed_1008_where_the_parse_cannot_be_watched(nats_url, monkeypatch):
     # The fallback for a websockets release that parses differently: control frames are
     # counted as events, once a read was parsed and answered.
-    monkeypatch.setattr(ws_hooks, "HOOKED", False)
+    monkeypatch.setattr(internals, "PROBED", dataclasses.replace(internals.PROBED, watch_parse=False, why_not="test"))
     async with running_edges(nats_url, count=1, socket_rate_limit_per_s=50, socket_rate_burst=500) as (edge,):
         await _flood_is_closed_1008(edge, burst=500, slack=50_000)  # a read holds up to ~43,000
         await until(lambda: not edge.connections)

@@ -15,9 +15,8 @@ from typing import Any
 
 import nats
 
-import edge.fastpath
-
-from edge.eager import run_eagerly
+import edge.internals
+from edge.internals import run_eagerly
 from tests.harness import Client, http_get, paired, running_edges, until
 
 
@@ -255,14 +254,14 @@ async def test_an_error_while_answering_a_heartbeat_at_once_ends_that_socket_onl
         failing = next(c for c in a.connections.values() if c.session.room_id == mac.room_id)
         await until(lambda: _waiting_with_nothing_queued(failing))
 
-        real_write_now = edge.fastpath.write_now
+        real_write_now = edge.internals.write_now
 
         def broken_write(conn, data):
             if conn is failing:
                 raise RuntimeError("a bug")
             real_write_now(conn, data)
 
-        monkeypatch.setattr(edge.fastpath, "write_now", broken_write)
+        monkeypatch.setattr(edge.internals, "write_now", broken_write)
         await mac_client.send(type="heartbeat")
         assert (await mac_client.expect_close())[0] == 1011
         assert (await ios_client.expect("peer_disconnected"))["reason"] == "client_left"
