@@ -318,6 +318,16 @@ async def test_a_values_watch_marks_the_start_once_then_follows_changes(nats_url
         await nc.close()
 
 
+async def _entries_until_the_start_marker(watch) -> list:
+    entries: list = []
+    async with asyncio.timeout(3):
+        async for entry in watch:
+            entries.append(entry)
+            if entry is None:
+                return entries
+    return entries
+
+
 async def test_a_values_watch_without_the_watchers_subscription_trusts_nats_pys_start_marker(nats_url, monkeypatch):
     # The fallback for a nats-py release whose watcher has no `_sub`: its own marker is used.
     from runtime.kv import ValuesWatch
@@ -337,12 +347,7 @@ async def test_a_values_watch_without_the_watchers_subscription_trusts_nats_pys_
         monkeypatch.setattr(kv, "watch", watch_without_subscription)
         watch = await ValuesWatch.start(kv, "k.>")
         assert watch.initial is None
-        entries = []
-        async with asyncio.timeout(3):
-            async for entry in watch:
-                entries.append(entry)
-                if entry is None:
-                    break
+        entries = await _entries_until_the_start_marker(watch)
         assert [e.key for e in entries[:-1]] == ["k.0", "k.1", "k.2"] and entries[-1] is None
         watch.watcher._sub = watch.watcher.subscription
         await watch.stop()
@@ -361,12 +366,7 @@ async def test_a_values_watch_whose_counted_values_do_not_all_come_marks_the_sta
             await kv.put(f"k.{n}", b"v")
         started = await ValuesWatch.start(kv, "k.>")
         watch = ValuesWatch(started.watcher, started.initial + 1, grace_s=0.2)  # one more than will come
-        entries = []
-        async with asyncio.timeout(3):
-            async for entry in watch:
-                entries.append(entry)
-                if entry is None:
-                    break
+        entries = await _entries_until_the_start_marker(watch)
         assert [e.key for e in entries[:-1]] == ["k.0", "k.1", "k.2"] and entries[-1] is None
         await watch.stop()
     finally:
