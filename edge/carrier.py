@@ -16,7 +16,7 @@ import msgspec
 import nats.errors
 from websockets.exceptions import ConnectionClosed
 
-from edge.context import Connection, EdgeContext
+from edge.context import Connection, EdgeContext, Ending
 from edge.protocol.actions import Action, Close, Forward, Notify, RoomRequest, Send
 from edge.protocol.charging import frame_credits
 from edge.protocol.session import Session
@@ -151,7 +151,7 @@ class Carrier:
         """Close a socket within the close timeout, whatever the client does."""
         if conn.closing:
             return
-        conn.closing = True
+        conn.ending = Ending.CLOSING
         timeout = self.ctx.close_timeout_s
         # What the client sends from now on is not acted on: drop it as it comes, and read on
         # if a full queue had stopped reading (the handler may be the one waiting here).

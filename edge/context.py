@@ -8,6 +8,7 @@ are handed at wiring.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import secrets
 from collections import deque
@@ -48,6 +49,16 @@ class WsTarget:
         return self.principal.user_id
 
 
+class Ending(enum.Enum):
+    """How near a socket is to its end on the edge's side (its place in the protocol is
+    `Session.state`): each step only ever goes forward."""
+
+    OPEN = "open"
+    TIMING_OUT = "timing_out"  # silent past the threshold: its time-out is decided, once
+    TOO_SLOW = "too_slow"  # its backlog passed its bounds: frames for it are dropped until the close
+    CLOSING = "closing"  # its close has begun (or it was dropped): nothing more is done for it
+
+
 @dataclass(eq=False)
 class Connection:
     """A live client socket on this edge: the socket, its protocol state, what waits to be written to it."""
@@ -60,8 +71,7 @@ class Connection:
     subjects: dict[str, str] = field(default_factory=dict)
     last_message_ms: int = 0  # wall clock of the last inbound frame, for lastSeen
     last_seen_written_ms: int = 0
-    closing: bool = False
-    timed_out: bool = False
+    ending: Ending = Ending.OPEN
     registered_at: int | None = None  # epoch ms of this Mac socket's first room registration
     in_session_since: float | None = None  # monotonic s: session time counted up to here (Mac sockets)
     forward_to: str = ""  # the peer socket that `forward_subject` addresses
@@ -77,7 +87,15 @@ class Connection:
     backlog: deque[tuple[bytes | Any, str]] = field(default_factory=deque)
     backlog_bytes: int = 0
     drainer: asyncio.Task[None] | None = None
-    closing_slow: bool = False  # being closed 1013 for a backlog over its bounds
+
+    @property
+    def closing(self) -> bool:
+        return self.ending is Ending.CLOSING
+
+    @property
+    def takes_frames(self) -> bool:
+        """Whether frames from NATS are still queued for it."""
+        return self.ending is Ending.OPEN or self.ending is Ending.TIMING_OUT
 
     def clear_backlog(self) -> None:
         self.backlog.clear()

@@ -17,7 +17,7 @@ from websockets.exceptions import ConnectionClosed
 
 from edge import internals
 from edge.carrier import NO_SUCH_SOCKET, Carrier
-from edge.context import Connection, EdgeContext
+from edge.context import Connection, EdgeContext, Ending
 from edge.protocol.actions import Undelivered
 from edge.protocol.plans import backlog_over_bounds
 from schemas.edge_events import KIND_EVENT, edge_event_decoder
@@ -68,7 +68,7 @@ class Delivery:
 
     def enqueue(self, conn: Connection, item: bytes | Any, sender: str, size: int) -> None:
         """Queue `item` for the socket's drainer; a socket that cannot keep up is closed 1013."""
-        if conn.closing or conn.closing_slow:
+        if not conn.takes_frames:
             return
         conn.backlog.append((item, sender))
         conn.backlog_bytes += size
@@ -77,7 +77,7 @@ class Delivery:
         waiting = conn.backlog_bytes + conn.ws.transport.get_write_buffer_size()
         if backlog_over_bounds(len(conn.backlog), waiting, s.socket_queue_max_msgs, s.socket_queue_max_bytes):
             log.warning("socket %s cannot keep up; closing it", conn.session.socket_id)
-            conn.closing_slow = True  # said once; what comes for it until the close is dropped
+            conn.ending = Ending.TOO_SLOW  # said once; what comes for it until the close is dropped
             conn.clear_backlog()
             self.ctx.spawn(self.carrier.carry_out(conn, conn.session.too_slow()), "close a slow socket")
             return

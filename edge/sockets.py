@@ -18,7 +18,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from edge.carrier import Carrier
-from edge.context import Connection, EdgeContext, WsTarget
+from edge.context import Connection, EdgeContext, Ending, WsTarget
 from edge.fastpath import FastPath
 from edge.protocol import rooms
 from edge.protocol.session import Session, other_role
@@ -143,7 +143,7 @@ class Sockets:
         follows, and what it sent before is not acted on either."""
         log.warning("socket %s in room %s: %s; closed 1008", conn.session.socket_id, conn.session.room_id, passed)
         conn.session.shed()
-        conn.closing = True
+        conn.ending = Ending.CLOSING
         conn.ws.drop_messages = True
 
     def _check_outgoing(self, conn: Connection) -> None:
@@ -161,7 +161,7 @@ class Sockets:
             conn.session.socket_id, conn.session.room_id, waiting,
         )
         ws.check_outgoing = None
-        conn.closing = conn.closing_slow = True
+        conn.ending = Ending.CLOSING
         conn.clear_backlog()
         conn.session.dropped_unread()
         ws.transport.abort()

@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from edge.carrier import Carrier
-from edge.context import Connection, EdgeContext
+from edge.context import Connection, EdgeContext, Ending
 from edge.protocol.plans import spread_plan
 from edge.room_requests import RoomRequests
 from runtime.connection import STORAGE_ERRORS
@@ -47,8 +47,8 @@ class Upkeep:
             now = time.monotonic()
             for n, conn in enumerate(list(ctx.connections.values())):
                 try:
-                    if not conn.closing and not conn.timed_out and conn.session.is_silent(now, threshold):
-                        conn.timed_out = True  # one time-out per socket, however long its close takes
+                    if conn.ending is Ending.OPEN and conn.session.is_silent(now, threshold):
+                        conn.ending = Ending.TIMING_OUT  # one time-out per socket, however long its close takes
                         ctx.spawn(self.carrier.carry_out(conn, conn.session.time_out()), "time out a silent socket")
                 except Exception:  # one socket's trouble must not keep the sweep from the rest
                     log.exception("liveness check of socket %s failed", conn.session.socket_id)

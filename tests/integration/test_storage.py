@@ -371,3 +371,42 @@ async def test_a_values_watch_whose_counted_values_do_not_all_come_marks_the_sta
         await watch.stop()
     finally:
         await nc.close()
+
+
+async def test_a_lost_compare_and_set_frees_its_callers_at_once_without_waiting_for_the_garbage_collector(nats_url):
+    # Thousands of concurrent claims on one user's record lose races all the time: had the
+    # error a reference cycle, each loser's frames (its decoded claims) would pile up in RSS.
+    import gc
+    import weakref
+
+    import nats.js.errors
+
+    from runtime import kv
+
+    class CallerState:
+        pass
+
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        bucket = f"scratch_{secrets.token_hex(4)}"
+        await kv.open_bucket(js, kv.durable_bucket(bucket, 1))
+        await kv.write(js, bucket, "k", b"v", last=0)
+
+        async def losing_caller() -> weakref.ref:
+            held = CallerState()
+            try:
+                await kv.write(js, bucket, "k", b"w", last=0)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                pass
+            return weakref.ref(held)
+
+        gc.collect()
+        gc.disable()
+        try:
+            refs = [await losing_caller() for _ in range(5)]
+            assert [ref() for ref in refs] == [None] * 5
+        finally:
+            gc.enable()
+    finally:
+        await nc.close()
