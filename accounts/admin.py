@@ -166,6 +166,8 @@ async def _command(
         _print_json(_user_json(user))
     elif group == "users" and action == "set-tier":
         user = await _update(store, user_id, lambda u: msgspec.structs.replace(u, tier=args.tier))
+        # Counted afresh from the registrations under the new tier (none are claimed without a limit).
+        await store.forget_room_claims(user_id)
         _print_json(_user_json(user))
     elif group == "users" and action == "set-quota":
         credits = _credits(args.credits)

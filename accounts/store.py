@@ -335,6 +335,11 @@ class AccountStore:
 
         return await self._claims_compare_and_set(attempt, user_id)
 
+    async def forget_room_claims(self, user_id: str) -> None:
+        """Drop the user's claims record: the next count is its live registrations' (a tier
+        change: claims are not written for a tier without a room limit)."""
+        await kv.remove(self._js, REGISTRATIONS_BUCKET, room_claims_key(user_id))
+
     async def release_room(self, user_id: str, room_id: str) -> None:
         """Free the room's claim (a deleted room, a refused register)."""
         key = room_claims_key(user_id)

@@ -302,9 +302,12 @@ class Access:
         tier = principal.tier
         return Refusal(403, f"room limit reached: the {tier.name} tier allows {tier.max_rooms} rooms; delete one or upgrade")
 
-    async def register_room(self, user_id: str, room_id: str, created_at: int | None = None) -> None:
+    async def register_room(self, principal: Principal, room_id: str, created_at: int | None = None) -> None:
         """Record (or refresh) the user's registration of a room for ROOM_REG_TTL, and its
-        claim on the room limit with it (whatever the limit: the room is registered)."""
-        ttl_s = self.settings.room_reg_ttl_s
+        claim on the room limit with it (whatever the limit: the room is registered). A tier
+        without a limit claims nothing: thousands of its rooms registering at once (a
+        reconnect storm) would all rewrite one record by compare-and-set."""
+        user_id, ttl_s = principal.user_id, self.settings.room_reg_ttl_s
         await self.store.put_registration(user_id, room_id, now_ms(), ttl_s, created_at)
-        await self.store.claim_room(user_id, room_id, ttl_s, -1, force=True)
+        if principal.tier.max_rooms >= 0:
+            await self.store.claim_room(user_id, room_id, ttl_s, -1, force=True)

@@ -141,7 +141,7 @@ class RoomRequests:
     async def refresh_registration(self, conn: Connection) -> None:
         """Keep a registered Mac's room registration alive (ROOM_REG_TTL); a failure is retried by the loop."""
         try:
-            await self.ctx.access.register_room(conn.session.user_id, conn.session.room_id, conn.registered_at)
+            await self.ctx.access.register_room(conn.target.principal, conn.session.room_id, conn.registered_at)
         except STORAGE_ERRORS as exc:
             log.warning("room %s: registration not written (%s); the refresh loop retries", conn.session.room_id, exc)
 

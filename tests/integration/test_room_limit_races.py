@@ -93,3 +93,68 @@ async def test_deleting_a_room_frees_its_place_under_the_room_limit(nats_url):
         assert macs[0].room_id not in await _claims(nats_url, account.user_id)
         client, _ = await connect_mac(edge, MacIdentity.new(), headers=account.auth)
         await client.close()
+
+
+async def test_a_tier_without_a_room_limit_claims_nothing_and_a_change_of_tier_counts_its_registered_rooms(nats_url, tmp_path):
+    # Claims of an unlimited tier would be one record every register rewrites: a reconnect
+    # storm of a user's thousand rooms could not get through it.
+    import subprocess
+    import sys
+
+    from runtime.kv import get_present
+    from schemas.subjects import REGISTRATIONS_BUCKET, room_claims_key
+
+    tiers = tmp_path / "tiers.toml"
+    tiers.write_text("[tiers.team]\ncredits_per_window = -1\nmax_rooms = -1\nmax_sessions = -1\n")
+    account = await make_account(nats_url, tier="team")
+    async with running_edges(nats_url, count=1, auth="required", tiers_file=str(tiers)) as (edge,):
+        macs = [MacIdentity.new() for _ in range(5)]
+        for mac in macs:
+            client, _ = await connect_mac(edge, mac, headers=account.auth)
+            await client.close()
+        nc = await nats.connect(nats_url)
+        try:
+            registrations = await nc.jetstream().key_value(REGISTRATIONS_BUCKET)
+            assert await get_present(registrations, room_claims_key(account.user_id)) is None
+        finally:
+            await nc.close()
+        changed = subprocess.run(
+            [sys.executable, "-m", "accounts.admin", "--nats-url", nats_url, "--tiers-file", str(tiers),
+             "users", "set-tier", account.user_id, "free"],
+            capture_output=True, text=True, timeout=30,
+        )
+        assert changed.returncode == 0, changed.stderr
+        # Now free (4 rooms): its five registered rooms count, so a sixth is refused...
+        assert await _upgrade_status(edge, MacIdentity.new().room_id, account.auth) == 403
+        assert sorted(await _claims(nats_url, account.user_id)) == sorted(mac.room_id for mac in macs)
+        # ...and a registered one is still let in.
+        again, _ = await connect_mac(edge, macs[0], headers=account.auth)
+        await again.close()
+
+
+async def test_a_change_of_tier_drops_claims_an_unlimited_tier_left_behind(nats_url, tmp_path):
+    import subprocess
+    import sys
+
+    tiers = tmp_path / "tiers.toml"
+    tiers.write_text("[tiers.team]\ncredits_per_window = -1\nmax_rooms = -1\nmax_sessions = -1\n")
+
+    def set_tier(tier: str) -> None:
+        done = subprocess.run(
+            [sys.executable, "-m", "accounts.admin", "--nats-url", nats_url, "--tiers-file", str(tiers),
+             "users", "set-tier", account.user_id, tier],
+            capture_output=True, text=True, timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+
+    account = await make_account(nats_url, tier="free")
+    async with running_edges(nats_url, count=1, auth="required", tiers_file=str(tiers)) as (edge,):
+        macs = [MacIdentity.new() for _ in range(5)]
+        for n, mac in enumerate(macs):
+            if n == 2:
+                set_tier("team")  # two rooms claimed under free; three more registered unclaimed
+            client, _ = await connect_mac(edge, mac, headers=account.auth)
+            await client.close()
+        set_tier("free")
+        assert await _upgrade_status(edge, MacIdentity.new().room_id, account.auth) == 403
+        assert sorted(await _claims(nats_url, account.user_id)) == sorted(mac.room_id for mac in macs)
