@@ -122,6 +122,7 @@ class EdgeContext:
         self.connections: dict[str, Connection] = {}
         self.live_edges: dict[str, str] = {}  # edge_id → boot_id of every incarnation whose lease is alive
         self.stopping = asyncio.Event()
+        self.hurry = asyncio.Event()  # a second stop(): what the drain has left closes at once
         self.ready = asyncio.Event()
         self.accepted = False  # has been ready: has a graceful shutdown to run
         self.nc: NATS | None = None

@@ -217,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     local: LocalSettings = settings_from_args(LocalSettings, parser, args)
     # The quick start is one person's relay: no keys unless asked for (RELAY_AUTH=required).
-    edge_settings: EdgeSettings = settings_from_args(EdgeSettings, parser, args, {"RELAY_AUTH": "none", **os.environ})
+    edge_settings: EdgeSettings = settings_from_args(EdgeSettings, parser, args, {"RELAY_AUTH": "none", "RELAY_DRAIN_GRACE_MS": "0", "RELAY_DRAIN_MS": "0", **os.environ})
     configure_logging()
     lock = LocalRelayLock(local.local_data)
     try:

@@ -38,6 +38,7 @@ from edge.last_seen import LastSeen
 from edge.leases import CannotServe, Leases
 from edge.metering_link import MeteringLink
 from edge.protocol.meter import UsageMeter
+from edge.protocol.plans import drain_order, spread_plan
 from edge.room_requests import RoomRequests
 from edge.settings import EdgeSettings
 from edge.sockets import Sockets
@@ -107,7 +108,11 @@ class Edge:
         return self.ctx.accepted
 
     def stop(self) -> None:
-        """Begin the graceful shutdown: sockets get 1001, peers hear `server_restart`."""
+        """Begin the graceful shutdown, the drain: 503 to new connections, then sockets
+        closed 1001 at a bounded pace (peers hear `server_restart`). Called again (a second
+        SIGTERM), what is left closes at once."""
+        if self.ctx.stopping.is_set():
+            self.ctx.hurry.set()
         self.ctx.stopping.set()
 
     async def run(self) -> None:
@@ -232,8 +237,9 @@ class Edge:
         await self.leases.take()
 
     async def _shutdown(self, server: Server) -> None:
-        """Stop accepting, release every slot (peers hear `server_restart`), close 1001."""
+        """Drain, stop accepting, release every slot (peers hear `server_restart`), close 1001."""
         ctx = self.ctx
+        await self._drain()
         server.close(close_connections=False)
         await self.carrier.close_all(CloseCode.GOING_AWAY, "server restarting", DisconnectReason.SERVER_RESTART)
         # The handlers are releasing slots and telling peers `server_restart`: the lease must
@@ -246,6 +252,26 @@ class Edge:
         await self.usage.flush_at_exit()
         await self.leases.drop()
         log.info("edge %s stopped", self.settings.edge_id)
+
+    async def _drain(self) -> None:
+        """Instead of a reconnect storm on the other edges: new connections get 503 (they go
+        elsewhere) while the sockets here relay on for `drain_grace_ms`; then they are closed
+        1001 spread over `drain_ms`, a room's sockets on this edge together."""
+        ctx, s = self.ctx, self.settings
+        if s.drain_grace_ms or s.drain_ms:
+            log.info("edge %s draining %d sockets: new connections get 503", s.edge_id, len(ctx.connections))
+        if await ctx.sleep(s.drain_grace_ms / 1000, until=ctx.hurry) or not s.drain_ms:
+            return
+        groups = drain_order([(c.session.room_id, c) for c in ctx.connections.values()])
+        per_step, step_s = spread_plan(len(groups), s.drain_ms / 1000, max(1, len(groups)), s.spread_step_ms / 1000)
+        for start in range(0, len(groups), per_step):
+            for conn in (c for group in groups[start : start + per_step] for c in group):
+                if conn.session.socket_id in ctx.connections and not conn.closing:
+                    conn.session.ends_with(DisconnectReason.SERVER_RESTART)
+                    ctx.spawn(self.carrier.close(conn, CloseCode.GOING_AWAY, "server restarting"), "drain a socket")
+            if await ctx.sleep(step_s, until=ctx.hurry):
+                log.info("edge %s: stopped again; closing the rest at once", s.edge_id)
+                return
 
     # --- NATS callbacks ----------------------------------------------------------
 

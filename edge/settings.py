@@ -118,6 +118,8 @@ class EdgeSettings(NatsSettings):
     )
 
     # Closing.
+    drain_grace_ms: int = field(default=5_000, metadata={"min": 0, "help": "after SIGTERM: /readyz and new upgrades answer 503 this long while every socket goes on relaying (a load balancer stops sending connections here), then the drain"})
+    drain_ms: int = field(default=30_000, metadata={"min": 0, "help": "the drain: sockets are closed 1001 spread evenly over this, both sides of a room on this edge together (peers hear server_restart); a second SIGTERM closes the rest at once; 0: all at once"})
     close_timeout_ms: int = field(default=5_000, metadata={"min": 1, "help": "time a closing handshake may take before the connection is dropped"})
     shutdown_release_ms: int = field(
         default=10_000,

@@ -95,6 +95,9 @@ async def running_edges(nats_url: str, count: int = 2, **overrides: Any) -> Asyn
         overrides.setdefault("auth", "none")
         overrides.setdefault("local_user_id", TEST_USER.get())
     overrides.setdefault("metrics_port", 0)
+    # Stopped at once unless a test of the drain says otherwise.
+    overrides.setdefault("drain_grace_ms", 0)
+    overrides.setdefault("drain_ms", 0)
     edges = [
         Edge(EdgeSettings(nats_url=nats_url, host="127.0.0.1", port=0, edge_id=f"t{i}-{secrets.token_hex(3)}", **overrides))
         for i in range(count)
@@ -363,6 +366,8 @@ class EdgeProcess(ChildProcess):
 
         self.port = free_port()
         self.edge_id = settings.pop("edge_id", None) or f"proc-{secrets.token_hex(3)}"
+        settings.setdefault("drain_grace_ms", 0)
+        settings.setdefault("drain_ms", 0)
         if settings.get("auth", "none") == "none":
             settings.setdefault("auth", "none")
             settings.setdefault("local_user_id", TEST_USER.get())

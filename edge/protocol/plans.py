@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def spread_plan(count: int, over_s: float, slice_size: int, step_s: float) -> tuple[int, float]:
@@ -10,13 +13,22 @@ def spread_plan(count: int, over_s: float, slice_size: int, step_s: float) -> tu
     sockets spread over `over_s`: slices at least `step_s` apart, of at most `slice_size`
     sockets (more sockets than that allows: slices closer together).
 
-    Spread, not in one go: 25 acknowledged registration writes at once held frames ~10 ms
-    every few seconds; one write every 150 ms is felt by nobody (bench/README.md).
+    Spread, not in one go: a burst of KV writes (or of closes) holds up every frame.
     """
     if count == 0 or over_s <= 0:
         return slice_size, 0.0
     size = max(1, min(slice_size, math.ceil(count * step_s / over_s)))
     return size, over_s / math.ceil(count / size)
+
+
+def drain_order(rooms: list[tuple[str, T]]) -> list[list[T]]:
+    """The sockets of a drain, `(room id, socket)` each, grouped by room in first-seen order:
+    both sides of a room on this edge close together, so neither waits for a peer that is
+    about to leave too."""
+    groups: dict[str, list[T]] = {}
+    for room_id, socket in rooms:
+        groups.setdefault(room_id, []).append(socket)
+    return list(groups.values())
 
 
 def edges_gone(before: dict[str, str], after: dict[str, str]) -> list[tuple[str, str]]:

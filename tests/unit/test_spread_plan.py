@@ -37,3 +37,21 @@ def test_a_pass_goes_in_slices_as_small_as_keeps_them_apart(count, over_s, size,
 def test_an_empty_pass_or_one_without_time_goes_at_once(count, over_s):
     size, gap_s = spread_plan(count, over_s, _SLICE, _SPREAD_STEP_S)
     assert size == _SLICE and gap_s == 0.0
+
+
+def test_a_drain_closes_both_sides_of_a_room_together_in_first_seen_order():
+    from edge.protocol.plans import drain_order
+
+    sockets = [("r1", "mac1"), ("r2", "mac2"), ("r1", "ios1"), ("r3", "ios3")]
+    assert drain_order(sockets) == [["mac1", "ios1"], ["mac2"], ["ios3"]]
+    assert drain_order([]) == []
+
+
+def test_a_drain_of_many_rooms_closes_one_room_per_step_at_an_even_pace():
+    # As the edge plans it: every room may go in one step; the pace comes from the drain's length.
+    per_step, step_s = spread_plan(600, over_s=30.0, slice_size=600, step_s=0.05)
+    assert per_step == 1 and step_s == 30.0 / 600
+    # More rooms than steps of 50 ms: several a step, still the even share of the drain per second.
+    per_step, step_s = spread_plan(5000, over_s=30.0, slice_size=5000, step_s=0.05)
+    assert per_step == 9 and step_s >= 0.05
+    assert abs(per_step / step_s - 5000 / 30.0) < 0.01 * 5000 / 30.0
