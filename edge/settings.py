@@ -92,7 +92,8 @@ class EdgeSettings(NatsSettings):
     socket_queue_max_bytes: int = field(default=32 * 1024 * 1024, metadata={"min": 1, "help": "bytes waiting to be written to one socket (its queue and its write buffer, pongs included) before it is closed 1013 (dropped, when its pongs pile up)"})
 
     # Presence.
-    edge_lease_ttl_ms: int = field(default=15_000, metadata={"help": "an edge that stops renewing is declared dead after this"})
+    # 8 s: a killed edge's idle peers hear `timeout` within 10 s, the lease renewed every 2.7 s.
+    edge_lease_ttl_ms: int = field(default=8_000, metadata={"help": "an edge that stops renewing is declared dead after this (renewed every third of it)"})
     last_seen_interval_ms: int = field(
         default=30_000,
         metadata={"help": "how often a connected socket's lastSeen is written to KV at most (/status asks its edge for the exact one)"},

@@ -80,6 +80,22 @@ async def test_dead_edge_lease_expiry_tells_peer_timeout(nats_url):
             await mac_client.expect("peer_joined")
 
 
+async def test_the_idle_peer_of_a_killed_edge_hears_timeout_within_ten_seconds_by_default(nats_url):
+    # Issue 17: the default lease (8 s, renewed every 2.7 s) bounds what an idle peer waits.
+    async with EdgeProcess(nats_url) as edge_process:
+        async with running_edges(nats_url, count=1) as (survivor,):
+            mac = MacIdentity.new()
+            mac_client, _ = await connect_mac(survivor, mac)
+            ios_client, _ = await connect_ios(edge_process, mac)
+            await ios_client.expect("peer_joined")
+            await mac_client.expect("peer_joined")
+            await asyncio.sleep(3)  # past a renewal: the kill lands anywhere in the renewal cycle
+            killed = time.monotonic()
+            await edge_process.stop(signal.SIGKILL)
+            assert (await mac_client.expect("peer_disconnected", timeout=15))["reason"] == "timeout"
+            assert time.monotonic() - killed <= 10.0
+
+
 async def test_sigterm_closes_every_socket_1001_and_peers_hear_server_restart(nats_url):
     async with EdgeProcess(nats_url, admin_token="op-secret-42") as edge_process:
         async with running_edges(nats_url, count=1) as (survivor,):
