@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import signal
 import sys
 import time
@@ -301,3 +302,31 @@ async def test_a_mac_that_reconnects_while_its_edge_starts_over_is_paired_normal
         await mac_again.expect("peer_joined")
         await mac_again.send(type="relay", payload="aGk=")
         assert (await ios_client.expect("relay"))["payload"] == "aGk="
+
+
+async def test_a_mac_back_on_its_restarted_edge_is_paired_again_every_time(nats_url):
+    # Issue 17, a rolling restart: the Mac's edge gets SIGTERM and comes back with the same
+    # id and port; the Mac re-registers there and both sides hear peer_joined at once.
+    mac_edge = EdgeProcess(nats_url, edge_id=f"restarted-{secrets.token_hex(3)}")
+    await mac_edge.start()
+    try:
+        async with running_edges(nats_url, count=1) as (ios_edge,):
+            mac = MacIdentity.new()
+            mac_client, ios_client, _ = await paired(mac_edge, ios_edge, mac)
+            for restart in range(20):
+                await mac_edge.stop(signal.SIGTERM)
+                assert (await mac_client.expect_close())[0] == 1001
+                assert (await ios_client.expect("peer_disconnected"))["reason"] == "server_restart"
+                port, mac_edge = mac_edge.port, EdgeProcess(nats_url, edge_id=mac_edge.edge_id)
+                mac_edge.port = port
+                mac_edge.args[mac_edge.args.index("--port") + 1] = str(port)
+                await mac_edge.start()
+                began = time.monotonic()
+                mac_client, _ = await connect_mac(mac_edge, mac)
+                assert (await mac_client.expect("peer_joined", timeout=5))["public_key"], restart
+                assert (await ios_client.expect("peer_joined", timeout=5))["public_key"], restart
+                assert time.monotonic() - began < 1.0, restart
+                await mac_client.send(type="relay", payload=f"round {restart}")
+                assert (await ios_client.expect("relay"))["payload"] == f"round {restart}"
+    finally:
+        await mac_edge.stop(signal.SIGKILL)
