@@ -26,7 +26,6 @@ from typing import Any, NoReturn
 import msgspec
 
 from accounts.store import AccountStore, UnknownUser, UserExists
-from schemas.tiers import Tier, TierFileError, load_tiers
 from metering.usage import UsageReader, open_usage_bucket, usage_report
 from metering.windows import period_of
 from runtime.clock import now_ms
@@ -35,6 +34,7 @@ from runtime.local_lock import DEFAULT_DATA, running_relay_nats_url
 from runtime.settings import NatsSettings, OneLineErrorParser, add_setting_flags, redact_urls, settings_from_args
 from schemas.records import User, WelcomeBonus
 from schemas.subjects import is_valid_user_id
+from schemas.tiers import Tier, TierFileError, load_tiers
 
 EXIT_UNAVAILABLE = 1
 EXIT_USAGE = 2

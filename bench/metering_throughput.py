@@ -21,10 +21,10 @@ import msgspec
 import nats
 
 from accounts.store import AccountStore
-from runtime.embedded_nats import EmbeddedNatsServer
 from metering.service import Metering, MeteringSettings
 from metering.stream import open_usage_stream
 from metering.windows import period_of
+from runtime.embedded_nats import EmbeddedNatsServer
 from schemas.metering import QuotaCheck, UsageBatch, UsageEntry
 from schemas.records import User
 from schemas.subjects import METERING_CONSUMER, QUOTA_CHECK_SUBJECT, USAGE_STREAM, usage_events_subject

@@ -23,7 +23,6 @@ from websockets.datastructures import Headers
 
 from accounts import claims, tokens
 from accounts.store import AccountStore, UserExists
-from schemas.tiers import DEFAULT_TIERS, Tier
 from edge.protocol.guessing import KEY, LoginGuard, RoomGuessGuard
 from edge.protocol.limits import SocketCaps, UpgradeRateLimiter, user_socket_limit
 from edge.settings import EdgeSettings
@@ -31,6 +30,7 @@ from runtime.clock import now_ms
 from runtime.connection import STORAGE_ERRORS
 from schemas.records import User
 from schemas.subjects import is_valid_user_id
+from schemas.tiers import DEFAULT_TIERS, Tier
 
 log = logging.getLogger("edge.access")
 

@@ -18,8 +18,8 @@ import msgspec
 import nats.js.errors
 from websockets.datastructures import Headers
 
-from edge.protocol import rooms
 from edge.access import Access, Principal, Refusal
+from edge.protocol import rooms
 from edge.store import Presence, RoomStore
 from metering.usage import UsageReader, history_report, usage_report
 from metering.windows import period_of

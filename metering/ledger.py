@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from schemas.tiers import Tier
 from metering.windows import WINDOW_MS, iso_ms, period_of, period_start_ms, resets_at
 from schemas.client import QuotaExceeded
 from schemas.metering import QuotaAnswer, UsageEntry
 from schemas.records import BonusUsage, UsageLedger, UsageWindow, User
+from schemas.tiers import Tier
 
 # Windows are kept this long (the official relay's usage keys live 30 days).
 USAGE_TTL_MS = 30 * 86_400_000

@@ -32,10 +32,10 @@ from nats.js.kv import KeyValue
 from metering.ledger import apply_usage, quota_answer
 from metering.stream import metering_consumer_config, open_usage_stream
 from metering.usage import open_usage_bucket
+from runtime import kv
 from runtime.backoff import Backoff, until_storage_opens
 from runtime.clock import now_ms
 from runtime.connection import STORAGE_ERRORS, connect_for_service
-from runtime import kv
 from runtime.kv import get_present, open_bucket
 from runtime.settings import NatsSettings, redact_urls
 from schemas.metering import (

@@ -11,10 +11,9 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
-from schemas.tiers import Tier
-from runtime.kv import get_present, open_bucket
 from metering.ledger import USAGE_TTL_MS, bonus_remaining, effective_limit, window_of
 from metering.windows import iso_ms, period_label, period_of, period_start_ms, resets_at
+from runtime.kv import get_present, open_bucket
 from schemas.http_api import ExtraQuota, HistoryEntry, Usage, UsageHistory
 from schemas.records import (
     BonusUsage,
@@ -24,6 +23,7 @@ from schemas.records import (
     usage_ledger_decoder,
 )
 from schemas.subjects import USAGE_BUCKET, usage_ledger_key
+from schemas.tiers import Tier
 
 
 async def open_usage_bucket(js: JetStreamContext, replicas: int) -> KeyValue:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import sys
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, NoReturn, Protocol

@@ -10,8 +10,8 @@ import msgspec
 import nats
 
 from metering.usage import open_usage_bucket
-from runtime import kv
 from metering.windows import period_of
+from runtime import kv
 from schemas.records import BonusUsage, UsageLedger, UsageWindow
 from schemas.subjects import usage_ledger_key
 from tests.harness import (

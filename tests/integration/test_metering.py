@@ -18,12 +18,12 @@ import nats.js.errors
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from runtime.embedded_nats import EmbeddedNatsServer
 from metering.ledger import window_of
 from metering.service import Metering, MeteringSettings
 from metering.stream import open_usage_stream
 from metering.usage import open_usage_bucket
 from metering.windows import WINDOW_MS, iso_ms, period_of, resets_at
+from runtime.embedded_nats import EmbeddedNatsServer
 from schemas.metering import UsageBatch, UsageEntry
 from schemas.records import BonusUsage, UsageLedger, UsageWindow, WelcomeBonus
 from schemas.subjects import QUOTA_CHECK_SUBJECT, usage_events_subject, usage_ledger_key

@@ -27,9 +27,9 @@ import pytest
 from nats.js.api import KeyValueConfig
 
 from accounts.store import AccountStore
+from edge.store import RoomStore, open_buckets
 from runtime import kv
 from runtime.embedded_nats import EmbeddedNatsCluster, EmbeddedNatsServer
-from edge.store import RoomStore, open_buckets
 from schemas.records import Registration, RoomRecord, User
 from schemas.subjects import (
     ACCOUNTS_BUCKET,

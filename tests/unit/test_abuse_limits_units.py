@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from schemas.tiers import DEFAULT_TIERS
 from edge.protocol import limits
 from edge.protocol.limits import SocketCaps, TokenBucket, UpgradeRateLimiter, user_socket_limit
 from edge.settings import EdgeSettings
+from schemas.tiers import DEFAULT_TIERS
 
 # --- a bucket of bytes ---------------------------------------------------------------------
 

@@ -10,11 +10,11 @@ import msgspec
 import pytest
 
 from accounts import tokens
-from schemas.tiers import DEFAULT_TIERS, UNLIMITED, Tier, TierFileError, load_tiers
 from edge.protocol.limits import FailedAuthLimiter, TokenBucket
 from metering.usage import bonus_remaining, effective_limit, history_report, usage_report
 from metering.windows import WINDOW_MS, iso_ms, period_label, period_of, period_start_ms, resets_at, window_index
 from schemas.records import BonusUsage, UsageWindow, User, WelcomeBonus
+from schemas.tiers import DEFAULT_TIERS, UNLIMITED, Tier, TierFileError, load_tiers
 
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS

@@ -5,12 +5,12 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from schemas.tiers import DEFAULT_TIERS, Tier
 from edge.protocol.meter import UsageMeter
 from metering.ledger import USAGE_TTL_MS, apply_usage, quota_answer, window_of
 from metering.windows import WINDOW_MS, iso_ms
 from schemas.metering import UsageEntry
 from schemas.records import BonusUsage, UsageLedger, UsageWindow, User, WelcomeBonus
+from schemas.tiers import DEFAULT_TIERS, Tier
 
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS

@@ -10,9 +10,9 @@ import msgspec
 import pytest
 
 from edge.protocol import rooms
+from edge.protocol.actions import Close, Forward, Notify, RoomRequest, Send
 from edge.protocol.limits import TokenBucket
 from edge.protocol.rooms import Outcome
-from edge.protocol.actions import Close, Forward, Notify, RoomRequest, Send
 from edge.protocol.session import Session, SocketState
 from schemas.client import Error, JoinRoom, PeerJoined, RegisterRoom, RoomRegistered
 from schemas.edge_events import PeerJoinedEvent, PeerLeftEvent, ReplacedEvent

@@ -6,9 +6,9 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from edge.protocol.actions import Send, Undelivered
 from edge.protocol.meter import UsageMeter
 from edge.protocol.rooms import Outcome
-from edge.protocol.actions import Send, Undelivered
 from edge.protocol.session import Session
 from schemas.edge_events import PeerLeftEvent, ReplacedEvent
 from schemas.records import SlotHolder
