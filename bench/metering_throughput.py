@@ -1,6 +1,6 @@
 """How fast one metering process applies usage batches and answers quota checks.
 
-    .venv/bin/python -m bench.metering_throughput [--users 1000] [--batches 20] [--checks 4000]
+    .venv/bin/python -m bench.metering_throughput [--users 1000] [--batches 20] [--checks 4000] [--sync-always]
 
 Starts its own nats-server (free port, temporary folder), creates `--users` accounts,
 publishes `--batches` batches that each charge every user, then runs one metering
@@ -30,8 +30,8 @@ from schemas.records import User
 from schemas.subjects import METERING_CONSUMER, QUOTA_CHECK_SUBJECT, USAGE_STREAM, usage_events_subject
 
 
-async def measure(users: int, batches: int, checks: int) -> dict[str, float]:
-    with tempfile.TemporaryDirectory() as data, EmbeddedNatsServer(store_dir=data) as server:
+async def measure(users: int, batches: int, checks: int, sync_always: bool = False) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as data, EmbeddedNatsServer(store_dir=data, sync_always=sync_always) as server:
         nc = await nats.connect(server.url)
         js = nc.jetstream(timeout=10)
         store = await AccountStore.open(js)
@@ -85,8 +85,9 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--checks", type=int, default=4000)
+    parser.add_argument("--sync-always", action="store_true", help="nats-server fsyncs every write (deploy/nats.conf)")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(measure(args.users, args.batches, args.checks)), indent=2))
+    print(json.dumps(asyncio.run(measure(args.users, args.batches, args.checks, args.sync_always)), indent=2))
 
 
 if __name__ == "__main__":

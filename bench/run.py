@@ -72,6 +72,7 @@ class Plan:
     warmup_s: float = 1.0
     heartbeat_s: float = 20.0  # one socket's; TermOnMac's clients: 1 s (active Mac), 3 s (iPhone)
     modes: tuple[str, ...] = ("idle", "max", "rate", "storm")
+    nats_sync_always: bool = False  # fsync every JetStream write, as deploy/nats.conf does
     # The max and rate scenarios at the largest pair count (the targets') run this many
     # times, product and reference back to back each time; a target's ratio is the median
     # of the rounds' ratios. On a shared machine one round's p99 ratio can be off by half.
@@ -224,7 +225,7 @@ def run_benchmark(plan: Plan, quick: bool, only: str | None = None) -> Path:
     started_at = datetime.datetime.now(datetime.timezone.utc)
     results: list[dict[str, Any]] = []
     try:
-        nats_server = EmbeddedNatsServer(store_dir=workdir / "nats").start()
+        nats_server = EmbeddedNatsServer(store_dir=workdir / "nats", sync_always=plan.nats_sync_always).start()
         print(f"nats-server pid {nats_server.process.pid} on {nats_server.url}")
         tiers = workdir / "tiers.toml"
         tiers.write_text(TIERS_TOML)
@@ -443,6 +444,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs", help="comma-separated pair counts for max and rate (default: 1,100,1000)")
     parser.add_argument("--repeat", type=int, help="rounds of max and rate at the largest pair count (default: 3; --quick: 1)")
     parser.add_argument("--heartbeat", type=float, help="seconds between one socket's heartbeats (default: 20)")
+    parser.add_argument("--nats-sync-always", action="store_true", help="nats-server fsyncs every JetStream write (deploy/nats.conf)")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else STANDARD
     if args.modes:
@@ -451,6 +453,8 @@ def main(argv: list[str] | None = None) -> None:
         plan = dataclasses.replace(plan, pairs=tuple(int(n) for n in args.pairs.split(",")))
     if args.repeat:
         plan = dataclasses.replace(plan, repeat=max(1, args.repeat))
+    if args.nats_sync_always:
+        plan = dataclasses.replace(plan, nats_sync_always=True)
     if args.heartbeat is not None:
         if args.heartbeat <= 0:
             parser.error("--heartbeat must be a positive number of seconds")

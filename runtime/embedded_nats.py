@@ -55,6 +55,7 @@ class EmbeddedNatsServer:
         extra_args: list[str] | None = None,
         max_payload: int = 8 * 1024 * 1024,
         die_with_parent: bool = False,
+        sync_always: bool = False,
     ) -> None:
         self._own_dir = store_dir is None
         self.store_dir = Path(store_dir or tempfile.mkdtemp(prefix="termrelay-nats-"))
@@ -65,13 +66,15 @@ class EmbeddedNatsServer:
         self.extra_args = extra_args or []
         self.max_payload = max_payload
         self.die_with_parent = die_with_parent
+        self.sync_always = sync_always  # fsync every write, as deploy/nats.conf does
 
     def start(self, timeout: float = 10.0) -> "EmbeddedNatsServer":
         self.store_dir.mkdir(parents=True, exist_ok=True)
         # max_payload has no command-line flag. The relay forwards frames of up to 4 MiB,
         # over the 1 MiB default; production servers need the same (deploy/nats.conf).
         config = self.store_dir / "nats-server.conf"
-        config.write_text(f"max_payload: {self.max_payload}\n")
+        sync = "jetstream {\n  sync_interval: always\n}\n" if self.sync_always else ""
+        config.write_text(f"max_payload: {self.max_payload}\n{sync}")
         cmd = [
             find_nats_server(),
             "--config", str(config),
@@ -135,7 +138,7 @@ class EmbeddedNatsCluster:
     `urls` lists each node's client URL; `url` joins them for a client that may use any.
     """
 
-    def __init__(self, size: int = 3) -> None:
+    def __init__(self, size: int = 3, sync_always: bool = False) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="termrelay-cluster-"))
         cluster_ports = [free_port() for _ in range(size)]
         routes = ",".join(f"nats://127.0.0.1:{p}" for p in cluster_ports)
@@ -148,6 +151,7 @@ class EmbeddedNatsCluster:
                     "--cluster", f"nats://127.0.0.1:{cluster_ports[i]}",
                     "--routes", routes,
                 ],
+                sync_always=sync_always,
             )
             for i in range(size)
         ]
