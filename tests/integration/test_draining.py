@@ -11,7 +11,7 @@ import time
 
 from websockets.exceptions import InvalidStatus
 
-from tests.harness import Client, EdgeProcess, MacIdentity, connect_mac, http_get, paired, running_edges, until
+from tests.harness import Client, EdgeProcess, MacIdentity, connect_ios, connect_mac, http_get, paired, running_edges, until
 
 
 async def _upgrade_status(edge, role: str = "mac") -> int:
@@ -98,3 +98,55 @@ async def test_sigterm_drains_a_relay_edge_process_and_a_second_sigterm_ends_it(
         assert await edge.stop(signal.SIGTERM) == 0
         assert time.monotonic() - began < 10  # not the minute of grace and drain
         assert (await mac_client.expect_close())[0] == 1001
+
+
+async def test_five_hundred_sockets_drain_at_the_configured_pace_reconnect_elsewhere_and_usage_is_exact(nats_url, tmp_path):
+    from tests.harness import TEST_USER
+    from tests.integration.test_metering import read_ledger, start_metering, stop_metering
+
+    tiers = tmp_path / "tiers.toml"
+    tiers.write_text("[tiers.premium]\nmax_rooms = -1\n")  # the local user's 250 rooms
+    metering, metering_task = await start_metering(nats_url, tiers_file=str(tiers))
+    try:
+        async with running_edges(nats_url, drain_grace_ms=0, drain_ms=3_000, tiers_file=str(tiers)) as (a, b):
+            pairs = [await paired(a, a) for _ in range(250)]  # 500 sockets on the edge to drain
+            for mac_client, ios_client, _ in pairs:
+                await mac_client.send(type="relay", payload="before")
+            for _, ios_client, _ in pairs:
+                assert (await ios_client.expect("relay"))["payload"] == "before"
+            closed_at: list[float] = []
+
+            async def watch(client: Client) -> None:
+                assert (await client.expect_close(timeout=30))[0] == 1001
+                closed_at.append(time.monotonic())
+
+            clients = [c for mac, ios, _ in pairs for c in (mac, ios)]
+            watching = [asyncio.create_task(watch(c)) for c in clients]
+            a.stop()
+            await asyncio.gather(*watching)
+            closed_at.sort()
+            # 250 rooms over 3 s: about 83 a second; never more than twice that in any second.
+            for start in closed_at:
+                assert sum(start <= t < start + 1.0 for t in closed_at) <= 2 * 2 * 250 / 3, closed_at
+            assert closed_at[-1] - closed_at[0] >= 2.0
+            # Every pair reconnects to the other edge and relays again.
+            for _, _, mac in pairs:
+                mac_again, _ = await connect_mac(b, mac)
+                ios_again, _ = await connect_ios(b, mac)
+                await ios_again.expect("peer_joined")
+                await mac_again.expect("peer_joined")
+                await mac_again.send(type="relay", payload="after")
+                assert (await ios_again.expect("relay"))["payload"] == "after"
+                await mac_again.close()
+                await ios_again.close()
+        # Both edges have stopped and flushed: one credit per relayed frame, none lost or doubled.
+        deadline = time.monotonic() + 15
+        while True:
+            ledger = await read_ledger(nats_url, TEST_USER.get())
+            counted = sum(w.message_tokens for w in ledger.windows)
+            if counted >= 500 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        assert counted == 500
+    finally:
+        await stop_metering(metering, metering_task)
