@@ -11,7 +11,7 @@ import time
 
 from websockets.exceptions import InvalidStatus
 
-from tests.harness import Client, EdgeProcess, MacIdentity, connect_ios, connect_mac, http_get, paired, running_edges, until
+from tests.harness import Client, EdgeProcess, MacIdentity, connect_mac, http_get, paired, running_edges, until
 
 
 async def _upgrade_status(edge, role: str = "mac") -> int:
@@ -131,10 +131,7 @@ async def test_five_hundred_sockets_drain_at_the_configured_pace_reconnect_elsew
             assert closed_at[-1] - closed_at[0] >= 2.0
             # Every pair reconnects to the other edge and relays again.
             for _, _, mac in pairs:
-                mac_again, _ = await connect_mac(b, mac)
-                ios_again, _ = await connect_ios(b, mac)
-                await ios_again.expect("peer_joined")
-                await mac_again.expect("peer_joined")
+                mac_again, ios_again, _ = await paired(b, b, mac)
                 await mac_again.send(type="relay", payload="after")
                 assert (await ios_again.expect("relay"))["payload"] == "after"
                 await mac_again.close()

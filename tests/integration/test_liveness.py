@@ -85,11 +85,7 @@ async def test_the_idle_peer_of_a_killed_edge_hears_timeout_within_ten_seconds_b
     # Issue 17: the default lease (8 s, renewed every 2.7 s) bounds what an idle peer waits.
     async with EdgeProcess(nats_url) as edge_process:
         async with running_edges(nats_url, count=1) as (survivor,):
-            mac = MacIdentity.new()
-            mac_client, _ = await connect_mac(survivor, mac)
-            ios_client, _ = await connect_ios(edge_process, mac)
-            await ios_client.expect("peer_joined")
-            await mac_client.expect("peer_joined")
+            mac_client, _, _ = await paired(survivor, edge_process)
             await asyncio.sleep(3)  # past a renewal: the kill lands anywhere in the renewal cycle
             killed = time.monotonic()
             await edge_process.stop(signal.SIGKILL)
