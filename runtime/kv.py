@@ -221,11 +221,7 @@ class ValuesWatch:
         await self.watcher.stop()
 
     def __aiter__(self) -> AsyncIterator[KeyValue.Entry | None]:
-        return self._entries() if self.initial is not None else self._as_nats_py_marks()
-
-    async def _as_nats_py_marks(self) -> AsyncIterator[KeyValue.Entry | None]:
-        async for entry in self.watcher:
-            yield entry
+        return self._entries() if self.initial is not None else aiter(self.watcher)  # its own marker
 
     async def _entries(self) -> AsyncIterator[KeyValue.Entry | None]:
         assert self.initial is not None
