@@ -19,6 +19,7 @@ from websockets.exceptions import ConnectionClosed
 from edge.context import Connection, EdgeContext, Ending
 from edge.protocol.actions import Action, Close, Forward, Notify, RoomRequest, Send
 from edge.protocol.charging import frame_credits
+from edge.protocol.parts import cut, part_kind
 from edge.protocol.session import Session
 from schemas.client import JoinRoom, RegisterRoom
 from schemas.edge_events import KIND_EVENT, KIND_FRAME
@@ -50,16 +51,8 @@ class Carrier:
         return len(self._waiting_publishes)
 
     async def carry_out(self, conn: Connection, actions: list[Action]) -> None:
-        ctx = self.ctx
         for action in actions:
             if type(action) is Forward:  # by far the most common: first, and lean
-                if len(action.data) > ctx.max_forward_bytes:
-                    log.warning(
-                        "room %s: a %d-byte frame exceeds what NATS carries (max_payload %d); closing 1009",
-                        conn.session.room_id, len(action.data), ctx.nc.max_payload,
-                    )
-                    await self.carry_out(conn, conn.session.frame_too_large())
-                    return
                 await self.forward(conn, action)
             elif isinstance(action, Send):
                 with contextlib.suppress(ConnectionClosed):
@@ -94,13 +87,28 @@ class Carrier:
         # it at once (503) when nobody subscribes for the addressee, and so does its edge if
         # it has no such socket (`Delivery.undelivered`). No request, no wait, a few bytes more.
         reply = conn.forward_reply if credits == 1 else conn.forward_reply[:-1] + str(credits)
-        await ctx.nc.publish(conn.forward_subject, action.data, reply)
+        if len(action.data) <= ctx.max_forward_bytes:
+            await ctx.nc.publish(conn.forward_subject, action.data, reply)
+        else:
+            await self._publish_in_parts(conn.forward_subject, action.data, reply)
         if at_once:
             ctx.counters.forwarded_at_once += 1
         else:
             ctx.counters.forwarded_by_handler += 1
         if ctx.metering_on:
             ctx.meter.charge_messages(session.user_id, credits)
+
+    async def _publish_in_parts(self, subject: str, data: bytes, reply: str) -> None:
+        """Publish a frame larger than NATS carries in consecutive parts, the reply subject
+        with the last (see `edge.protocol.parts`). Only a socket's handler forwards frames
+        this large, one at a time, so nothing of the same socket comes between its parts."""
+        ctx = self.ctx
+        prefix = subject[: -len(KIND_FRAME)]
+        parts = cut(data, ctx.max_forward_bytes)
+        last = len(parts) - 1
+        for index, part in enumerate(parts):
+            await ctx.nc.publish(prefix + part_kind(index, index == last), part, reply if index == last else "")
+        ctx.counters.forwarded_in_parts += 1
 
     def spawn_publish(self, publish: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
         """Finish a publish that waits for nats-py's flush; shutdown bounds the wait."""

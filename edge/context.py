@@ -24,6 +24,7 @@ from edge.api import HttpApi
 from edge.front import HttpConnection
 from edge.metering_link import MeteringLink
 from edge.protocol.meter import UsageMeter
+from edge.protocol.parts import FrameParts
 from edge.protocol.session import Session
 from edge.settings import EdgeSettings
 from edge.store import Presence, RoomStore
@@ -87,6 +88,9 @@ class Connection:
     backlog: deque[tuple[bytes | Any, str]] = field(default_factory=deque)
     backlog_bytes: int = 0
     drainer: asyncio.Task[None] | None = None
+    # The frame being received in parts for this socket (`edge.protocol.parts`), made at its
+    # first part: most sockets never see a frame over NATS's max_payload.
+    parts: FrameParts | None = None
 
     @property
     def closing(self) -> bool:
@@ -110,6 +114,9 @@ class FrameCounters:
     heartbeats_answered_at_once: int = 0
     forwarded_by_handler: int = 0
     undelivered: int = 0  # NATS or the addressee's edge said nobody got them; not charged
+    forwarded_in_parts: int = 0  # over NATS's max_payload: cut into parts (of those forwarded by handler)
+    received_in_parts: int = 0  # put together from parts, for this edge's sockets
+    parts_dropped: int = 0  # frames missing a part (lost, or their edge died): never delivered
 
 
 class EdgeContext:

@@ -9,6 +9,7 @@ of one socket's messages is kept.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import msgspec
@@ -19,8 +20,9 @@ from edge import internals
 from edge.carrier import NO_SUCH_SOCKET, Carrier
 from edge.context import Connection, EdgeContext, Ending
 from edge.protocol.actions import Undelivered
+from edge.protocol.parts import FrameParts
 from edge.protocol.plans import backlog_over_bounds
-from schemas.edge_events import KIND_EVENT, edge_event_decoder
+from schemas.edge_events import KIND_EVENT, KIND_FRAME, edge_event_decoder
 from schemas.subjects import addressee_sender_and_kind, sender_addressee_and_credits
 
 log = logging.getLogger("edge")
@@ -60,11 +62,40 @@ class Delivery:
             if msg.reply:  # the sender's edge takes back the charge and tells its client NO_PEER
                 await self.ctx.nc.publish(msg.reply, NO_SUCH_SOCKET)
             return
-        if self.write_at_once and internals.can_write_now(conn, len(msg.data)):
+        data = msg.data
+        if kind != KIND_FRAME:
+            data = self._put_together(conn, sender, kind, data)
+            if data is None:
+                return
+        elif conn.parts is not None and conn.parts.under_way:
+            self._dropped(conn, conn.parts.interrupt(sender))
+        if self.write_at_once and internals.can_write_now(conn, len(data)):
             if conn.session.accepts_frame_from(sender):
-                internals.write_now(conn, msg.data)
+                internals.write_now(conn, data)
         else:
-            self.enqueue(conn, msg.data, sender, len(msg.data))
+            self.enqueue(conn, data, sender, len(data))
+
+    def _put_together(self, conn: Connection, sender: str, kind: str, data: bytes) -> bytes | None:
+        """A part of a frame larger than NATS's max_payload: the whole frame once its last
+        part is in, else None."""
+        parts = conn.parts
+        if parts is None:
+            parts = conn.parts = FrameParts(self.ctx.settings.max_frame_bytes)
+        frame, dropped = parts.add(sender, kind, data, time.monotonic())
+        self._dropped(conn, dropped)
+        if frame is not None:
+            self.ctx.counters.received_in_parts += 1
+        return frame
+
+    def _dropped(self, conn: Connection, why: str | None) -> None:
+        if why is not None:
+            self.ctx.counters.parts_dropped += 1
+            log.warning("socket %s: a frame arriving in parts was dropped: %s", conn.session.socket_id, why)
+
+    def expire_parts(self, conn: Connection, now: float) -> None:
+        """Drop the frame under way for `conn` if its last part is overdue (see `FrameParts`)."""
+        if conn.parts is not None:
+            self._dropped(conn, conn.parts.expired(now, self.ctx.settings.frame_parts_timeout_ms / 1000))
 
     def enqueue(self, conn: Connection, item: bytes | Any, sender: str, size: int) -> None:
         """Queue `item` for the socket's drainer; a socket that cannot keep up is closed 1013."""

@@ -77,7 +77,7 @@ class Edge:
         self.account_watch = AccountWatch(ctx, carrier)
         self.sockets = Sockets(ctx, carrier, self.fastpath, self.usage, self.account_watch.deleted_users)
         self.leases = Leases(ctx, carrier)
-        self.upkeep = Upkeep(ctx, carrier, self.room_requests)
+        self.upkeep = Upkeep(ctx, carrier, self.room_requests, self.delivery)
         self.last_seen = LastSeen(ctx)
         self.http = HttpFront(ctx)
 
@@ -205,16 +205,18 @@ class Edge:
             task.cancel()
 
     def _learn_max_payload(self) -> None:
-        """Note the largest frame NATS carries (checked per frame, so kept, not recomputed):
-        at start and after each reconnect, since the server may be another one."""
+        """Note the largest frame NATS carries in one message (checked per frame, so kept, not
+        recomputed): at start and after each reconnect, since the server may be another one.
+        Larger frames travel in parts (`edge.protocol.parts`)."""
         nc = self.ctx.nc
-        # Some room below NATS's max_payload for the protocol line.
-        self.ctx.max_forward_bytes = nc.max_payload - 1024
+        # Some room below NATS's max_payload for the protocol line (a server configured with
+        # a tiny one still gets parts of half of it).
+        self.ctx.max_forward_bytes = max(nc.max_payload - 1024, nc.max_payload // 2, 1)
         if self.ctx.max_forward_bytes < self.settings.max_frame_bytes:
-            log.error(
-                "NATS max_payload is %d bytes, below RELAY_MAX_FRAME_BYTES (%d): larger frames will be "
-                "closed 1009. Set max_payload: 8MB on the NATS servers (see deploy/nats.conf).",
+            log.info(
+                "NATS max_payload is %d bytes: frames over %d bytes (up to RELAY_MAX_FRAME_BYTES, %d) travel in parts",
                 nc.max_payload,
+                self.ctx.max_forward_bytes,
                 self.settings.max_frame_bytes,
             )
 

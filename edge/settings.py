@@ -88,6 +88,10 @@ class EdgeSettings(NatsSettings):
 
     # Limits.
     max_frame_bytes: int = field(default=4 * 1024 * 1024, metadata={"help": "largest inbound frame; larger closes 1009"})
+    frame_parts_timeout_ms: int = field(
+        default=5_000,
+        metadata={"min": 1, "help": "a frame arriving from NATS in parts (over its max_payload) whose last part has not come within this is dropped, never delivered"},
+    )
     socket_queue_max_msgs: int = field(default=4096, metadata={"min": 1, "help": "frames queued for one socket before it is closed 1013"})
     socket_queue_max_bytes: int = field(default=32 * 1024 * 1024, metadata={"min": 1, "help": "bytes waiting to be written to one socket (its queue and its write buffer, pongs included) before it is closed 1013 (dropped, when its pongs pile up)"})
 
@@ -169,8 +173,9 @@ class EdgeSettings(NatsSettings):
     # Derived timings: one place, so tests that shorten a constant shorten what follows from it.
     @property
     def liveness_sweep_interval_s(self) -> float:
-        """How often sockets are checked for silence; closes happen within threshold + this."""
-        return max(0.02, min(self.heartbeat_dead_threshold_ms / 8, 5_000) / 1000)
+        """How often sockets are checked for silence (and overdue frame parts); closes happen
+        within threshold + this."""
+        return max(0.02, min(self.heartbeat_dead_threshold_ms / 8, self.frame_parts_timeout_ms / 2, 5_000) / 1000)
 
     @property
     def room_reg_refresh_interval_s(self) -> float:

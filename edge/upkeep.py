@@ -1,4 +1,5 @@
-"""The edge's periodic work over its sockets: liveness, lastSeen writes, registration refreshes.
+"""The edge's periodic work over its sockets: liveness (and overdue frame parts), lastSeen
+writes, registration refreshes.
 
 Each pass goes in slices with frames in between (`edge.protocol.plans.spread_plan`): a
 pass over every socket at once, or a KV write for each at once, would hold up every frame.
@@ -13,6 +14,7 @@ from collections.abc import Awaitable, Callable
 
 from edge.carrier import Carrier
 from edge.context import Connection, EdgeContext, Ending
+from edge.delivery import Delivery
 from edge.protocol.plans import spread_plan
 from edge.room_requests import RoomRequests
 from runtime.connection import STORAGE_ERRORS
@@ -24,10 +26,11 @@ log = logging.getLogger("edge")
 class Upkeep:
     """Liveness sweeps, lastSeen flushes and registration refreshes, each a loop."""
 
-    def __init__(self, ctx: EdgeContext, carrier: Carrier, room_requests: RoomRequests) -> None:
+    def __init__(self, ctx: EdgeContext, carrier: Carrier, room_requests: RoomRequests, delivery: Delivery) -> None:
         self.ctx = ctx
         self.carrier = carrier
         self.room_requests = room_requests
+        self.delivery = delivery
 
     def start(self, tg: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
         """The loops, in `tg`. A bug or an unforeseen error in one must not turn into the end
@@ -50,6 +53,7 @@ class Upkeep:
                     if conn.ending is Ending.OPEN and conn.session.is_silent(now, threshold):
                         conn.ending = Ending.TIMING_OUT  # one time-out per socket, however long its close takes
                         ctx.spawn(self.carrier.carry_out(conn, conn.session.time_out()), "time out a silent socket")
+                    self.delivery.expire_parts(conn, now)
                 except Exception:  # one socket's trouble must not keep the sweep from the rest
                     log.exception("liveness check of socket %s failed", conn.session.socket_id)
                 if n % slice_size == slice_size - 1:

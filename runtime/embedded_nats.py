@@ -70,8 +70,8 @@ class EmbeddedNatsServer:
 
     def start(self, timeout: float = 10.0) -> "EmbeddedNatsServer":
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        # max_payload has no command-line flag. The relay forwards frames of up to 4 MiB,
-        # over the 1 MiB default; production servers need the same (deploy/nats.conf).
+        # max_payload has no command-line flag. Room for the relay's 4 MiB frames in one
+        # message, as deploy/nats.conf gives; tests of frames in parts ask for less.
         config = self.store_dir / "nats-server.conf"
         sync = "jetstream {\n  sync_interval: always\n}\n" if self.sync_always else ""
         config.write_text(f"max_payload: {self.max_payload}\n{sync}")

@@ -1,8 +1,8 @@
 """Control events that edges send each other on a room's subjects.
 
 They travel on the same subjects as the frames of that direction, so they stay in order
-with them. The subject's last token tells a control event (`e`) from a frame (`f`); the
-body of a frame is the exact text the receiving edge writes to its socket. See
+with them. The subject's last token tells a control event (`e`) from a frame (`f`) or a
+part of one; the body of a frame is the exact text the receiving edge writes to its socket. See
 `schemas.subjects.addressed_subject`.
 """
 
@@ -18,6 +18,10 @@ from schemas.records import SlotHolder
 # The last token of a message's subject: what it carries.
 KIND_FRAME = "f"  # a frame, written to the socket as it is
 KIND_EVENT = "e"  # a control event (a request: the addressee's edge acknowledges it)
+# A frame over NATS's max_payload travels in parts (`edge.protocol.parts`): `p<n>` is its
+# part n (from 0), `l<n>` its last part, which carries the frame's reply subject.
+KIND_PART = "p"
+KIND_LAST_PART = "l"
 
 
 class PeerJoinedEvent(Struct, tag="peer_joined", tag_field="event", kw_only=True):

@@ -374,10 +374,6 @@ class Session:
         left, as for too many messages."""
         self.leave_reason = DisconnectReason.CLIENT_LEFT
 
-    def frame_too_large(self) -> list[Action]:
-        """A frame larger than NATS carries (its max_payload): closed 1009."""
-        return [Close(CloseCode.TOO_BIG, "frame too large for this relay")]
-
     def ends_with(self, leave_reason: str) -> None:
         """The edge closes this socket for its own reason (a restart, a lost lease): its peer hears `leave_reason`."""
         self.leave_reason = leave_reason

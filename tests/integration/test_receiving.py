@@ -119,12 +119,12 @@ async def test_a_heartbeat_for_a_socket_with_frames_queued_is_answered_by_its_ha
         assert b.ctx.counters.heartbeats_answered_at_once == 0
 
 
-async def test_a_relay_behind_a_frame_too_large_for_nats_is_never_forwarded(tmp_path):
+async def test_a_relay_behind_a_frame_larger_than_nats_carries_comes_after_it(tmp_path):
+    """The large frame goes the handler's way (it is cut into parts there); the relay behind
+    it, in the same read, must not overtake it by the fast path."""
     from runtime.embedded_nats import EmbeddedNatsServer
 
-    with EmbeddedNatsServer(
-        store_dir=tmp_path / "nats", max_payload=64 * 1024
-    ) as small:
+    with EmbeddedNatsServer(store_dir=tmp_path / "nats", max_payload=64 * 1024) as small:
         async with running_edges(small.url) as (a, b):
             mac_client, ios_client, _ = await paired(a, b)
             _send_in_one_write(
@@ -132,11 +132,21 @@ async def test_a_relay_behind_a_frame_too_large_for_nats_is_never_forwarded(tmp_
                 {"type": "relay", "payload": "C" * 100_000},
                 {"type": "relay", "payload": "behind"},
             )
-            assert (await mac_client.expect_close())[0] == 1009
-            # The socket's order ends at the frame it was closed for.
-            assert (await ios_client.expect("peer_disconnected"))[
-                "reason"
-            ] == "client_left"
+            assert (await ios_client.expect("relay"))["payload"] == "C" * 100_000
+            assert (await ios_client.expect("relay"))["payload"] == "behind"
+
+
+async def test_a_relay_behind_a_frame_over_max_frame_bytes_is_never_forwarded(nats_url):
+    async with running_edges(nats_url, max_frame_bytes=50_000) as (a, b):
+        mac_client, ios_client, _ = await paired(a, b)
+        _send_in_one_write(
+            mac_client,
+            {"type": "relay", "payload": "C" * 60_000},
+            {"type": "relay", "payload": "behind"},
+        )
+        assert (await mac_client.expect_close())[0] == 1009
+        # The socket's order ends at the frame it was closed for.
+        assert await ios_client.expect("peer_disconnected") == {"type": "peer_disconnected", "reason": "client_left"}
 
 
 async def test_sustained_relay_excess_closes_the_socket_1008(nats_url):
