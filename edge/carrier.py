@@ -24,7 +24,7 @@ from edge.protocol.session import Session
 from schemas.client import JoinRoom, RegisterRoom
 from schemas.edge_events import KIND_EVENT, KIND_FRAME
 from schemas.records import SlotHolder
-from schemas.subjects import addressed_subject, room_subject, undelivered_reply_prefix
+from schemas.subjects import addressed_subject, frame_reply, room_subject, undelivered_reply_prefix
 
 log = logging.getLogger("edge")
 
@@ -81,16 +81,18 @@ class Carrier:
             conn.forward_subject = addressed_subject(
                 conn.subjects[session.peer_role], action.to.edge_id, to, session.socket_id, KIND_FRAME
             )
-            conn.forward_reply = undelivered_reply_prefix(ctx.settings.edge_id, session.socket_id, to) + "1"
+            conn.forward_reply = undelivered_reply_prefix(ctx.settings.edge_id, session.socket_id, to)
         credits = frame_credits(action.payloads, ctx.settings.charge_per_payload)
+        if ctx.frames_paused is not None:  # the frame path is changing NATS connections
+            await ctx.frames_paused.wait()
         # With a reply subject, which nobody answers while the frame is delivered: NATS answers
         # it at once (503) when nobody subscribes for the addressee, and so does its edge if
         # it has no such socket (`Delivery.undelivered`). No request, no wait, a few bytes more.
-        reply = conn.forward_reply if credits == 1 else conn.forward_reply[:-1] + str(credits)
         if len(action.data) <= ctx.max_forward_bytes:
-            await ctx.nc.publish(conn.forward_subject, action.data, reply)
+            conn.sent += 1
+            await ctx.frame_nc.publish(conn.forward_subject, action.data, frame_reply(conn.forward_reply, credits, conn.sent))
         else:
-            await self._publish_in_parts(conn.forward_subject, action.data, reply)
+            await self._publish_in_parts(conn, action.data, credits)
         if at_once:
             ctx.counters.forwarded_at_once += 1
         else:
@@ -98,16 +100,20 @@ class Carrier:
         if ctx.metering_on:
             ctx.meter.charge_messages(session.user_id, credits)
 
-    async def _publish_in_parts(self, subject: str, data: bytes, reply: str) -> None:
-        """Publish a frame larger than NATS carries in consecutive parts, the reply subject
-        with the last (see `edge.protocol.parts`). Only a socket's handler forwards frames
-        this large, one at a time, so nothing of the same socket comes between its parts."""
+    async def _publish_in_parts(self, conn: Connection, data: bytes, credits: int) -> None:
+        """Publish a frame larger than NATS carries in consecutive parts, its credits with the
+        last (see `edge.protocol.parts`). Only a socket's handler forwards frames this large,
+        one at a time, so nothing of the same socket comes between its parts."""
         ctx = self.ctx
-        prefix = subject[: -len(KIND_FRAME)]
+        prefix = conn.forward_subject[: -len(KIND_FRAME)]
         parts = cut(data, ctx.max_forward_bytes)
         last = len(parts) - 1
         for index, part in enumerate(parts):
-            await ctx.nc.publish(prefix + part_kind(index, index == last), part, reply if index == last else "")
+            if ctx.frames_paused is not None:
+                await ctx.frames_paused.wait()
+            conn.sent += 1
+            reply = frame_reply(conn.forward_reply, credits if index == last else 0, conn.sent)
+            await ctx.frame_nc.publish(prefix + part_kind(index, index == last), part, reply)
         ctx.counters.forwarded_in_parts += 1
 
     def spawn_publish(self, publish: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
@@ -143,8 +149,10 @@ class Carrier:
             room_subject(session.room_id, role), to.edge_id, to.socket_id, session.socket_id, KIND_EVENT
         )
         for _ in range(s.event_attempts):
+            if self.ctx.frames_paused is not None:  # in order with the frames: see `forward`
+                await self.ctx.frames_paused.wait()
             try:
-                reply = await self.ctx.nc.request(subject, data, timeout=s.event_ack_timeout_ms / 1000)
+                reply = await self.ctx.frame_nc.request(subject, data, timeout=s.event_ack_timeout_ms / 1000)
             except nats.errors.NoRespondersError:
                 reply = None  # that edge is gone
             except nats.errors.TimeoutError:

@@ -77,8 +77,9 @@ class Connection:
     in_session_since: float | None = None  # monotonic s: session time counted up to here (Mac sockets)
     forward_to: str = ""  # the peer socket that `forward_subject` addresses
     forward_subject: str = ""
-    # Its frames' reply subject, for one credit (`undelivered_reply_prefix` + "1").
+    # Its frames' reply subjects but for credits and sequence number (`undelivered_reply_prefix`).
     forward_reply: str = ""
+    sent: int = 0  # sequence number of its last message on the frame path (`frame_reply`)
     # Held while writing what the session decided about its peer, and while writing a
     # frame from NATS, so that the client never sees a peer's frame before its peer_joined.
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -117,6 +118,7 @@ class FrameCounters:
     forwarded_in_parts: int = 0  # over NATS's max_payload: cut into parts (of those forwarded by handler)
     received_in_parts: int = 0  # put together from parts, for this edge's sockets
     parts_dropped: int = 0  # frames missing a part (lost, or their edge died): never delivered
+    nats_moves: int = 0  # moves off a NATS node in lame-duck mode without closing a socket
 
 
 class EdgeContext:
@@ -133,6 +135,11 @@ class EdgeContext:
         self.ready = asyncio.Event()
         self.accepted = False  # has been ready: has a graceful shutdown to run
         self.nc: NATS | None = None
+        # The connection the frame path publishes on: `nc`, but for a move off a NATS node in
+        # lame-duck mode (`edge.nats_move`), when it is the bridge; while it changes, frames
+        # wait for `frames_paused`, so that none overtakes what went out before it.
+        self.frame_nc: NATS | None = None
+        self.frames_paused: asyncio.Event | None = None
         self.rooms: RoomStore | None = None
         self.presence: Presence | None = None
         self.access: Access | None = None

@@ -20,10 +20,11 @@ from edge import internals
 from edge.carrier import NO_SUCH_SOCKET, Carrier
 from edge.context import Connection, EdgeContext, Ending
 from edge.protocol.actions import Undelivered
+from edge.protocol.moves import MAIN, TwoStreams
 from edge.protocol.parts import FrameParts
 from edge.protocol.plans import backlog_over_bounds
 from schemas.edge_events import KIND_EVENT, KIND_FRAME, edge_event_decoder
-from schemas.subjects import addressee_sender_and_kind, sender_addressee_and_credits
+from schemas.subjects import addressee_sender_and_kind, sender_addressee_and_credits, sequence_of
 
 log = logging.getLogger("edge")
 
@@ -39,10 +40,15 @@ class Delivery:
         self.carrier = carrier
         # Off: every frame goes through the socket's backlog and `ws.send`.
         self.write_at_once = ctx.shortcuts.write_at_once
+        # While the edge moves off a NATS node, messages come on two connections (`edge.nats_move`).
+        self.streams: TwoStreams | None = None
 
-    async def dispatch(self, msg: Msg) -> None:
-        """Everything NATS brings for this edge's sockets, in the order it comes."""
+    async def dispatch(self, msg: Msg, source: str = MAIN) -> None:
+        """Everything NATS brings for this edge's sockets, in the order it comes (on the main
+        connection, or on the bridge of a move: `edge.nats_move`)."""
         to, sender, kind = addressee_sender_and_kind(msg.subject)
+        if self.streams is not None and not self._takes(source, sender, kind, msg.reply):
+            return  # a copy, or from a stream still warming
         conn = self.ctx.connections.get(to)
         if kind == KIND_EVENT:
             if msg.reply:
@@ -60,7 +66,7 @@ class Delivery:
             return
         if conn is None:
             if msg.reply:  # the sender's edge takes back the charge and tells its client NO_PEER
-                await self.ctx.nc.publish(msg.reply, NO_SUCH_SOCKET)
+                await self.ctx.frame_nc.publish(msg.reply, NO_SUCH_SOCKET)
             return
         data = msg.data
         if kind != KIND_FRAME:
@@ -74,6 +80,12 @@ class Delivery:
                 internals.write_now(conn, data)
         else:
             self.enqueue(conn, data, sender, len(data))
+
+    def _takes(self, source: str, sender: str, kind: str, reply: str) -> bool:
+        streams = self.streams
+        if kind == KIND_EVENT:
+            return streams.takes_event(source)
+        return streams.takes_frame(source, sender, sequence_of(reply, sender) if reply else None)
 
     def _put_together(self, conn: Connection, sender: str, kind: str, data: bytes) -> bytes | None:
         """A part of a frame larger than NATS's max_payload: the whole frame once its last
@@ -149,7 +161,7 @@ class Delivery:
             except ConnectionClosed:
                 pass
 
-    async def undelivered(self, msg: Msg) -> None:
+    async def undelivered(self, msg: Msg, source: str = MAIN) -> None:
         """A frame one of our sockets forwarded reached nobody: NATS answered its reply subject
         "no responders" (nobody subscribes for the addressee: its edge crashed, or lost NATS),
         or the addressee's edge said it has no such socket. The frame's credits are taken back,
@@ -162,6 +174,10 @@ class Delivery:
         try:
             sender, to, credits = sender_addressee_and_credits(msg.subject)
         except ValueError:
+            return
+        if credits == 0:
+            return  # a part of a frame but its last: the last one's news is the frame's
+        if self.streams is not None and not self.streams.takes_undelivered(source, msg.subject):
             return
         conn = self.ctx.connections.get(sender)
         if conn is None:

@@ -53,7 +53,7 @@ class FastPath:
         (False), for the handler.
         """
         ctx = self.ctx
-        if len(data) > ctx.max_forward_bytes or ctx.tg is None or not ctx.nc.is_connected:
+        if len(data) > ctx.max_forward_bytes or ctx.tg is None or not ctx.frame_nc.is_connected:
             return False  # the handler's way says why (1009), or waits for NATS
         try:
             text = data.decode()  # as websockets would for the handler: text frames are UTF-8

@@ -185,6 +185,7 @@ class HttpFront:
             "relay_frames_forwarded_in_parts_total": counters.forwarded_in_parts,
             "relay_frames_received_in_parts_total": counters.received_in_parts,
             "relay_frames_dropped_incomplete_total": counters.parts_dropped,
+            "relay_nats_moves_total": counters.nats_moves,
             "relay_quota_checks_unanswered_total": link.quota_checks_unanswered if link else 0,
             "relay_usage_batches_published_total": link.usage_batches_published if link else 0,
             "relay_usage_publish_failures_total": link.usage_publish_failures if link else 0,

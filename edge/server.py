@@ -7,6 +7,7 @@ decisions are in `edge.protocol`; each part here carries out one job:
 - `edge.http_front`: what is answered before the upgrade (the checks of /ws, the HTTP API);
 - `edge.sockets`: a socket's life; `edge.carrier`: carrying out its session's actions;
 - `edge.delivery`, `edge.fastpath`: frames and events from NATS to sockets, and back;
+  `edge.nats_move`: moving them to another NATS node when theirs goes lame-duck;
   `edge.internals`: the library internals their shortcuts use, probed at import;
 - `edge.room_requests`: register and join against storage;
 - `edge.leases`, `edge.upkeep`, `edge.last_seen`, `edge.usage`, `edge.account_watch`:
@@ -37,7 +38,9 @@ from edge.http_front import HttpFront, ws_log
 from edge.last_seen import LastSeen
 from edge.leases import CannotServe, Leases
 from edge.metering_link import MeteringLink
+from edge.nats_move import NatsMove, where
 from edge.protocol.meter import UsageMeter
+from edge.protocol.parts import part_size
 from edge.protocol.plans import drain_order, spread_plan
 from edge.room_requests import RoomRequests
 from edge.settings import EdgeSettings
@@ -79,6 +82,7 @@ class Edge:
         self.leases = Leases(ctx, carrier)
         self.upkeep = Upkeep(ctx, carrier, self.room_requests, self.delivery)
         self.last_seen = LastSeen(ctx)
+        self.nats_move = NatsMove(ctx, self.delivery, self.last_seen, lambda nc: part_size(nc.max_payload))
         self.http = HttpFront(ctx)
 
     # What tests and tools read of a running edge.
@@ -149,7 +153,9 @@ class Edge:
                 self._nats_error,
                 disconnected_cb=self._nats_disconnected,
                 reconnected_cb=self._nats_reconnected,
+                lame_duck_mode_cb=self.nats_move.lame_duck,
             )
+            ctx.frame_nc = ctx.nc
             await until_storage_opens(self._open_storage, log)
             self._learn_max_payload()
             async with asyncio.TaskGroup() as tg:
@@ -160,6 +166,7 @@ class Edge:
             server.close()
             if metrics_server is not None:
                 metrics_server.close()
+            await self.nats_move.close_bridge()
             if ctx.nc is not None and not ctx.nc.is_closed:  # drain: flush what we published, then close
                 with contextlib.suppress(Exception):
                     await ctx.nc.drain()
@@ -208,10 +215,8 @@ class Edge:
         """Note the largest frame NATS carries in one message (checked per frame, so kept, not
         recomputed): at start and after each reconnect, since the server may be another one.
         Larger frames travel in parts (`edge.protocol.parts`)."""
-        nc = self.ctx.nc
-        # Some room below NATS's max_payload for the protocol line (a server configured with
-        # a tiny one still gets parts of half of it).
-        self.ctx.max_forward_bytes = max(nc.max_payload - 1024, nc.max_payload // 2, 1)
+        nc, bridge = self.ctx.nc, self.nats_move.bridge
+        self.ctx.max_forward_bytes = min(part_size(c.max_payload) for c in (nc, bridge) if c is not None)
         if self.ctx.max_forward_bytes < self.settings.max_frame_bytes:
             log.info(
                 "NATS max_payload is %d bytes: frames over %d bytes (up to RELAY_MAX_FRAME_BYTES, %d) travel in parts",
@@ -285,12 +290,20 @@ class Edge:
         log.error("NATS error (%s): %s", redact_urls(self.settings.nats_url), exc or type(exc).__name__)
 
     async def _nats_disconnected(self) -> None:
+        self.nats_move.main_disconnected()
         if not self.ctx.stopping.is_set():
             log.warning("disconnected from NATS; reconnecting")
 
     async def _nats_reconnected(self) -> None:
         ctx = self.ctx
         self._learn_max_payload()
+        if self.nats_move.main_reconnected():
+            # A bridge to another node carried every frame meanwhile (a move off a lame-duck
+            # node): the sessions have no gap. What the main connection holds may have changed.
+            log.info("reconnected to NATS on %s; the bridge carried the frames meanwhile", where(ctx.nc))
+            self.leases.restart_watch()
+            self.account_watch.restart()
+            return
         # Core NATS delivers at most once: frames to or from our sockets may have been
         # lost while we were away, and an encrypted session with a gap is broken. Close
         # every socket with 1001 so both sides reconnect at once and start a fresh session.

@@ -131,6 +131,15 @@ class EdgeSettings(NatsSettings):
         metadata={"help": "at shutdown, after the closes: how long to wait for departed sockets' slots to be released (the edge's lease is renewed meanwhile)"},
     )
 
+    # Moving off a NATS node in lame-duck mode (edge.nats_move).
+    nats_move_settle_ms: int = field(
+        default=250,
+        metadata={"min": 0, "help": "moving off a lame-duck NATS node: how long a new subscription is given to be known across the cluster once a probe has come back on it"},
+    )
+    nats_move_probe_attempts: int = field(
+        default=20, metadata={"min": 1, "help": "probes (100 ms apart) a new subscription is given to be known before the move goes on regardless"}
+    )
+
     # Pacing and bounds of the edge's own work, for operators who measure a reason to move them.
     request_budget_ms: int = field(default=8_000, metadata={"min": 1, "help": "everything before the 101 (authentication, room limit, API calls) answers within this, inside websockets' 10 s open timeout; storage slower than that gives 503"})
     jetstream_timeout_ms: int = field(default=2_000, metadata={"min": 1, "help": "how long one JetStream request may take; short, so that the retry budgets allow retries"})

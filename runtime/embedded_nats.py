@@ -56,6 +56,7 @@ class EmbeddedNatsServer:
         max_payload: int = 8 * 1024 * 1024,
         die_with_parent: bool = False,
         sync_always: bool = False,
+        extra_config: str = "",
     ) -> None:
         self._own_dir = store_dir is None
         self.store_dir = Path(store_dir or tempfile.mkdtemp(prefix="termrelay-nats-"))
@@ -67,6 +68,7 @@ class EmbeddedNatsServer:
         self.max_payload = max_payload
         self.die_with_parent = die_with_parent
         self.sync_always = sync_always  # fsync every write, as deploy/nats.conf does
+        self.extra_config = extra_config  # more lines for its config file
 
     def start(self, timeout: float = 10.0) -> "EmbeddedNatsServer":
         self.store_dir.mkdir(parents=True, exist_ok=True)
@@ -74,7 +76,7 @@ class EmbeddedNatsServer:
         # message, as deploy/nats.conf gives; tests of frames in parts ask for less.
         config = self.store_dir / "nats-server.conf"
         sync = "jetstream {\n  sync_interval: always\n}\n" if self.sync_always else ""
-        config.write_text(f"max_payload: {self.max_payload}\n{sync}")
+        config.write_text(f"max_payload: {self.max_payload}\n{sync}{self.extra_config}\n")
         cmd = [
             find_nats_server(),
             "--config", str(config),
@@ -107,6 +109,12 @@ class EmbeddedNatsServer:
         self.stop()
         raise TimeoutError(f"nats-server did not listen on {self.port} within {timeout}s")
 
+    def enter_lame_duck_mode(self) -> None:
+        """Signal the server into lame-duck mode (SIGUSR2): it stops taking connections and,
+        after its `lame_duck_grace_period`, closes its clients over `lame_duck_duration`."""
+        assert self.process is not None and self.process.poll() is None, "not running"
+        self.process.send_signal(signal.SIGUSR2)
+
     def kill(self) -> None:
         """End the server at once (SIGKILL), keeping its data: a crash."""
         if self.process is not None and self.process.poll() is None:
@@ -138,7 +146,7 @@ class EmbeddedNatsCluster:
     `urls` lists each node's client URL; `url` joins them for a client that may use any.
     """
 
-    def __init__(self, size: int = 3, sync_always: bool = False) -> None:
+    def __init__(self, size: int = 3, sync_always: bool = False, extra_config: str = "") -> None:
         self.root = Path(tempfile.mkdtemp(prefix="termrelay-cluster-"))
         cluster_ports = [free_port() for _ in range(size)]
         routes = ",".join(f"nats://127.0.0.1:{p}" for p in cluster_ports)
@@ -152,6 +160,7 @@ class EmbeddedNatsCluster:
                     "--routes", routes,
                 ],
                 sync_always=sync_always,
+                extra_config=extra_config,
             )
             for i in range(size)
         ]

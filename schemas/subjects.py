@@ -111,6 +111,14 @@ def edge_incarnation_subject(edge_id: str, boot_id: str) -> str:
     return f"relay.edge.{edge_id}.incarnation.{boot_id}"
 
 
+def edge_probe_subject(edge_id: str, connection: str) -> str:
+    """Where an edge moving off a NATS node checks that one of its connections' interest is
+    known (`edge.nats_move`): it publishes there through its other connection."""
+    if not is_valid_edge_id(edge_id) or not is_valid_edge_id(connection):
+        raise ValueError(f"invalid edge id or connection: {edge_id!r}, {connection!r}")
+    return f"relay.edge.{edge_id}.probe.{connection}"
+
+
 def edge_undelivered_filter(edge_id: str) -> str:
     """What an edge subscribes to for news of frames its sockets sent that reached nobody:
     the reply subjects of its frames (`undelivered_reply_prefix`)."""
@@ -120,18 +128,36 @@ def edge_undelivered_filter(edge_id: str) -> str:
 
 
 def undelivered_reply_prefix(edge_id: str, from_socket: str, to_socket: str) -> str:
-    """The reply subject of frames from `from_socket` to `to_socket`, but for its last token,
-    the credits the frame was charged: `<prefix><credits>`. NATS answers it with a 503 status
-    when nobody subscribes for the addressee (its edge is gone); the addressee's edge answers
-    `gone` when it has no such socket. Socket ids are the edge's own (see `addressed_subject`)."""
+    """The reply subject of messages from `from_socket` to `to_socket`, but for its last two
+    tokens (`frame_reply`): NATS answers it with a 503 status when nobody subscribes for
+    the addressee (its edge is gone); the addressee's edge answers `gone` when it has no
+    such socket. Socket ids are the edge's own (see `addressed_subject`)."""
     return f"relay.edge.{edge_id}.undelivered.{from_socket}.{to_socket}."
+
+
+def frame_reply(prefix: str, credits: int, seq: int) -> str:
+    """A frame's reply subject: `<prefix><credits>.<seq>`, the credits it was charged (0 for
+    a part of a frame but its last) and the sending socket's sequence number of the message,
+    by which an edge receiving its messages on two NATS connections at once drops the
+    copies (`edge.protocol.moves`)."""
+    return f"{prefix}{credits}.{seq}"
 
 
 def sender_addressee_and_credits(reply_subject: str) -> tuple[str, str, int]:
     """The sending socket, the addressee and the credits of an undelivered frame's reply
     subject (ValueError if it is not one)."""
-    _, sender, to, credits = reply_subject.rsplit(".", 3)
+    _, sender, to, credits, seq = reply_subject.rsplit(".", 4)
+    int(seq)
     return sender, to, int(credits)
+
+
+def sequence_of(reply_subject: str, sender: str) -> int | None:
+    """The sequence number in a frame's reply subject from socket `sender`; None when there is
+    none (a control event's reply is an inbox)."""
+    tokens = reply_subject.rsplit(".", 4)
+    if len(tokens) != 5 or tokens[1] != sender or not tokens[4].isdigit():
+        return None
+    return int(tokens[4])
 
 
 def room_key(room_id: str) -> str:

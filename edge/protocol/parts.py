@@ -20,6 +20,13 @@ from dataclasses import dataclass, field
 from schemas.edge_events import KIND_LAST_PART, KIND_PART
 
 
+def part_size(max_payload: int) -> int:
+    """The largest frame (or part of one) sent as one message to a server of `max_payload`:
+    some room below it for the protocol line, and half of it on a server configured with a
+    tiny one."""
+    return max(max_payload - 1024, max_payload // 2, 1)
+
+
 def cut(data: bytes, part_bytes: int) -> list[bytes]:
     """`data` in consecutive parts of at most `part_bytes` bytes (at least two of them for
     a frame over `part_bytes`)."""

@@ -12,7 +12,7 @@ from edge.protocol.rooms import Outcome
 from edge.protocol.session import Session
 from schemas.edge_events import PeerLeftEvent, ReplacedEvent
 from schemas.records import SlotHolder
-from schemas.subjects import sender_addressee_and_credits, undelivered_reply_prefix
+from schemas.subjects import frame_reply, sender_addressee_and_credits, sequence_of, undelivered_reply_prefix
 
 ROOM = "K7X2M9QD4A"
 PEER = SlotHolder(socket_id="i1", edge_id="e3", boot_id="b3", user_id="u1")
@@ -113,9 +113,15 @@ def test_a_refund_after_its_charge_was_closed_into_a_batch_comes_off_the_next_ch
     assert [e.message_tokens for e in meter.next_batch(3_000).entries] == [3]
 
 
-def test_the_reply_subject_of_a_frame_names_sender_addressee_and_credits():
+def test_the_reply_subject_of_a_frame_names_sender_addressee_credits_and_sequence():
     prefix = undelivered_reply_prefix("edge-1", "Sa_b-1", "Tc-d_2")
-    assert sender_addressee_and_credits(prefix + "1") == ("Sa_b-1", "Tc-d_2", 1)
-    assert sender_addressee_and_credits(prefix + "256") == ("Sa_b-1", "Tc-d_2", 256)
+    assert sender_addressee_and_credits(frame_reply(prefix, 1, 7)) == ("Sa_b-1", "Tc-d_2", 1)
+    assert sender_addressee_and_credits(frame_reply(prefix, 256, 8)) == ("Sa_b-1", "Tc-d_2", 256)
+    assert sequence_of(frame_reply(prefix, 256, 8), "Sa_b-1") == 8
+    assert sequence_of(frame_reply(prefix, 0, 12345678901), "Sa_b-1") == 12345678901
+    assert sequence_of(frame_reply(prefix, 1, 9), "another-socket") is None
+    assert sequence_of("_INBOX.abcdef.123", "Sa_b-1") is None  # a control event's
     with pytest.raises(ValueError):
-        sender_addressee_and_credits("relay.edge.edge-1.undelivered.x.y.z")
+        sender_addressee_and_credits("relay.edge.edge-1.undelivered.x.y.z.w")
+    with pytest.raises(ValueError):
+        sender_addressee_and_credits("relay.edge.edge-1.undelivered.x.y.1")
