@@ -31,6 +31,7 @@ from runtime import kv
 from runtime import clock
 from runtime.connection import STORAGE_ERRORS
 from runtime.kv import CompareAndSetLost, compare_and_set, get_present, open_bucket, present_values
+from runtime.metrics import timed_storage
 from schemas.records import (
     ApiKeyRecord,
     RefreshTokenRecord,
@@ -96,10 +97,12 @@ class AccountStore:
 
     # --- users ---------------------------------------------------------------------
 
+    @timed_storage("accounts.get_user")
     async def get_user(self, user_id: str) -> User | None:
         entry = await get_present(self._accounts, user_key(user_id))
         return None if entry is None else user_decoder.decode(entry.value)
 
+    @timed_storage("accounts.create_user")
     async def create_user(self, user: User) -> None:
         """Store a new account; raises UserExists if the id is taken (also by a deleted account)."""
         key = user_key(user.user_id)
@@ -108,6 +111,7 @@ class AccountStore:
         except nats.js.errors.KeyWrongLastSequenceError as exc:
             raise UserExists(user.user_id) from exc
 
+    @timed_storage("accounts.update_user")
     async def update_user(self, user_id: str, change: Callable[[User], User]) -> User:
         """Apply `change` to the account by compare-and-set; returns the stored result."""
         key = user_key(user_id)
@@ -129,6 +133,7 @@ class AccountStore:
 
     # --- API keys and refresh tokens -------------------------------------------------
 
+    @timed_storage("accounts.issue_key")
     async def issue_key(self, user_id: str, now_ms: int, key_ttl_s: float, refresh_ttl_s: float) -> tuple[str, str]:
         """A new API key and its refresh token for `user_id`. Returns both in plain text, once."""
         api_key, refresh = tokens.new_api_key(), tokens.new_refresh_token()
@@ -151,6 +156,7 @@ class AccountStore:
         await kv.write(self._js, ACCOUNTS_BUCKET, api_key_key(key_hash), msgspec.json.encode(key_record), ttl_s=key_ttl_s)
         return api_key, refresh
 
+    @timed_storage("accounts.find_key")
     async def find_key(self, api_key: str, now_ms: int, key_ttl_s: float) -> ApiKeyRecord | None:
         """The record of a live API key (its expiry slid forward if due), or None."""
         if not tokens.is_api_key(api_key):
@@ -181,6 +187,7 @@ class AccountStore:
             return False
         return await self.revoke_key_hash(tokens.token_hash(api_key))
 
+    @timed_storage("accounts.revoke_key")
     async def revoke_key_hash(self, key_hash: str) -> bool:
         entry = await get_present(self._accounts, api_key_key(key_hash))
         if entry is None:
@@ -191,6 +198,7 @@ class AccountStore:
             await kv.remove(self._js, ACCOUNTS_BUCKET, refresh_token_key(record.refresh_hash))
         return True
 
+    @timed_storage("accounts.find_refresh")
     async def find_refresh(self, refresh_token: str, now_ms: int) -> RefreshTokenRecord | None:
         """The record of a refresh token that may still be used (see `rotate`), or None."""
         if not tokens.is_refresh_token(refresh_token):
@@ -204,6 +212,7 @@ class AccountStore:
             return None
         return record
 
+    @timed_storage("accounts.rotate")
     async def rotate(
         self, refresh_token: str, now_ms: int, key_ttl_s: float, refresh_ttl_s: float, grace_s: float
     ) -> tuple[str, str, str] | None:
@@ -255,6 +264,7 @@ class AccountStore:
 
     # --- room registrations ------------------------------------------------------------
 
+    @timed_storage("accounts.put_registration")
     async def put_registration(self, user_id: str, room_id: str, now_ms: int, ttl_s: float, created_at: int | None = None) -> None:
         """Register (or refresh) a user's room for `ttl_s` seconds."""
         record = Registration(
@@ -266,6 +276,7 @@ class AccountStore:
         )
         await kv.write(self._js, REGISTRATIONS_BUCKET, registration_key(user_id, room_id), msgspec.json.encode(record), ttl_s=ttl_s)
 
+    @timed_storage("accounts.get_registration")
     async def get_registration(self, user_id: str, room_id: str) -> Registration | None:
         entry = await get_present(self._registrations, registration_key(user_id, room_id))
         if entry is None:
@@ -273,11 +284,13 @@ class AccountStore:
         registration = registration_decoder.decode(entry.value)
         return registration if _lives(registration) else None
 
+    @timed_storage("accounts.delete_registration")
     async def delete_registration(self, user_id: str, room_id: str) -> None:
         """Remove the registration and free the room's claim on the room limit."""
         await kv.remove(self._js, REGISTRATIONS_BUCKET, registration_key(user_id, room_id))
         await self.release_room(user_id, room_id)
 
+    @timed_storage("accounts.registrations")
     async def registrations(self, user_id: str) -> list[Registration]:
         """A user's live registrations, ordered by room id."""
         values = await present_values(self._registrations, registrations_filter(user_id))
@@ -317,6 +330,7 @@ class AccountStore:
             return None, marker.revision if marker is not None and marker.revision else 0
         return (entry, entry.revision) if kv.present(entry) else (None, entry.revision or 0)
 
+    @timed_storage("accounts.claim_room")
     async def claim_room(self, user_id: str, room_id: str, ttl_s: float, max_rooms: int, force: bool = False) -> str:
         """Claim `room_id` for the user until ROOM_REG_TTL (`ttl_s`) from now, by
         compare-and-set. Returns `claims.NEW` (claimed now), `claims.HELD` (claimed already:
@@ -340,6 +354,7 @@ class AccountStore:
         change: claims are not written for a tier without a room limit)."""
         await kv.remove(self._js, REGISTRATIONS_BUCKET, room_claims_key(user_id))
 
+    @timed_storage("accounts.release_room")
     async def release_room(self, user_id: str, room_id: str) -> None:
         """Free the room's claim (a deleted room, a refused register)."""
         key = room_claims_key(user_id)

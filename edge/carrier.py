@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -17,6 +18,7 @@ import nats.errors
 from websockets.exceptions import ConnectionClosed
 
 from edge.context import Connection, EdgeContext, Ending
+from edge.metrics import FRAME_SAMPLE_MASK
 from edge.protocol.actions import Action, Close, Forward, Notify, RoomRequest, Send
 from edge.protocol.charging import frame_credits
 from edge.protocol.parts import cut, part_kind
@@ -93,10 +95,14 @@ class Carrier:
             await ctx.frame_nc.publish(conn.forward_subject, action.data, frame_reply(conn.forward_reply, credits, conn.sent))
         else:
             await self._publish_in_parts(conn, action.data, credits)
+        counters = ctx.counters
         if at_once:
-            ctx.counters.forwarded_at_once += 1
+            counters.forwarded_at_once += 1
         else:
-            ctx.counters.forwarded_by_handler += 1
+            counters.forwarded_by_handler += 1
+        counters.bytes_forwarded += len(action.data)
+        if not (counters.forwarded_at_once + counters.forwarded_by_handler) & FRAME_SAMPLE_MASK:
+            ctx.metrics.frame_publish_seconds.observe(time.monotonic() - conn.received_at)
         if ctx.metering_on:
             ctx.meter.charge_messages(session.user_id, credits)
 

@@ -23,6 +23,7 @@ from edge.access import Access, Principal
 from edge.api import HttpApi
 from edge.front import HttpConnection
 from edge.metering_link import MeteringLink
+from edge.metrics import EdgeMetrics
 from edge.protocol.meter import UsageMeter
 from edge.protocol.parts import FrameParts
 from edge.protocol.session import Session
@@ -71,6 +72,7 @@ class Connection:
     # upgrade; re-validating it per forwarded frame would be work on the hot path).
     subjects: dict[str, str] = field(default_factory=dict)
     last_message_ms: int = 0  # wall clock of the last inbound frame, for lastSeen
+    received_at: float = 0.0  # monotonic s of the message being handled (the frame-path timings)
     last_seen_written_ms: int = 0
     ending: Ending = Ending.OPEN
     registered_at: int | None = None  # epoch ms of this Mac socket's first room registration
@@ -85,8 +87,9 @@ class Connection:
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # What arrived from NATS for this socket and could not be written at once (the socket
     # is slow, or news about the peer is being written), in arrival order: a frame's bytes
-    # or a control event, each with its sender. Written by `drainer`; bounded.
-    backlog: deque[tuple[bytes | Any, str]] = field(default_factory=deque)
+    # or a control event, each with its sender (and when a timed frame arrived: 0.0, not
+    # timed). Written by `drainer`; bounded.
+    backlog: deque[tuple[bytes | Any, str, float]] = field(default_factory=deque)
     backlog_bytes: int = 0
     drainer: asyncio.Task[None] | None = None
     # The frame being received in parts for this socket (`edge.protocol.parts`), made at its
@@ -114,6 +117,7 @@ class FrameCounters:
     forwarded_at_once: int = 0  # taken as they arrived (`edge.fastpath`)
     heartbeats_answered_at_once: int = 0
     forwarded_by_handler: int = 0
+    bytes_forwarded: int = 0
     undelivered: int = 0  # NATS or the addressee's edge said nobody got them; not charged
     forwarded_in_parts: int = 0  # over NATS's max_payload: cut into parts (of those forwarded by handler)
     received_in_parts: int = 0  # put together from parts, for this edge's sockets
@@ -149,6 +153,7 @@ class EdgeContext:
         self.metering_on = settings.metering  # off: nothing is counted (nothing would take it)
         self.max_forward_bytes = 0  # see `Edge.learn_max_payload`
         self.counters = FrameCounters()
+        self.metrics = EdgeMetrics(self)
         # This edge's own: edges in one process may differ (RELAY_LIBRARY_SHORTCUTS).
         self.shortcuts = internals.shortcuts_for(settings.library_shortcuts)
         self.tg: asyncio.TaskGroup | None = None

@@ -19,6 +19,7 @@ from websockets.exceptions import ConnectionClosed
 from edge import internals
 from edge.carrier import NO_SUCH_SOCKET, Carrier
 from edge.context import Connection, EdgeContext, Ending
+from edge.metrics import FRAME_SAMPLE_MASK
 from edge.protocol.actions import Undelivered
 from edge.protocol.moves import MAIN, TwoStreams
 from edge.protocol.parts import FrameParts
@@ -42,6 +43,7 @@ class Delivery:
         self.write_at_once = ctx.shortcuts.write_at_once
         # While the edge moves off a NATS node, messages come on two connections (`edge.nats_move`).
         self.streams: TwoStreams | None = None
+        self._frames = 0  # frames delivered, for sampling their timings
 
     async def dispatch(self, msg: Msg, source: str = MAIN) -> None:
         """Everything NATS brings for this edge's sockets, in the order it comes (on the main
@@ -75,11 +77,15 @@ class Delivery:
                 return
         elif conn.parts is not None and conn.parts.under_way:
             self._dropped(conn, conn.parts.interrupt(sender))
+        self._frames += 1
+        started = time.monotonic() if not self._frames & FRAME_SAMPLE_MASK else 0.0  # timed: one in FRAME_SAMPLE
         if self.write_at_once and internals.can_write_now(conn, len(data)):
             if conn.session.accepts_frame_from(sender):
                 internals.write_now(conn, data)
+                if started:
+                    self.ctx.metrics.frame_write_seconds.observe(time.monotonic() - started)
         else:
-            self.enqueue(conn, data, sender, len(data))
+            self.enqueue(conn, data, sender, len(data), started)
 
     def _takes(self, source: str, sender: str, kind: str, reply: str) -> bool:
         streams = self.streams
@@ -109,11 +115,12 @@ class Delivery:
         if conn.parts is not None:
             self._dropped(conn, conn.parts.expired(now, self.ctx.settings.frame_parts_timeout_ms / 1000))
 
-    def enqueue(self, conn: Connection, item: bytes | Any, sender: str, size: int) -> None:
-        """Queue `item` for the socket's drainer; a socket that cannot keep up is closed 1013."""
+    def enqueue(self, conn: Connection, item: bytes | Any, sender: str, size: int, started: float = 0.0) -> None:
+        """Queue `item` for the socket's drainer; a socket that cannot keep up is closed 1013.
+        `started`: when a timed frame arrived (0: not timed)."""
         if not conn.takes_frames:
             return
-        conn.backlog.append((item, sender))
+        conn.backlog.append((item, sender, started))
         conn.backlog_bytes += size
         s = self.ctx.settings
         # What waits for the socket in all: its backlog and its transport's write buffer.
@@ -136,7 +143,7 @@ class Delivery:
         session = conn.session
         try:
             while conn.backlog:
-                item, sender = conn.backlog.popleft()
+                item, sender, started = conn.backlog.popleft()
                 if type(item) is bytes:
                     conn.backlog_bytes -= len(item)
                     if conn.write_lock.locked():
@@ -144,6 +151,8 @@ class Delivery:
                             await self._write_frame(conn, item, sender)
                     else:
                         await self._write_frame(conn, item, sender)
+                    if started:
+                        self.ctx.metrics.frame_write_seconds.observe(time.monotonic() - started)
                 else:
                     async with conn.write_lock:
                         await self.carrier.carry_out(conn, session.receive_event(item, sender))

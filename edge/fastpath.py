@@ -60,7 +60,8 @@ class FastPath:
         except UnicodeDecodeError:
             return False  # the handler's `recv` fails the connection with 1007
         try:
-            taken = conn.session.take_now(text, time.monotonic(), can_answer_now)
+            conn.received_at = now = time.monotonic()
+            taken = conn.session.take_now(text, now, can_answer_now)
             if taken is None:
                 return False
             conn.last_message_ms = now_ms()

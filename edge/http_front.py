@@ -21,6 +21,7 @@ from edge.api import BAD_ROOM_ID, ApiRequest, HttpReply
 from edge.context import EdgeContext, WsTarget
 from edge.leases import CannotServe
 from edge.protocol.limits import TokenBucket
+from runtime.metrics import exposition
 from schemas.subjects import ROLES, is_valid_room_id
 
 log = logging.getLogger("edge")
@@ -46,6 +47,14 @@ ws_log = logging.getLogger("edge.websockets")
 ws_log.addFilter(_RedactCredentials())
 
 
+def normalised_path(target: str) -> str:
+    """The path of a request target, without its query and with empty segments dropped.
+
+    Not urlsplit: it would read "//ws" as a host name. The Mac builds "\\(serverURL)/ws",
+    so a base URL with a trailing slash gives "//ws"."""
+    return "/" + "/".join(part for part in target.partition("?")[0].split("/") if part)
+
+
 def reply(answer: HttpReply) -> Response:
     """The handshake's HTTP response for `answer`; the connection closes after it."""
     headers = Headers(
@@ -68,21 +77,22 @@ class HttpFront:
     async def process_request(self, ws: ServerConnection, request: Request) -> Response | None:
         try:
             async with asyncio.timeout(self.ctx.settings.request_budget_ms / 1000):
-                return await self._answer(ws, request)
+                response = await self._answer(ws, request)
         except TimeoutError:
             log.warning("%s: storage too slow; answered 503", request.path.partition("?")[0])
-            return reply(HttpReply.text(503, "storage unavailable; try again"))
+            response = reply(HttpReply.text(503, "storage unavailable; try again"))
         except Exception as exc:
             log.error("%s failed: %s", request.path.partition("?")[0], type(exc).__name__)
-            return reply(HttpReply.text(500, "internal error"))
+            response = reply(HttpReply.text(500, "internal error"))
+        if normalised_path(request.path) == "/ws":
+            self.ctx.metrics.upgrades.labels(status="101" if response is None else str(response.status_code)).inc()
+        return response
 
     async def _answer(self, ws: ServerConnection, request: Request) -> Response | None:
         ctx = self.ctx
-        # Not urlsplit: it would read "//ws" as a host name. The Mac builds
-        # "\(serverURL)/ws", so a base URL with a trailing slash gives "//ws".
-        raw_path, _, raw_query = request.path.partition("?")
+        raw_query = request.path.partition("?")[2]
         query = {name: values[0] for name, values in parse_qs(raw_query).items()}
-        path = "/" + "/".join(part for part in raw_path.split("/") if part)
+        path = normalised_path(request.path)
         method = getattr(ws, "http_method", "GET")
         if path == "/ws":
             if method != "GET":
@@ -169,29 +179,9 @@ class HttpFront:
 
     async def _answer_metrics(self, ws: ServerConnection, request: Request) -> Response:
         if request.path.partition("?")[0] == "/metrics":
-            return reply(HttpReply.text(200, self.metrics()))
+            body, content_type = exposition(self.ctx.metrics.registry, request.headers.get("Accept"))
+            return reply(HttpReply(200, body, content_type))
         return reply(HttpReply.text(404, "not found: this port serves /metrics only"))
-
-    def metrics(self) -> str:
-        """A few counters in Prometheus' text format, for the operator's scraper."""
-        ctx = self.ctx
-        link, counters = ctx.metering, ctx.counters
-        values = {
-            "relay_connections": len(ctx.connections),
-            "relay_frames_forwarded_total": counters.forwarded_at_once + counters.forwarded_by_handler,
-            "relay_frames_forwarded_at_once_total": counters.forwarded_at_once,
-            "relay_heartbeats_answered_at_once_total": counters.heartbeats_answered_at_once,
-            "relay_frames_undelivered_total": counters.undelivered,
-            "relay_frames_forwarded_in_parts_total": counters.forwarded_in_parts,
-            "relay_frames_received_in_parts_total": counters.received_in_parts,
-            "relay_frames_dropped_incomplete_total": counters.parts_dropped,
-            "relay_nats_moves_total": counters.nats_moves,
-            "relay_quota_checks_unanswered_total": link.quota_checks_unanswered if link else 0,
-            "relay_usage_batches_published_total": link.usage_batches_published if link else 0,
-            "relay_usage_publish_failures_total": link.usage_publish_failures if link else 0,
-            "relay_usage_unpublished_credits": ctx.meter.unpublished_credits(),
-        }
-        return "".join(f"{name} {value}\n" for name, value in values.items())
 
 
 async def _never_upgraded(ws: ServerConnection) -> None:

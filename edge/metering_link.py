@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import msgspec
@@ -13,10 +14,12 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from prometheus_client import Histogram
 
 from metering.stream import open_usage_stream
 from runtime.backoff import Backoff
 from runtime.connection import STORAGE_ERRORS
+from runtime.metrics import timed_storage
 from schemas.client import QuotaExceeded
 from schemas.metering import QuotaCheck, UsageBatch, quota_answer_decoder
 from schemas.subjects import QUOTA_CHECK_SUBJECT, usage_events_subject
@@ -29,7 +32,10 @@ _PUBLISH_TIMEOUT_S = 2.0
 class MeteringLink:
     """Quota checks and usage publishing for one edge. Counts what went wrong, for /metrics."""
 
-    def __init__(self, nc: NATS, js: JetStreamContext, edge_id: str, quota_check_timeout_s: float, replicas: int) -> None:
+    def __init__(
+        self, nc: NATS, js: JetStreamContext, edge_id: str, quota_check_timeout_s: float, replicas: int, quota_check_seconds: Histogram
+    ) -> None:
+        self._quota_check_seconds = quota_check_seconds  # /metrics
         self._nc = nc
         self._js = js
         self._replicas = replicas
@@ -46,10 +52,14 @@ class MeteringLink:
         A metering outage must not take the relay down: no answer in time lets the
         connection in (logged once per outage, counted every time).
         """
+        started = time.perf_counter()
         try:
-            reply = await self._nc.request(
-                QUOTA_CHECK_SUBJECT, msgspec.json.encode(QuotaCheck(user_id=user_id)), timeout=self._check_timeout_s
-            )
+            try:
+                reply = await self._nc.request(
+                    QUOTA_CHECK_SUBJECT, msgspec.json.encode(QuotaCheck(user_id=user_id)), timeout=self._check_timeout_s
+                )
+            finally:
+                self._quota_check_seconds.observe(time.perf_counter() - started)
             answer = quota_answer_decoder.decode(reply.data)
         except (TimeoutError, nats.errors.Error, msgspec.DecodeError) as exc:
             self.quota_checks_unanswered += 1
@@ -65,6 +75,7 @@ class MeteringLink:
             log.info("metering answers quota checks again")
         return None if answer.allowed else answer.exceeded
 
+    @timed_storage("usage.publish")
     async def publish(self, batch: UsageBatch) -> None:
         """One attempt to store `batch` in the usage stream; raises if it is not acknowledged."""
         await self._js.publish(

@@ -74,6 +74,7 @@ class NatsMove:
     async def lame_duck(self) -> None:
         """The main connection's node entered lame-duck mode."""
         ctx = self.ctx
+        ctx.metrics.nats_events.labels(event="lame_duck").inc()
         if self._task is not None or ctx.tg is None or ctx.stopping.is_set():
             return
         log.warning("NATS node %s entered lame-duck mode; moving this edge's frames to another node", where(ctx.nc))

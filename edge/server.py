@@ -240,7 +240,7 @@ class Edge:
             await ctx.access.ensure_local_user()
         if s.metering:
             await open_usage_stream(js, s.kv_replicas)
-            ctx.metering = MeteringLink(ctx.nc, js, s.edge_id, s.quota_check_timeout_ms / 1000, s.kv_replicas)
+            ctx.metering = MeteringLink(ctx.nc, js, s.edge_id, s.quota_check_timeout_ms / 1000, s.kv_replicas, ctx.metrics.quota_check_seconds)
         await self.leases.take()
 
     async def _shutdown(self, server: Server) -> None:
@@ -283,19 +283,24 @@ class Edge:
     # --- NATS callbacks ----------------------------------------------------------
 
     async def _nats_error(self, exc: Exception) -> None:
+        events = self.ctx.metrics.nats_events
         if isinstance(exc, nats.errors.SlowConsumerError):
+            events.labels(event="slow_consumer").inc()
             # Only an edge that has run out of CPU for a long while: messages were dropped.
             log.error("NATS dropped messages for this edge's sockets: the edge cannot keep up (%s)", exc.subject)
             return
+        events.labels(event="error").inc()
         log.error("NATS error (%s): %s", redact_urls(self.settings.nats_url), exc or type(exc).__name__)
 
     async def _nats_disconnected(self) -> None:
+        self.ctx.metrics.nats_events.labels(event="disconnected").inc()
         self.nats_move.main_disconnected()
         if not self.ctx.stopping.is_set():
             log.warning("disconnected from NATS; reconnecting")
 
     async def _nats_reconnected(self) -> None:
         ctx = self.ctx
+        ctx.metrics.nats_events.labels(event="reconnected").inc()
         self._learn_max_payload()
         if self.nats_move.main_reconnected():
             # A bridge to another node carried every frame meanwhile (a move off a lame-duck

@@ -20,6 +20,7 @@ from websockets.exceptions import ConnectionClosed
 from edge.carrier import Carrier
 from edge.context import Connection, EdgeContext, Ending, WsTarget
 from edge.fastpath import FastPath
+from edge.metrics import close_code_label
 from edge.protocol import rooms
 from edge.protocol.session import Session, other_role
 from edge.store import StorageConflict
@@ -84,7 +85,8 @@ class Sockets:
                 conn.last_message_ms = now_ms()  # any message is a sign of life (§4.7)
                 if conn.closing:
                     continue  # sent after the edge began to close this socket: not acted on
-                await self.carrier.carry_out(conn, session.receive(frame, time.monotonic()))
+                conn.received_at = now = time.monotonic()
+                await self.carrier.carry_out(conn, session.receive(frame, now))
         except ConnectionClosed:
             pass
         except Exception:
@@ -98,6 +100,7 @@ class Sockets:
         """The socket is gone: free its slot if it still held one, tell the peer."""
         session = conn.session
         self.ctx.connections.pop(session.socket_id, None)
+        self.ctx.metrics.closes.labels(code=close_code_label(ending_code(conn.ws))).inc()
         self.usage.count_session_time(conn, time.monotonic(), ending=True)
         conn.clear_backlog()  # nobody to write it to
         if not session.releases_slot_on_leave:
@@ -165,3 +168,15 @@ class Sockets:
         conn.clear_backlog()
         conn.session.dropped_unread()
         ws.transport.abort()
+
+
+def ending_code(ws: ServerConnection) -> int:
+    """The close code that ended a socket: the edge's if it closed first, else the client's;
+    1006 when no close frame went either way (dropped)."""
+    protocol = ws.protocol
+    sent, received = protocol.close_sent, protocol.close_rcvd
+    if sent is not None and (received is None or not protocol.close_rcvd_then_sent):
+        return sent.code
+    if received is not None:
+        return received.code
+    return 1006

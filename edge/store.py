@@ -25,6 +25,7 @@ from nats.js.kv import KeyValue
 
 from runtime import kv
 from runtime.kv import NOT_FOUND, ValuesWatch, get_present, open_bucket, present
+from runtime.metrics import timed_storage
 from schemas.records import (
     EdgeLease,
     RoomRecord,
@@ -68,6 +69,7 @@ class RoomStore:
         self._kv = kv
         self._js = js
 
+    @timed_storage("rooms.get")
     async def get(self, room_id: str) -> tuple[RoomRecord | None, int]:
         """The room's record and its revision (0 when the room does not exist)."""
         try:
@@ -80,10 +82,12 @@ class RoomStore:
             return None, entry.revision
         return room_record_decoder.decode(entry.value), entry.revision
 
+    @timed_storage("rooms.write")
     async def write(self, room_id: str, record: RoomRecord, revision: int) -> int:
         """Write `record` if the room is still at `revision`; raises KeyWrongLastSequenceError if not."""
         return await kv.write(self._js, ROOMS_BUCKET, room_key(room_id), msgspec.json.encode(record), last=revision)
 
+    @timed_storage("rooms.delete")
     async def delete(self, room_id: str, revision: int) -> None:
         """Delete the room's record if it is still at `revision` (KeyWrongLastSequenceError if not).
 
@@ -91,6 +95,7 @@ class RoomStore:
         """
         await kv.remove(self._js, ROOMS_BUCKET, room_key(room_id), last=revision)
 
+    @timed_storage("rooms.transact")
     async def transact(
         self,
         room_id: str,
@@ -124,10 +129,12 @@ class Presence:
         self._kv = kv
         self._nc = nc
 
+    @timed_storage("presence.put_lease")
     async def put_lease(self, lease: EdgeLease, ttl_s: float) -> int:
         """Write an edge's lease unconditionally (startup). Returns its revision."""
         return await kv.put_with_ttl(self._js, PRESENCE_BUCKET, edge_lease_key(lease.edge_id), msgspec.json.encode(lease), ttl_s)
 
+    @timed_storage("presence.renew_lease")
     async def renew_lease(self, lease: EdgeLease, ttl_s: float, revision: int) -> int:
         """Renew a lease still at `revision`, keeping its TTL (update() would drop it).
 
@@ -137,6 +144,7 @@ class Presence:
             self._js, PRESENCE_BUCKET, edge_lease_key(lease.edge_id), msgspec.json.encode(lease), ttl_s, last=revision
         )
 
+    @timed_storage("presence.read_lease")
     async def read_lease(self, edge_id: str) -> tuple[EdgeLease | None, int]:
         """An edge id's lease (None if none lives) and the key's revision, for a
         compare-and-set (0: nothing there, ever or any more)."""
@@ -147,6 +155,7 @@ class Presence:
             return None, entry.revision if entry is not None else 0
         return self.decode_lease(entry), entry.revision
 
+    @timed_storage("presence.drop_lease")
     async def drop_lease(self, edge_id: str, boot_id: str) -> None:
         """Delete the edge's lease if it is still incarnation `boot_id`'s: another one may
         hold the id by now, and its lease is not ours to drop."""
@@ -168,6 +177,7 @@ class Presence:
             log.warning("undecodable lease under %s", entry.key)
             return None
 
+    @timed_storage("presence.put_last_seen")
     async def put_last_seen(self, room_id: str, role: str, at_ms: int, ttl_s: float) -> None:
         """Record when a room's `role` socket last sent anything. Expires with the room's idleness."""
         await kv.put_with_ttl(self._js, PRESENCE_BUCKET, last_seen_key(room_id, role), str(at_ms).encode(), ttl_s)
@@ -184,6 +194,7 @@ class Presence:
         mac, ios = await asyncio.gather(self.get_last_seen(room_id, "mac"), self.get_last_seen(room_id, "ios"))
         return mac, ios
 
+    @timed_storage("presence.get_last_seen")
     async def get_last_seen(self, room_id: str, role: str) -> int | None:
         entry = await get_present(self._kv, last_seen_key(room_id, role))
         if entry is None:

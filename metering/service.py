@@ -30,6 +30,7 @@ from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
 from metering.ledger import apply_usage, quota_answer
+from metering.metrics import MeteringMetrics
 from metering.stream import metering_consumer_config, open_usage_stream
 from metering.usage import open_usage_bucket
 from runtime import kv
@@ -37,6 +38,8 @@ from runtime.backoff import Backoff, until_storage_opens
 from runtime.clock import now_ms
 from runtime.connection import STORAGE_ERRORS, connect_for_service
 from runtime.kv import get_present, open_bucket
+from runtime.metrics import serve_metrics, timed_storage
+from runtime.service import StartError, keep_running
 from runtime.settings import NatsSettings, redact_urls
 from schemas.metering import (
     OverLimit,
@@ -69,6 +72,8 @@ _LEDGERS_CACHED = 20_000
 # Accounts read while applying batches are reused this long: a tier, override or bonus
 # change reaches the announcements within it (quota checks at connect always read afresh).
 _USERS_CACHED_S = 5.0
+# How often the usage stream's lag is read for /metrics.
+_LAG_POLL_S = 5.0
 
 
 class _StorageTrouble(Exception):
@@ -84,6 +89,8 @@ class MeteringSettings(NatsSettings):
         metadata={"help": "a batch held this long by a metering process that died goes to another (the pause after a crash)"},
     )
     apply_concurrency: int = field(default=64, metadata={"help": "ledgers written at once while applying a batch"})
+    metrics_host: str = field(default="127.0.0.1", metadata={"help": "address for GET /metrics (Prometheus' text format); 0.0.0.0 to let a scraper on another host in"})
+    metrics_port: int = field(default=-1, metadata={"min": -1, "help": "port for GET /metrics on metrics_host; -1: not served; 0: a free one"})
     uvloop: bool = field(default=True, metadata={"help": "run on uvloop when it is installed"})
 
     def __post_init__(self) -> None:
@@ -102,6 +109,8 @@ class Metering:
         self.tiers = load_tiers(settings.tiers_file)
         self.ready = asyncio.Event()
         self.batches_applied = 0
+        self.metrics = MeteringMetrics()
+        self.metrics_port: int | None = None  # where /metrics is served, once it is
         self._stopping = asyncio.Event()
         self._nc: NATS | None = None
         self._usage: KeyValue | None = None
@@ -124,7 +133,18 @@ class Metering:
     async def run(self) -> None:
         s = self.settings
         log.info("metering connecting to NATS at %s", redact_urls(s.nats_url))
-        self._nc = await connect_for_service(s.nats_url, "relay-metering", self._nats_error)
+        metrics_server = await self._serve_metrics()
+        events = self.metrics.nats_events
+
+        async def disconnected() -> None:
+            events.labels(event="disconnected").inc()
+
+        async def reconnected() -> None:
+            events.labels(event="reconnected").inc()
+
+        self._nc = await connect_for_service(
+            s.nats_url, "relay-metering", self._nats_error, disconnected_cb=disconnected, reconnected_cb=reconnected
+        )
         try:
             js = self._nc.jetstream(timeout=_JETSTREAM_TIMEOUT_S)
             await self._open_storage(js)
@@ -133,10 +153,12 @@ class Metering:
                 checks = await self._nc.subscribe(QUOTA_CHECK_SUBJECT, queue=METERING_QUEUE, cb=self._on_quota_check)
                 consumer = await js.pull_subscribe_bind(METERING_CONSUMER, stream=USAGE_STREAM)
                 consuming = tg.create_task(self._consume(js, consumer))
+                watching_lag = tg.create_task(keep_running("usage lag", lambda: self._watch_lag(js), self._stopping))
                 self.ready.set()
                 log.info("metering ready")
                 await self._stopping.wait()
                 self.ready.clear()
+                watching_lag.cancel()
                 await checks.unsubscribe()
                 if not self._batch_in_hand:
                     consuming.cancel()  # waiting for a batch: nothing to finish
@@ -144,10 +166,38 @@ class Metering:
                     await consuming  # else it ends after the batch in hand
         finally:
             self._tg = None
+            if metrics_server is not None:
+                metrics_server.close()
             with contextlib.suppress(Exception):
                 await self._nc.flush(timeout=2)  # the last acknowledgement
             await self._nc.close()
             log.info("metering stopped")
+
+    async def _serve_metrics(self) -> asyncio.Server | None:
+        s = self.settings
+        if s.metrics_port < 0:
+            return None
+        try:
+            server = await serve_metrics(self.metrics.registry, s.metrics_host, s.metrics_port)
+        except OSError as exc:
+            raise StartError(
+                f"cannot serve /metrics on {s.metrics_host}:{s.metrics_port} ({exc.strerror or exc}); "
+                "choose another --metrics-port / RELAY_METRICS_PORT (-1: not served) or --metrics-host"
+            ) from exc
+        self.metrics_port = server.sockets[0].getsockname()[1]
+        log.info("metering serves /metrics on %s:%d", s.metrics_host, self.metrics_port)
+        return server
+
+    async def _watch_lag(self, js: nats.js.JetStreamContext) -> None:
+        """Keep `relay_metering_usage_pending` current: batches in the stream not yet applied."""
+        while not self._stopping.is_set():
+            try:
+                info = await js.consumer_info(USAGE_STREAM, METERING_CONSUMER)
+                self.metrics.usage_pending.set(info.num_pending + info.num_ack_pending)
+            except STORAGE_ERRORS:
+                pass  # the gauge keeps its last value; the storage errors are counted elsewhere
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), _LAG_POLL_S)
 
     async def _open_storage(self, js: nats.js.JetStreamContext) -> None:
         """Open the stream, the consumer and the buckets, waiting out a JetStream not ready yet."""
@@ -207,9 +257,11 @@ class Metering:
             batch = usage_batch_decoder.decode(msg.data)
         except msgspec.DecodeError as exc:  # ValidationError included
             log.error("usage batch %d cannot be read (%s); dropped", seq, exc)
+            self.metrics.batches_dropped.inc()
             await msg.term()
             return
         progress = asyncio.create_task(self._keep_in_progress(msg))
+        started = time.perf_counter()
         try:
             backoff = Backoff(0.2, 5.0)
             while True:
@@ -223,16 +275,20 @@ class Metering:
                     await asyncio.sleep(backoff.next())
                 except Exception:
                     log.exception("usage batch %d from %s cannot be applied; dropped", seq, batch.msg_id)
+                    self.metrics.batches_dropped.inc()
                     await msg.term()
                     return
         finally:
             progress.cancel()
+        self.metrics.batch_apply_seconds.observe(time.perf_counter() - started)
         for user_id, answer in answers.items():
             if not answer.allowed and answer.exceeded is not None:
                 await self._nc.publish(OVER_LIMIT_SUBJECT, msgspec.json.encode(OverLimit(user_id=user_id, exceeded=answer.exceeded)))
+                self.metrics.over_limit_announcements.inc()
         # A lost acknowledgement only means a redelivery, which the ledgers skip.
         await msg.ack()
         self.batches_applied += 1
+        self.metrics.batches_applied.inc()
 
     async def _keep_in_progress(self, msg: Msg) -> None:
         """While a large batch is being applied, tell the server it is not abandoned."""
@@ -278,6 +334,7 @@ class Metering:
         self._users[user_id] = (user, now + _USERS_CACHED_S)
         return user
 
+    @timed_storage("accounts.get_user")
     async def _read_user(self, user_id: str) -> User | None:
         entry = await get_present(self._accounts, user_key(user_id))
         return None if entry is None else user_decoder.decode(entry.value)
@@ -291,7 +348,7 @@ class Metering:
                 break  # applied before a crash or by another metering process
             value = msgspec.json.encode(ledger)
             try:
-                revision = await (self._usage.update(key, value, last=revision) if revision else self._usage.create(key, value))
+                revision = await self._write_ledger(key, value, revision)
             except nats.js.errors.KeyWrongLastSequenceError:
                 self._ledgers.pop(user_id, None)  # another process wrote it: read it again
                 continue
@@ -299,16 +356,26 @@ class Metering:
                 self._ledgers.pop(user_id, None)  # the in-memory copy is ahead of the record
                 raise
             self._remember(user_id, ledger, revision)
+            self.metrics.ledger_updates.inc()
             break
         tier = self.tiers.get(user.tier) if user is not None else None
         return quota_answer(ledger, user, tier, now_ms())
+
+    @timed_storage("usage.write_ledger")
+    async def _write_ledger(self, key: str, value: bytes, revision: int) -> int:
+        """Write a ledger still at `revision` (0: create it); KeyWrongLastSequenceError if not."""
+        return await (self._usage.update(key, value, last=revision) if revision else self._usage.create(key, value))
+
+    @timed_storage("usage.read_ledger")
+    async def _read_ledger(self, user_id: str) -> KeyValue.Entry | None:
+        return await get_present(self._usage, usage_ledger_key(user_id))
 
     async def _ledger(self, user_id: str) -> tuple[UsageLedger, int]:
         cached = self._ledgers.get(user_id)
         if cached is not None:
             self._ledgers.move_to_end(user_id)
             return cached
-        entry = await get_present(self._usage, usage_ledger_key(user_id))
+        entry = await self._read_ledger(user_id)
         if entry is None:
             return UsageLedger(user_id=user_id), 0
         return usage_ledger_decoder.decode(entry.value), entry.revision
@@ -331,16 +398,19 @@ class Metering:
         timeout, as with metering down, and one bad check must not stop the service."""
         try:
             check = quota_check_decoder.decode(msg.data)
-            user, entry = await asyncio.gather(
-                self._read_user(check.user_id), get_present(self._usage, usage_ledger_key(check.user_id))
-            )
+            user, entry = await asyncio.gather(self._read_user(check.user_id), self._read_ledger(check.user_id))
             ledger = usage_ledger_decoder.decode(entry.value) if entry is not None else UsageLedger(user_id=check.user_id)
             tier = self.tiers.get(user.tier) if user is not None else None
-            await msg.respond(msgspec.json.encode(quota_answer(ledger, user, tier, now_ms())))
+            answer = quota_answer(ledger, user, tier, now_ms())
+            await msg.respond(msgspec.json.encode(answer))
+            self.metrics.quota_checks.labels(result="allowed" if answer.allowed else "exceeded").inc()
         except STORAGE_ERRORS as exc:
+            self.metrics.quota_checks.labels(result="unanswered").inc()
             log.warning("a quota check was not answered: storage error (%s)", type(exc).__name__)
         except Exception as exc:  # an unreadable check, account or ledger
+            self.metrics.quota_checks.labels(result="unanswered").inc()
             log.error("a quota check was not answered: %s: %s", type(exc).__name__, exc)
 
     async def _nats_error(self, exc: Exception) -> None:
+        self.metrics.nats_events.labels(event="error").inc()
         log.warning("NATS: %s", exc or type(exc).__name__)

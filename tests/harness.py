@@ -19,6 +19,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -119,12 +120,26 @@ async def running_edges(nats_url: str, count: int = 2, **overrides: Any) -> Asyn
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def metrics(edge: Edge) -> dict[str, int]:
-    """The edge's counters, read from its /metrics port."""
+async def metrics(edge: Edge) -> dict[str, float]:
+    """The edge's metrics, read from its /metrics port (see `metrics_at`)."""
     assert edge.metrics_port is not None, "this edge does not serve /metrics"
-    status, body = await http_get(edge.metrics_port, "/metrics")
+    return await metrics_at(edge.metrics_port)
+
+
+async def metrics_at(port: int) -> dict[str, float]:
+    """What a service's /metrics says, parsed by Prometheus' own text parser: each sample by
+    its name (`relay_closes_total`), summed over its labels, and each labelled one also as
+    `name{label="value",...}` (labels sorted)."""
+    status, body = await http_get(port, "/metrics")
     assert status == 200, (status, body)
-    return {name: int(value) for name, value in (line.split(" ", 1) for line in body.splitlines())}
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            samples[sample.name] = samples.get(sample.name, 0.0) + sample.value
+            if sample.labels:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
 
 
 def ws_url(edge: Edge, room_id: str, role: str | None = "mac", **query: str) -> str:

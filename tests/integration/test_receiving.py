@@ -17,7 +17,7 @@ import nats
 
 import edge.internals
 from edge.internals import run_eagerly
-from tests.harness import Client, http_get, paired, running_edges, until
+from tests.harness import Client, metrics_at, paired, running_edges, until
 
 
 def _send_in_one_write(client: Client, *messages: dict[str, Any]) -> None:
@@ -26,11 +26,8 @@ def _send_in_one_write(client: Client, *messages: dict[str, Any]) -> None:
     client.ws.send_data()
 
 
-async def _metric(port: int, name: str) -> int:
-    status, body = await http_get(port, "/metrics")
-    assert status == 200
-    values = dict(line.split(" ", 1) for line in body.splitlines())
-    return int(values[name])
+async def _metric(port: int, name: str) -> float:
+    return (await metrics_at(port))[name]
 
 
 async def test_relays_reaching_a_waiting_socket_are_forwarded_as_they_arrive(nats_url):
