@@ -17,13 +17,14 @@ import msgspec
 import nats.errors
 from websockets.exceptions import ConnectionClosed
 
+from edge.connection_log import socket_event
 from edge.context import Connection, EdgeContext, Ending
 from edge.metrics import FRAME_SAMPLE_MASK
 from edge.protocol.actions import Action, Close, Forward, Notify, RoomRequest, Send
 from edge.protocol.charging import frame_credits
 from edge.protocol.parts import cut, part_kind
 from edge.protocol.session import Session
-from schemas.client import JoinRoom, RegisterRoom
+from schemas.client import CloseCode, JoinRoom, RegisterRoom
 from schemas.edge_events import KIND_EVENT, KIND_FRAME
 from schemas.records import SlotHolder
 from schemas.subjects import addressed_subject, frame_reply, room_subject, undelivered_reply_prefix
@@ -101,6 +102,7 @@ class Carrier:
         else:
             counters.forwarded_by_handler += 1
         counters.bytes_forwarded += len(action.data)
+        conn.frames_in += 1
         if not (counters.forwarded_at_once + counters.forwarded_by_handler) & FRAME_SAMPLE_MASK:
             ctx.metrics.frame_publish_seconds.observe(time.monotonic() - conn.received_at)
         if ctx.metering_on:
@@ -173,6 +175,8 @@ class Carrier:
         """Close a socket within the close timeout, whatever the client does."""
         if conn.closing:
             return
+        if code == CloseCode.REPLACED:
+            socket_event(conn.session, "replaced", code=code)
         conn.ending = Ending.CLOSING
         timeout = self.ctx.close_timeout_s
         # What the client sends from now on is not acted on: drop it as it comes, and read on

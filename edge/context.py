@@ -11,6 +11,7 @@ import asyncio
 import enum
 import logging
 import secrets
+import time
 from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ class WsTarget:
     # The room limit needs no look at the first register: the room was registered already
     # (a reconnection) or the tier has no limit.
     room_settled: bool = False
+    address: str = ""  # the client's, as the per-address limits saw it (for the log)
 
     @property
     def user_id(self) -> str:
@@ -73,6 +75,9 @@ class Connection:
     subjects: dict[str, str] = field(default_factory=dict)
     last_message_ms: int = 0  # wall clock of the last inbound frame, for lastSeen
     received_at: float = 0.0  # monotonic s of the message being handled (the frame-path timings)
+    opened_at: float = field(default_factory=time.monotonic)  # for the closed line's duration
+    frames_in: int = 0  # frames from the client forwarded to its peer
+    frames_out: int = 0  # frames from its peer written to it
     last_seen_written_ms: int = 0
     ending: Ending = Ending.OPEN
     registered_at: int | None = None  # epoch ms of this Mac socket's first room registration

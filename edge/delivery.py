@@ -13,11 +13,13 @@ import time
 from typing import Any
 
 import msgspec
+from msgspec import Struct
 from nats.aio.msg import Msg
 from websockets.exceptions import ConnectionClosed
 
 from edge import internals
 from edge.carrier import NO_SUCH_SOCKET, Carrier
+from edge.connection_log import socket_event
 from edge.context import Connection, EdgeContext, Ending
 from edge.metrics import FRAME_SAMPLE_MASK
 from edge.protocol.actions import Undelivered
@@ -82,6 +84,7 @@ class Delivery:
         if self.write_at_once and internals.can_write_now(conn, len(data)):
             if conn.session.accepts_frame_from(sender):
                 internals.write_now(conn, data)
+                conn.frames_out += 1
                 if started:
                     self.ctx.metrics.frame_write_seconds.observe(time.monotonic() - started)
         else:
@@ -156,6 +159,8 @@ class Delivery:
                 else:
                     async with conn.write_lock:
                         await self.carrier.carry_out(conn, session.receive_event(item, sender))
+                    if isinstance(item, Struct):  # news from the peer's edge, not of an undelivered frame
+                        socket_event(session, item.__struct_config__.tag, peer=sender)
         except Exception:
             log.exception("socket %s: writing its backlog failed", session.socket_id)
         finally:
@@ -167,6 +172,7 @@ class Delivery:
         if conn.session.accepts_frame_from(sender):
             try:
                 await conn.ws.send(data, text=True)
+                conn.frames_out += 1
             except ConnectionClosed:
                 pass
 

@@ -12,12 +12,15 @@ import logging
 import time
 from urllib.parse import parse_qs
 
+import msgspec
+
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from edge.access import Refusal
 from edge.api import BAD_ROOM_ID, ApiRequest, HttpReply
+from edge.connection_log import RefusalLog
 from edge.context import EdgeContext, WsTarget
 from edge.leases import CannotServe
 from edge.protocol.limits import TokenBucket
@@ -55,6 +58,20 @@ def normalised_path(target: str) -> str:
     return "/" + "/".join(part for part in target.partition("?")[0].split("/") if part)
 
 
+def _reason_of(response: Response) -> str:
+    """The first line of a refusal's text (the edge's own words, never the request's)."""
+    body = (response.body or b"").strip()
+    if not body:
+        return ""
+    if response.headers.get("Content-Type", "").startswith("application/json"):
+        try:
+            fields = msgspec.json.decode(body)
+        except msgspec.DecodeError:
+            return ""
+        return str(fields.get("message") or fields.get("error") or "")[:200] if isinstance(fields, dict) else ""
+    return body.decode(errors="replace").splitlines()[0][:200]
+
+
 def reply(answer: HttpReply) -> Response:
     """The handshake's HTTP response for `answer`; the connection closes after it."""
     headers = Headers(
@@ -73,6 +90,7 @@ class HttpFront:
 
     def __init__(self, ctx: EdgeContext) -> None:
         self.ctx = ctx
+        self.refusals = RefusalLog()
 
     async def process_request(self, ws: ServerConnection, request: Request) -> Response | None:
         try:
@@ -86,7 +104,17 @@ class HttpFront:
             response = reply(HttpReply.text(500, "internal error"))
         if normalised_path(request.path) == "/ws":
             self.ctx.metrics.upgrades.labels(status="101" if response is None else str(response.status_code)).inc()
+            if response is not None:
+                self.refusals.refused(response.status_code, _reason_of(response), self._address(ws, request))
         return response
+
+    def _address(self, ws: ServerConnection, request: Request) -> str:
+        try:
+            if self.ctx.access is not None:
+                return self.ctx.access.client_address(ws.remote_address[0], request.headers)
+            return str(ws.remote_address[0])
+        except Exception:
+            return "?"
 
     async def _answer(self, ws: ServerConnection, request: Request) -> Response | None:
         ctx = self.ctx
@@ -148,7 +176,7 @@ class HttpFront:
             ws.hold_until_lost(access.hold_socket(principal, address))
         except Refusal as refusal:
             return reply(HttpReply.text(refusal.status, refusal.message, refusal.headers))
-        ws.relay_target = WsTarget(room_id=room_id, role=role, principal=principal, room_settled=room_settled)  # type: ignore[attr-defined]
+        ws.relay_target = WsTarget(room_id=room_id, role=role, principal=principal, room_settled=room_settled, address=address)  # type: ignore[attr-defined]
         # The socket's rate limit, from its first frame after the 101: its messages (the
         # session's) and its pings and pongs (the connection's) spend the same tokens.
         if s.socket_rate_limit_per_s > 0:

@@ -218,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     local: LocalSettings = settings_from_args(LocalSettings, parser, args)
     # The quick start is one person's relay: no keys unless asked for (RELAY_AUTH=required).
     edge_settings: EdgeSettings = settings_from_args(EdgeSettings, parser, args, {"RELAY_AUTH": "none", "RELAY_DRAIN_GRACE_MS": "0", "RELAY_DRAIN_MS": "0", **os.environ})
-    configure_logging()
+    configure_logging(edge_settings.log_format, edge_settings.log_level)
     lock = LocalRelayLock(local.local_data)
     try:
         lock.acquire()

@@ -18,6 +18,7 @@ import nats.js.errors
 
 from edge.access import Refusal
 from edge.carrier import Carrier
+from edge.connection_log import socket_event
 from edge.context import Connection, EdgeContext
 from edge.protocol import guessing, rooms
 from edge.protocol.actions import Action, Send
@@ -33,7 +34,7 @@ from edge.store import StorageConflict
 from runtime.backoff import Backoff
 from runtime.clock import now_ms
 from runtime.connection import STORAGE_ERRORS
-from schemas.client import JoinRoom, RegisterRoom
+from schemas.client import Error, JoinRoom, RegisterRoom
 from schemas.records import RoomRecord
 
 log = logging.getLogger("edge")
@@ -95,6 +96,11 @@ class RoomRequests:
             await self.refresh_registration(conn)
         decide: Callable[[], list[Action]] = functools.partial(session.apply, outcome, revision, mismatch)
         await decide_in_order(conn, decide)
+        registering = isinstance(message, RegisterRoom)
+        if outcome.accepted:
+            socket_event(session, "registered" if registering else "joined", peer=outcome.peer.socket_id if outcome.peer else None)
+        else:
+            socket_event(session, "register_refused" if registering else "join_refused", code=_error_code(outcome))
 
     def _count_wrong_guess(self, conn: Connection, outcome: rooms.Outcome) -> rooms.Outcome:
         """Count a register/join refused for a wrong secret or pairing token against its user
@@ -193,3 +199,8 @@ class RoomRequests:
             return await ctx.presence.get_room_last_seen(record.room_id)
 
         return seen
+
+
+def _error_code(outcome: rooms.Outcome) -> str | None:
+    """The error code a refused register or join answered (None if it only closed)."""
+    return next((reply.code for reply in outcome.replies if isinstance(reply, Error)), None)

@@ -18,6 +18,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from edge.carrier import Carrier
+from edge.connection_log import socket_event
 from edge.context import Connection, EdgeContext, Ending, WsTarget
 from edge.fastpath import FastPath
 from edge.metrics import close_code_label
@@ -63,6 +64,7 @@ class Sockets:
         ctx.connections[session.socket_id] = conn
         ws.on_shed = functools.partial(self._shed, conn)
         ws.check_outgoing = functools.partial(self._check_outgoing, conn)
+        socket_event(session, "connected", address=target.address)
         try:
             if session.user_id in self.deleted_users:
                 await self.carrier.carry_out(conn, session.account_deleted())
@@ -100,7 +102,12 @@ class Sockets:
         """The socket is gone: free its slot if it still held one, tell the peer."""
         session = conn.session
         self.ctx.connections.pop(session.socket_id, None)
-        self.ctx.metrics.closes.labels(code=close_code_label(ending_code(conn.ws))).inc()
+        code = ending_code(conn.ws)
+        self.ctx.metrics.closes.labels(code=close_code_label(code)).inc()
+        socket_event(
+            session, "closed", code=code, duration_s=round(time.monotonic() - conn.opened_at, 3),
+            frames_in=conn.frames_in, frames_out=conn.frames_out,
+        )  # fmt: skip
         self.usage.count_session_time(conn, time.monotonic(), ending=True)
         conn.clear_backlog()  # nobody to write it to
         if not session.releases_slot_on_leave:

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 
 from metering.service import Metering, MeteringSettings
-from runtime.service import configure_logging, exit_if_start_fails, run_event_loop, serve_until_signalled
+from runtime.service import configure_logging, exit_if_start_fails, log_settings, run_event_loop, serve_until_signalled
 from runtime.settings import load_settings
 
 log = logging.getLogger("metering")
@@ -14,8 +14,8 @@ log = logging.getLogger("metering")
 
 def main(argv: Sequence[str] | None = None) -> None:
     settings: MeteringSettings = load_settings(MeteringSettings, argv, prog="relay-metering")
-    configure_logging()
-    log.info("settings: %s", settings.redacted())
+    configure_logging(settings.log_format, settings.log_level)
+    log_settings(log, settings)
     exit_if_start_fails(
         "relay-metering",
         lambda: run_event_loop(serve_until_signalled(Metering(settings)), settings.uvloop),

@@ -12,6 +12,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, NoReturn, Protocol
 
+import msgspec
 import nats.errors
 
 from runtime.backoff import Backoff
@@ -24,15 +25,55 @@ log = logging.getLogger(__name__)
 FAILURES_APART_S = 5.0
 
 
-def configure_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # websockets logs every HTTP request at INFO; health probes would drown the log.
+# Fields a log call may add (`extra=`) that the JSON format carries as fields of their own.
+LOG_FIELDS = ("event", "socket", "peer", "room", "role", "status", "code", "reason", "address", "duration_s",
+              "frames_in", "frames_out", "settings", "service")  # fmt: skip
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC, ISO 8601), level, logger, message, the fields
+    of `LOG_FIELDS` a call gave, and the traceback of an exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in LOG_FIELDS:
+            value = record.__dict__.get(name)
+            if value is not None:
+                line[name] = value
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return msgspec.json.encode(line).decode()
+
+
+def configure_logging(log_format: str = "text", log_level: str = "info") -> None:
+    """Logging for a service (RELAY_LOG_FORMAT, RELAY_LOG_LEVEL), to standard error."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(log_level.upper())
+    # websockets logs every HTTP request at INFO (health probes would drown the log), and at
+    # DEBUG every frame's content, secrets and payloads included: never below WARNING,
+    # whatever RELAY_LOG_LEVEL says.
     logging.getLogger("websockets").setLevel(logging.WARNING)
     logging.getLogger("edge.websockets").setLevel(logging.WARNING)  # the same, for the edge's connections
+    # nats-py at DEBUG shows protocol lines (subjects, and CONNECT with credentials).
+    logging.getLogger("nats").setLevel(max(logging.INFO, root.level))
+
+
+def log_settings(logger: logging.Logger, settings: Any) -> None:
+    """The settings a service starts with, in one readable line, secrets masked."""
+    logger.info("settings: %s", settings.described(), extra={"settings": settings.redacted()})
 
 
 class Service(Protocol):

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 @dataclass(frozen=True, kw_only=True)
 class NatsSettings:
-    """The settings every service shares: where NATS is and how its storage is made."""
+    """The settings every service shares: where NATS is, how its storage is made, how it logs."""
 
     nats_url: str = field(
         default="nats://127.0.0.1:4222",
@@ -28,9 +28,15 @@ class NatsSettings:
     )
     kv_replicas: int = field(default=1, metadata={"min": 1, "help": "replicas of the KV buckets and the usage stream, when they are created (3 in a production cluster)"})
     tiers_file: str = field(default="", metadata={"help": "TOML file overriding the tiers' limits (see the README); give every service the same one"})
+    log_format: str = field(default="text", metadata={"choices": ("text", "json"), "help": "log lines as text, or as one JSON object per line (for a log collector)"})
+    log_level: str = field(default="info", metadata={"choices": ("debug", "info", "warning", "error"), "help": "the least severe level logged"})
 
     def __post_init__(self) -> None:
         check_fields(self)
+
+    def described(self) -> str:
+        """The settings in one readable line, secrets masked: `name=value, …`."""
+        return ", ".join(f"{name}={value}" for name, value in self.redacted().items())
 
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict with secrets masked, for logs."""
@@ -88,7 +94,7 @@ def nats_url_problem(urls: str) -> str | None:
 
 def check_fields(settings: Any) -> None:
     """Check what field metadata declares (`url`: NATS URLs; `port`: 0–65535; `min`: a
-    lower bound); raise ValueError naming the setting, its flag and its variable."""
+    lower bound; `choices`: the values allowed); raise ValueError naming the setting, its flag and its variable."""
     for f in dataclasses.fields(settings):
         value = getattr(settings, f.name)
         where = f"{f.name} (--{f.name.replace('_', '-')} / RELAY_{f.name.upper()})"
@@ -100,6 +106,8 @@ def check_fields(settings: Any) -> None:
             raise ValueError(f"{where} must be a port number from 0 to 65535, got {value}")
         if "min" in f.metadata and value < f.metadata["min"]:
             raise ValueError(f"{where} must be at least {f.metadata['min']}, got {value}")
+        if "choices" in f.metadata and value not in f.metadata["choices"]:
+            raise ValueError(f"{where} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
 
 
 def load_settings(
