@@ -7,6 +7,7 @@ unsalted fast hash is enough: there is nothing to guess.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import re
@@ -44,6 +45,24 @@ def token_hash(token: str) -> str:
 def same_secret(a: str, b: str) -> bool:
     """Compare two secrets (or their hashes) in constant time."""
     return hmac.compare_digest(a.encode(), b.encode())
+
+
+def basic_password(authorization: str | None) -> str | None:
+    """The password of an `Authorization: Basic base64(user:password)` header, or None.
+
+    What a browser sends after its sign-in prompt: the status page takes the operator
+    token as the password (any user name)."""
+    if not authorization:
+        return None
+    scheme, _, encoded = authorization.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    _, colon, password = decoded.partition(":")
+    return password if colon and password else None
 
 
 def bearer_token(authorization: str | None) -> str | None:

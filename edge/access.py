@@ -156,6 +156,32 @@ class Access:
         self.logins.succeeded(token)
         return Principal(user=user, tier=self.tier_of(user), via="key", key_hash=record.key_hash)
 
+    # Headers a proxy adds: a request carrying one came through a proxy, from anywhere.
+    _PROXY_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
+
+    def check_operator(self, headers: Headers, peer: str, address: str) -> None:
+        """Let the operator through to the status page, or raise a `Refusal`: the admin token
+        as a bearer token or as a browser's Basic password; or, with
+        status_open_on_loopback, a loopback peer that no proxy stands in front of. Wrong
+        tokens count against the address like wrong API keys."""
+        s = self.settings
+        proxied = any(headers.get(name) for name in (*self._PROXY_HEADERS, *([s.client_ip_header] if s.client_ip_header else [])))
+        if s.status_open_on_loopback and not proxied and _is_loopback(peer):
+            return
+        if not s.admin_token:
+            raise Refusal(403, "the status page needs RELAY_ADMIN_TOKEN (or, on this machine, RELAY_STATUS_OPEN_ON_LOOPBACK=true)")
+        given = headers.get_all("Authorization")
+        token = (tokens.bearer_token(given[0]) or tokens.basic_password(given[0])) if len(given) == 1 else None
+        ask = {"WWW-Authenticate": 'Basic realm="termrelay operator", charset="UTF-8"'}
+        if token is None:
+            raise Refusal(401, "the operator token is required: Authorization: Bearer TOKEN (a browser asks for it as the password)", ask)
+        now = time.monotonic()
+        self.refuse_if_blocked(address, token, now)
+        if not tokens.same_secret(token, s.admin_token):
+            self.login_failed(address, token, now)
+            raise Refusal(401, "wrong operator token", ask)
+        self.logins.succeeded(token)
+
     def refuse_if_blocked(self, address: str, token: str, now: float) -> None:
         """Refuse (429, with Retry-After), without looking it up, a key (or refresh token)
         that its address may not try now: one tried and wrong too often from there, or any
@@ -311,3 +337,10 @@ class Access:
         await self.store.put_registration(user_id, room_id, now_ms(), ttl_s, created_at)
         if principal.tier.max_rooms >= 0:
             await self.store.claim_room(user_id, room_id, ttl_s, -1, force=True)
+
+
+def _is_loopback(peer: str) -> bool:
+    try:
+        return ipaddress.ip_address(peer.removeprefix("::ffff:")).is_loopback
+    except ValueError:
+        return False

@@ -30,6 +30,7 @@ from edge.protocol.parts import FrameParts
 from edge.protocol.session import Session
 from edge.settings import EdgeSettings
 from edge.store import Presence, RoomStore
+from runtime.clock import now_ms
 from schemas.records import SlotHolder
 from schemas.tiers import Tier
 
@@ -137,6 +138,7 @@ class EdgeContext:
         self.settings = settings
         self.tiers = tiers
         self.boot_id = secrets.token_hex(8)  # this incarnation; a new one after a lost lease
+        self.started_at_ms = now_ms()
         self.connections: dict[str, Connection] = {}
         self.live_edges: dict[str, str] = {}  # edge_id → boot_id of every incarnation whose lease is alive
         self.stopping = asyncio.Event()
@@ -162,6 +164,18 @@ class EdgeContext:
         # This edge's own: edges in one process may differ (RELAY_LIBRARY_SHORTCUTS).
         self.shortcuts = internals.shortcuts_for(settings.library_shortcuts)
         self.tg: asyncio.TaskGroup | None = None
+
+    def socket_counts(self) -> tuple[dict[str, int], int]:
+        """Sockets by role (unknown: before its first register or join), and the rooms whose
+        Mac socket is here and has a peer: what /metrics and the status page show."""
+        by_role = {"mac": 0, "ios": 0, "unknown": 0}
+        paired = 0
+        for conn in list(self.connections.values()):
+            session = conn.session
+            by_role[session.role or "unknown"] += 1
+            if session.role == "mac" and session.peer is not None:
+                paired += 1
+        return by_role, paired
 
     def spawn(self, work: Coroutine[Any, Any, None], what: str) -> asyncio.Task[None] | None:
         """Run `work` in the edge's TaskGroup; a failure is logged, never fatal to the edge."""

@@ -1,4 +1,5 @@
-"""Everything answered before a WebSocket upgrade: /ws's checks, health, the HTTP API, /metrics.
+"""Everything answered before a WebSocket upgrade: /ws's checks, health, the HTTP API, the
+status page, /metrics.
 
 Bounded in time, so that slow storage gives a 503 inside websockets' open timeout, and
 never raising: websockets would log a traceback per request, a flood anyone could cause.
@@ -24,6 +25,8 @@ from edge.connection_log import RefusalLog
 from edge.context import EdgeContext, WsTarget
 from edge.leases import CannotServe
 from edge.protocol.limits import TokenBucket
+from edge.status import PATHS as STATUS_PATHS
+from edge.status import StatusPage
 from runtime.metrics import exposition
 from schemas.subjects import ROLES, is_valid_room_id
 
@@ -88,8 +91,9 @@ def reply(answer: HttpReply) -> Response:
 class HttpFront:
     """websockets' `process_request`: answers a request, or lets its upgrade go on (None)."""
 
-    def __init__(self, ctx: EdgeContext) -> None:
+    def __init__(self, ctx: EdgeContext, status: StatusPage) -> None:
         self.ctx = ctx
+        self.status = status
         self.refusals = RefusalLog()
 
     async def process_request(self, ws: ServerConnection, request: Request) -> Response | None:
@@ -132,6 +136,8 @@ class HttpFront:
             if ctx.ready.is_set() and ctx.nc is not None and ctx.nc.is_connected:
                 return reply(HttpReply.text(200, "ready"))
             return reply(HttpReply.text(503, "not ready"))
+        if path in STATUS_PATHS:
+            return await self._status(ws, request, path, method)
         if ctx.api is None or not ctx.ready.is_set():
             return reply(HttpReply.text(503, "relay is not ready"))
         route = ctx.api.route(method, path)
@@ -148,6 +154,21 @@ class HttpFront:
             address=ctx.access.client_address(ws.remote_address[0], request.headers),
         )
         return reply(await ctx.api.handle(route, api_request))
+
+    async def _status(self, ws: ServerConnection, request: Request, path: str, method: str) -> Response:
+        """The operator's status page (`edge.status`): served while draining too, when an
+        operator watches most; never before storage is open (the operator check needs it)."""
+        if method != "GET":
+            return reply(HttpReply.text(405, "use GET"))
+        access = self.ctx.access
+        if access is None:
+            return reply(HttpReply.text(503, "relay is not ready"))
+        peer = str(ws.remote_address[0])
+        try:
+            access.check_operator(request.headers, peer, access.client_address(peer, request.headers))
+        except Refusal as refusal:
+            return reply(HttpReply.text(refusal.status, refusal.message, refusal.headers))
+        return reply(await self.status.reply(path))
 
     async def _admit(self, ws: ServerConnection, request: Request, query: dict[str, str]) -> Response | None:
         """The checks before the 101 (protocol.md §2.3, §4.2): upgrades per address per second

@@ -103,11 +103,12 @@ def banner(settings: EdgeSettings, port: int, hosts: list[str]) -> str:
             "    .venv/bin/relay-admin keys create alice",
             "  (If alice exists already, skip the first line; `.venv/bin/relay-admin users list` shows who exists.)",
         ]
-    lines += [
-        "  Metering runs here too: usage and quotas per user (RELAY_METERING=0 turns both off).",
-        f"  Health: http://{'127.0.0.1' if settings.host in ('0.0.0.0', '::', '') else hosts[0]}:{port}/healthz   Ctrl-C stops everything.",
-        "",
-    ]
+    local = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else hosts[0]
+    lines += ["  Metering runs here too: usage and quotas per user (RELAY_METERING=0 turns both off)."]
+    if settings.status_open_on_loopback or settings.admin_token:
+        how = "open to this machine" if settings.status_open_on_loopback else "the admin token as password"
+        lines += [f"  Status page: http://{local}:{port}/admin/status   ({how})"]
+    lines += [f"  Health: http://{local}:{port}/healthz   Ctrl-C stops everything.", ""]
     return "\n".join(lines)
 
 
@@ -216,8 +217,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
     local: LocalSettings = settings_from_args(LocalSettings, parser, args)
-    # The quick start is one person's relay: no keys unless asked for (RELAY_AUTH=required).
-    edge_settings: EdgeSettings = settings_from_args(EdgeSettings, parser, args, {"RELAY_AUTH": "none", "RELAY_DRAIN_GRACE_MS": "0", "RELAY_DRAIN_MS": "0", **os.environ})
+    # The quick start is one person's relay: no keys unless asked for (RELAY_AUTH=required),
+    # and the status page open to this machine.
+    edge_settings: EdgeSettings = settings_from_args(EdgeSettings, parser, args, {"RELAY_AUTH": "none", "RELAY_DRAIN_GRACE_MS": "0", "RELAY_DRAIN_MS": "0", "RELAY_STATUS_OPEN_ON_LOOPBACK": "true", **os.environ})
     configure_logging(edge_settings.log_format, edge_settings.log_level)
     lock = LocalRelayLock(local.local_data)
     try:

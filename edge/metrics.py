@@ -86,13 +86,7 @@ class _EdgeState(Collector):
 
     def collect(self) -> Iterator[Metric]:
         ctx, counters = self.ctx, self.ctx.counters
-        by_role = {"mac": 0, "ios": 0, "unknown": 0}
-        paired = 0
-        for conn in list(ctx.connections.values()):
-            session = conn.session
-            by_role[session.role or "unknown"] += 1
-            if session.role == "mac" and session.peer is not None:
-                paired += 1
+        by_role, paired = ctx.socket_counts()
         connections = GaugeMetricFamily("relay_connections", "Client sockets open on this edge, by role (unknown: before its first register or join)", labels=["role"])
         for role, count in by_role.items():
             connections.add_metric([role], count)

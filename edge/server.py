@@ -5,6 +5,7 @@ storage and take the lease, serve, and on `stop()` the one shutdown path. The pr
 decisions are in `edge.protocol`; each part here carries out one job:
 
 - `edge.http_front`: what is answered before the upgrade (the checks of /ws, the HTTP API);
+  `edge.status`: the operator's status page, and this edge's answer to it;
 - `edge.sockets`: a socket's life; `edge.carrier`: carrying out its session's actions;
 - `edge.delivery`, `edge.fastpath`: frames and events from NATS to sockets, and back;
   `edge.nats_move`: moving them to another NATS node when theirs goes lame-duck;
@@ -45,6 +46,7 @@ from edge.protocol.plans import drain_order, spread_plan
 from edge.room_requests import RoomRequests
 from edge.settings import EdgeSettings
 from edge.sockets import Sockets
+from edge.status import StatusPage
 from edge.store import Presence, RoomStore, open_buckets
 from edge.upkeep import Upkeep
 from edge.usage import Usage
@@ -54,7 +56,7 @@ from runtime.backoff import until_storage_opens
 from runtime.connection import connect_for_service
 from runtime.settings import redact_urls
 from schemas.client import CloseCode, DisconnectReason
-from schemas.subjects import OVER_LIMIT_SUBJECT, edge_filter, edge_last_seen_subject, edge_undelivered_filter
+from schemas.subjects import FLEET_EDGES_SUBJECT, OVER_LIMIT_SUBJECT, edge_filter, edge_last_seen_subject, edge_undelivered_filter
 from schemas.tiers import load_tiers
 
 __all__ = ["CannotServe", "Edge"]
@@ -83,7 +85,8 @@ class Edge:
         self.upkeep = Upkeep(ctx, carrier, self.room_requests, self.delivery)
         self.last_seen = LastSeen(ctx)
         self.nats_move = NatsMove(ctx, self.delivery, self.last_seen, lambda nc: part_size(nc.max_payload))
-        self.http = HttpFront(ctx)
+        self.status = StatusPage(ctx)
+        self.http = HttpFront(ctx, self.status)
 
     # What tests and tools read of a running edge.
     @property
@@ -192,6 +195,7 @@ class Edge:
             pending_bytes_limit=s.inbox_pending_bytes,
         )
         await nc.subscribe(edge_last_seen_subject(s.edge_id), cb=self.last_seen.answer)
+        await nc.subscribe(FLEET_EDGES_SUBJECT, cb=self.status.answer)  # the status page's question
         # Where NATS (or the addressee's edge) says a frame of ours reached nobody.
         await nc.subscribe(edge_undelivered_filter(s.edge_id), cb=self.delivery.undelivered)
         await nc.flush()  # the server has our interest before anyone is told of a socket here
@@ -205,6 +209,10 @@ class Edge:
             log.warning("edge %s on websockets %s: %s; the public API instead", s.edge_id, websockets_version, shortcuts.describe())
         ctx.ready.set()
         log.info("edge %s ready on %s:%d (ws://%s:%d/ws)", s.edge_id, s.host, self.port, s.host, self.port)
+        log.info(
+            "edge %s: a graceful stop (SIGTERM) takes up to %.0f s with these settings; give the process a "
+            "longer stop grace period (a second SIGTERM ends the drain at once)", s.edge_id, s.longest_graceful_stop_s,
+        )  # fmt: skip
         await ctx.stopping.wait()
         ctx.ready.clear()
         await self._shutdown(server)

@@ -45,6 +45,13 @@ class EdgeSettings(NatsSettings):
     admin_token: str = field(
         default="", metadata={"help": "operator token: acts for any user (named by ?user_id=), reads any /status", "secret": True}
     )
+    # The operator's status page (GET /admin/status): behind admin_token, or open to this machine.
+    status_open_on_loopback: bool = field(
+        default=False,
+        metadata={"help": "serve /admin/status without the admin token to clients on this machine (a loopback peer, no proxy header); make run sets it"},
+    )
+    status_gather_ms: int = field(default=300, metadata={"min": 1, "help": "how long /admin/status waits for the other edges and metering to describe themselves"})
+    status_refresh_ms: int = field(default=2_000, metadata={"min": 100, "help": "how often the status page asks again"})
     refuse_cross_account: bool = field(
         default=False, metadata={"help": "refuse iOS joins from another account than the room owner's (close 4003)"}
     )
@@ -180,6 +187,19 @@ class EdgeSettings(NatsSettings):
             )
 
     # Derived timings: one place, so tests that shorten a constant shorten what follows from it.
+    @property
+    def longest_graceful_stop_s(self) -> float:
+        """The longest a graceful stop (SIGTERM) takes, phase by phase (`Edge._shutdown`): the
+        drain's grace and the drain; the last closing handshakes and slot releases (close
+        timeout + release); frames still waiting for NATS (the close timeout again); the
+        last usage; and the lease's drop (its flush waits 2 s at most). A stop grace period
+        (compose's stop_grace_period, Kubernetes' terminationGracePeriodSeconds) must be above it."""
+        phases_ms = (
+            self.drain_grace_ms + self.drain_ms + self.close_timeout_ms + self.shutdown_release_ms
+            + self.close_timeout_ms + self.shutdown_usage_ms + 2_000
+        )  # fmt: skip
+        return phases_ms / 1000
+
     @property
     def liveness_sweep_interval_s(self) -> float:
         """How often sockets are checked for silence (and overdue frame parts); closes happen

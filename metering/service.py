@@ -17,6 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
+import socket
 import time
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
@@ -38,7 +41,8 @@ from runtime.backoff import Backoff, until_storage_opens
 from runtime.clock import now_ms
 from runtime.connection import STORAGE_ERRORS, connect_for_service
 from runtime.kv import get_present, open_bucket
-from runtime.metrics import serve_metrics, timed_storage
+from runtime.metrics import serve_metrics, timed_storage, total
+from runtime.recent_problems import recent_problems
 from runtime.service import StartError, keep_running
 from runtime.settings import NatsSettings, redact_urls
 from schemas.metering import (
@@ -51,6 +55,7 @@ from schemas.metering import (
 )
 from schemas.records import UsageLedger, User, usage_ledger_decoder, user_decoder
 from schemas.subjects import (
+    FLEET_METERING_SUBJECT,
     ACCOUNTS_BUCKET,
     METERING_CONSUMER,
     METERING_QUEUE,
@@ -60,6 +65,7 @@ from schemas.subjects import (
     usage_ledger_key,
     user_key,
 )
+from schemas.status import MeteringStats
 from schemas.tiers import load_tiers
 
 log = logging.getLogger("metering")
@@ -111,6 +117,10 @@ class Metering:
         self.batches_applied = 0
         self.metrics = MeteringMetrics()
         self.metrics_port: int | None = None  # where /metrics is served, once it is
+        # What the status page calls this process (a suffix: several may share a process in tests).
+        self.process = f"{socket.gethostname()}:{os.getpid()}-{secrets.token_hex(2)}"
+        self.started_at_ms = now_ms()
+        self._problems = recent_problems("metering")
         self._stopping = asyncio.Event()
         self._nc: NATS | None = None
         self._usage: KeyValue | None = None
@@ -151,6 +161,7 @@ class Metering:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 checks = await self._nc.subscribe(QUOTA_CHECK_SUBJECT, queue=METERING_QUEUE, cb=self._on_quota_check)
+                described = await self._nc.subscribe(FLEET_METERING_SUBJECT, cb=self._describe)
                 consumer = await js.pull_subscribe_bind(METERING_CONSUMER, stream=USAGE_STREAM)
                 consuming = tg.create_task(self._consume(js, consumer))
                 watching_lag = tg.create_task(keep_running("usage lag", lambda: self._watch_lag(js), self._stopping))
@@ -160,6 +171,7 @@ class Metering:
                 self.ready.clear()
                 watching_lag.cancel()
                 await checks.unsubscribe()
+                await described.unsubscribe()
                 if not self._batch_in_hand:
                     consuming.cancel()  # waiting for a batch: nothing to finish
                 with contextlib.suppress(asyncio.CancelledError):
@@ -172,6 +184,26 @@ class Metering:
                 await self._nc.flush(timeout=2)  # the last acknowledgement
             await self._nc.close()
             log.info("metering stopped")
+
+    def stats(self) -> MeteringStats:
+        """What the status page shows of this process."""
+        m = self.metrics
+        return MeteringStats(
+            process=self.process,
+            started_at_ms=self.started_at_ms,
+            at_ms=now_ms(),
+            ready=self.ready.is_set(),
+            usage_pending=int(total(m.usage_pending)),
+            batches_applied=int(total(m.batches_applied)),
+            ledger_updates=int(total(m.ledger_updates)),
+            problems=self._problems.newest_first(self.process),
+        )
+
+    async def _describe(self, msg: Msg) -> None:
+        """`FLEET_METERING_SUBJECT`: the status page asks every metering process."""
+        if msg.reply:
+            with contextlib.suppress(nats.errors.Error):
+                await msg.respond(msgspec.json.encode(self.stats()))
 
     async def _serve_metrics(self) -> asyncio.Server | None:
         s = self.settings

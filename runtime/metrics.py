@@ -70,6 +70,12 @@ def service_registry(service: str) -> CollectorRegistry:
     return registry
 
 
+def total(metric: Counter | Gauge) -> float:
+    """What a counter counted, summed over its labels, or a gauge's value: read as a scrape
+    reads it (prometheus_client has no public getter)."""
+    return sum(sample.value for family in metric.collect() for sample in family.samples if not sample.name.endswith("_created"))
+
+
 def timed_storage(operation: str) -> Callable[[Callable[P, Awaitable[T]]], Callable[P, Awaitable[T]]]:
     """Decorate an async storage call: its duration in `relay_storage_operation_seconds`, its
     storage failures in `relay_storage_errors_total`, both labelled `operation`."""

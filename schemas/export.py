@@ -18,6 +18,7 @@ from schemas.client import ClientMessage, ServerMessage
 from schemas.edge_events import EdgeEvent, LastSeenAnswer, LastSeenQuery
 from schemas.http_api import API_BODIES, RefreshRequest
 from schemas.metering import OverLimit, QuotaAnswer, QuotaCheck, UsageBatch
+from schemas.status import EdgeStats, FleetStatus, MeteringStats
 from schemas.records import (
     ApiKeyRecord,
     EdgeLease,
@@ -45,6 +46,10 @@ DOCUMENTS: dict[str, tuple[str, Any]] = {
     "room-claims.schema.json": ("A user's claims on rooms against his room limit, in the relay_registrations KV bucket", RoomClaims),
     "usage-ledger.schema.json": ("A user's usage windows and welcome-bonus use in the relay_usage KV bucket", UsageLedger),
     "usage-batch.schema.json": ("An edge's usage batch on the relay_usage_events stream", UsageBatch),
+    "status.schema.json": (
+        "The operator's status page: GET /admin/status.json, and what edges and metering processes answer for it over NATS",
+        (FleetStatus, EdgeStats, MeteringStats),
+    ),
     "metering-messages.schema.json": (
         "Quota check, answer and over-limit notice between edges and metering",
         (QuotaCheck, QuotaAnswer, OverLimit),

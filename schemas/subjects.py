@@ -262,6 +262,10 @@ QUOTA_CHECK_SUBJECT = "relay.metering.quota"
 METERING_QUEUE = "metering"
 # Metering announces here that a user is over the limit; every edge listens.
 OVER_LIMIT_SUBJECT = "relay.metering.over_limit"
+# The status page asks every edge, and every metering process, to describe itself here
+# (no queue group: each answers; `runtime.fleet.gather_answers` keeps every answer).
+FLEET_EDGES_SUBJECT = "relay.fleet.edges"
+FLEET_METERING_SUBJECT = "relay.fleet.metering"
 
 
 def usage_events_subject(edge_id: str) -> str:

@@ -209,3 +209,32 @@ def test_the_dashboard_parses_and_every_panel_uses_the_provisioned_datasource():
             assert variable["datasource"]["uid"] == uid, variable["name"]
     ids = [p["id"] for p in _all_panels(dashboard["panels"])]
     assert len(ids) == len(set(ids)), "two panels share an id"
+
+
+def test_each_edge_stop_grace_period_is_above_its_longest_graceful_stop():
+    # Compose SIGKILLs an edge its stop_grace_period after SIGTERM: a drain cut short
+    # loses the last usage and tells peers `timeout` instead of `server_restart`.
+    from edge.settings import EdgeSettings
+
+    for name, service in _relay_services("edge").items():
+        grace = re.fullmatch(r"(\d+)s", str(service["stop_grace_period"]))
+        assert grace, f"{name}: stop_grace_period {service['stop_grace_period']!r} is not in seconds"
+        env = {k: v for k, v in _environment(service).items() if k.startswith("RELAY_") and "$" not in v}
+        settings = EdgeSettings(**{k.removeprefix("RELAY_").lower(): int(v) for k, v in env.items() if k.endswith("_MS")})
+        assert int(grace.group(1)) > settings.longest_graceful_stop_s, name
+
+
+def test_prometheus_loads_the_alert_rules_compose_mounts_and_each_alert_is_explained_in_the_readme():
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    prometheus = _compose()["services"]["prometheus"]
+    for rule_file in config["rule_files"]:
+        assert _mounted_at(prometheus, rule_file).is_file(), rule_file
+    rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
+    alerts = [rule for group in rules["groups"] for rule in group["rules"]]
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Alerts") :].split("\n### ", 1)[0]
+    for rule in alerts:
+        assert rule["labels"]["severity"] in ("critical", "warning"), rule["alert"]
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
+        assert f"`{rule['alert']}`" in section, f"{rule['alert']} is not explained in README, Operations, Alerts"
+    assert len({rule["alert"] for rule in alerts}) == len(alerts)

@@ -9,12 +9,14 @@ import json
 import re
 from pathlib import Path
 
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import http_get, running_edges, running_metering
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "termrelay.json"
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 
 OUR_PREFIXES = ("relay_", "process_", "termrelay_")
 # Clauses whose parentheses hold label names, not series: `sum by (role) (…)`, `… on (instance) …`.
@@ -96,6 +98,16 @@ def used_by_dashboard() -> dict[str, list[str]]:
     return used
 
 
+def used_by_alerts() -> dict[str, list[str]]:
+    """Metric name → the alerts whose expression reads it."""
+    used: dict[str, list[str]] = {}
+    for group in yaml.safe_load(ALERTS.read_text())["groups"]:
+        for rule in group["rules"]:
+            for name in metric_names(rule["expr"]):
+                used.setdefault(name, []).append(rule["alert"])
+    return used
+
+
 def test_metric_names_are_found_and_functions_labels_and_strings_are_not():
     expr = (
         'histogram_quantile(0.99, sum by (le, relay_label) (rate(relay_made_up_seconds_bucket{job="relay_x",'
@@ -161,3 +173,8 @@ async def test_every_metric_the_dashboard_uses_is_exported_by_an_edge_or_meterin
     used = used_by_dashboard()
     missing = not_exported(set(used), exported)
     assert not missing, {name: used[name] for name in sorted(missing)}
+    # And the alerts (deploy/prometheus/alerts.yml): a renamed metric must not silence one.
+    alerting = used_by_alerts()
+    assert len(alerting) >= 10, sorted(alerting)
+    missing = not_exported(set(alerting), exported)
+    assert not missing, {name: alerting[name] for name in sorted(missing)}

@@ -42,6 +42,11 @@ async def test_make_run_serves_the_relay_and_meters_its_usage(tmp_path):
                 break
             await asyncio.sleep(0.05)
         assert usage["message_tokens"] == 12 and usage["user_id"] == "local"
+        # The banner names the status page, open to this machine with no token; metering
+        # in the same process answers it too.
+        assert f"Status page: http://127.0.0.1:{port}/admin/status" in banner
+        status = json.loads((await http_get(port, "/admin/status.json"))[1])
+        assert [entry["stats"]["paired_rooms"] for entry in status["edges"]] == [1] and len(status["metering"]) == 1
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGINT)  # by PID: ours alone
