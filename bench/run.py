@@ -444,6 +444,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs", help="comma-separated pair counts for max and rate (default: 1,100,1000)")
     parser.add_argument("--repeat", type=int, help="rounds of max and rate at the largest pair count (default: 3; --quick: 1)")
     parser.add_argument("--heartbeat", type=float, help="seconds between one socket's heartbeats (default: 20)")
+    parser.add_argument("--storm-pairs", type=int, help="pairs in the reconnect storm (default: 2000; --quick: 50)")
     parser.add_argument("--nats-sync-always", action="store_true", help="nats-server fsyncs every JetStream write (deploy/nats.conf)")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else STANDARD
@@ -453,6 +454,8 @@ def main(argv: list[str] | None = None) -> None:
         plan = dataclasses.replace(plan, pairs=tuple(int(n) for n in args.pairs.split(",")))
     if args.repeat:
         plan = dataclasses.replace(plan, repeat=max(1, args.repeat))
+    if args.storm_pairs:
+        plan = dataclasses.replace(plan, storm_pairs=max(1, args.storm_pairs))
     if args.nats_sync_always:
         plan = dataclasses.replace(plan, nats_sync_always=True)
     if args.heartbeat is not None:
