@@ -7,7 +7,14 @@ from collections.abc import Sequence
 
 from edge.server import Edge
 from edge.settings import EdgeSettings
-from runtime.service import configure_logging, exit_if_start_fails, log_settings, run_event_loop, serve_until_signalled
+from runtime.service import (
+    configure_logging,
+    exit_if_start_fails,
+    log_settings,
+    raise_open_files_limit,
+    run_event_loop,
+    serve_until_signalled,
+)
 from runtime.settings import load_settings
 
 
@@ -15,6 +22,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings: EdgeSettings = load_settings(EdgeSettings, argv, prog="relay-edge")
     configure_logging(settings.log_format, settings.log_level)
     log_settings(logging.getLogger("edge"), settings)
+    raise_open_files_limit(logging.getLogger("edge"))
     exit_if_start_fails(
         "relay-edge",
         lambda: run_event_loop(serve_until_signalled(Edge(settings)), settings.uvloop),

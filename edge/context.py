@@ -21,6 +21,7 @@ from nats.aio.client import Client as NATS
 
 from edge import internals
 from edge.access import Access, Principal
+from edge.admission import Gate, Gates
 from edge.api import HttpApi
 from edge.front import HttpConnection
 from edge.metering_link import MeteringLink
@@ -129,6 +130,8 @@ class FrameCounters:
     received_in_parts: int = 0  # put together from parts, for this edge's sockets
     parts_dropped: int = 0  # frames missing a part (lost, or their edge died): never delivered
     nats_moves: int = 0  # moves off a NATS node in lame-duck mode without closing a socket
+    leases_lost: int = 0  # this edge's lease expired under it: it started over (issue 18: never under load)
+    lease_renewals_failed: int = 0  # renewals storage did not answer in time (retried within a second)
 
 
 class EdgeContext:
@@ -160,6 +163,13 @@ class EdgeContext:
         self.metering_on = settings.metering  # off: nothing is counted (nothing would take it)
         self.max_forward_bytes = 0  # see `Edge.learn_max_payload`
         self.counters = FrameCounters()
+        self.gates = Gates(
+            upgrades=Gate("upgrades", settings.upgrades_in_flight, settings.upgrades_waiting, settings.upgrade_wait_ms / 1000),
+            room_requests=Gate(
+                "room_requests", settings.room_requests_in_flight, settings.room_requests_waiting, settings.room_request_wait_ms / 1000
+            ),
+            departures=Gate("departures", settings.departures_in_flight, 1 << 62, None),
+        )
         self.metrics = EdgeMetrics(self)
         # This edge's own: edges in one process may differ (RELAY_LIBRARY_SHORTCUTS).
         self.shortcuts = internals.shortcuts_for(settings.library_shortcuts)

@@ -20,6 +20,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from edge.access import Refusal
+from edge.admission import Busy
 from edge.api import BAD_ROOM_ID, ApiRequest, HttpReply
 from edge.connection_log import RefusalLog
 from edge.context import EdgeContext, WsTarget
@@ -187,16 +188,23 @@ class HttpFront:
             if role not in (None, *ROLES):
                 return reply(HttpReply.text(400, "role must be mac or ios"))
             access.refuse_if_over_socket_caps(None, address)
-            principal = await access.authenticate(request.headers, query.get("user_id"), address)
-            if principal.user is None:
-                raise Refusal(400, "the operator token acts for a user: add ?user_id=USER")
-            access.refuse_if_over_socket_caps(principal, address)
-            room_settled = role == "mac" and await access.check_room_limit(principal, room_id)
+            # Storage is asked at the rate it answers (`edge.admission`): in a storm the
+            # rest wait their turn, or are refused now, before they cost anything. A socket
+            # whose register or join would be refused is not worth upgrading either.
+            ctx.gates.refuse_if_room_requests_full()
+            async with ctx.gates.upgrades.place():
+                principal = await access.authenticate(request.headers, query.get("user_id"), address)
+                if principal.user is None:
+                    raise Refusal(400, "the operator token acts for a user: add ?user_id=USER")
+                access.refuse_if_over_socket_caps(principal, address)
+                room_settled = role == "mac" and await access.check_room_limit(principal, room_id)
             # Checked and counted in one step, after the last wait: upgrades side by side
             # cannot all take one last place. Given back when the connection is gone.
             ws.hold_until_lost(access.hold_socket(principal, address))
         except Refusal as refusal:
             return reply(HttpReply.text(refusal.status, refusal.message, refusal.headers))
+        except Busy as busy:
+            return reply(HttpReply.text(503, "relay busy; try again", {"Retry-After": str(int(busy.retry_after_s))}))
         ws.relay_target = WsTarget(room_id=room_id, role=role, principal=principal, room_settled=room_settled, address=address)  # type: ignore[attr-defined]
         # The socket's rate limit, from its first frame after the 101: its messages (the
         # session's) and its pings and pongs (the connection's) spend the same tokens.

@@ -186,10 +186,12 @@ class Leases:
                         # to the dead one).
                         log.error("edge %s lost its lease; closing its sockets and starting over", ctx.settings.edge_id)
                         lost = True
+                        ctx.counters.leases_lost += 1
                         ctx.ready.clear()
                 await self._reincarnate()
                 lost = False
             except STORAGE_ERRORS as exc:
+                ctx.counters.lease_renewals_failed += 1
                 log.warning("lease renewal failed (%s); retrying in %.2fs", type(exc).__name__, retry)
                 delay = retry
 

@@ -107,6 +107,8 @@ class _EdgeState(Collector):
             ("relay_frames_received_in_parts", "Frames put together from parts, for this edge's sockets", counters.received_in_parts),
             ("relay_frames_dropped_incomplete", "Frames missing a part, never delivered", counters.parts_dropped),
             ("relay_nats_moves", "Moves off a NATS node in lame-duck mode without closing a socket", counters.nats_moves),
+            ("relay_leases_lost", "Times this edge's lease expired under it, so it closed its sockets and started over", counters.leases_lost),
+            ("relay_lease_renewals_failed", "Lease renewals storage did not answer in time (retried within a second)", counters.lease_renewals_failed),
         ):
             yield CounterMetricFamily(name, help_text, value=value)
         link = ctx.metering
@@ -117,3 +119,15 @@ class _EdgeState(Collector):
         ):
             yield CounterMetricFamily(name, help_text, value=value)
         yield GaugeMetricFamily("relay_usage_unpublished_credits", "Credits counted but not yet stored in the usage stream", value=ctx.meter.unpublished_credits())
+        # Admission (edge.admission): how much client work waits for storage, and how
+        # much was refused (503 / close 1013) so the edge could keep up.
+        admitted = CounterMetricFamily("relay_admission_admitted", "Client work given a place to talk to storage, by gate (upgrades, room_requests, departures)", labels=["gate"])
+        refused = CounterMetricFamily("relay_admission_refused", "Client work refused because storage was saturated (upgrades: 503; room_requests: close 1013), by gate", labels=["gate"])
+        in_flight = GaugeMetricFamily("relay_admission_in_flight", "Client work talking to storage now, by gate", labels=["gate"])
+        waiting = GaugeMetricFamily("relay_admission_waiting", "Client work waiting for a place, by gate", labels=["gate"])
+        for gate in ctx.gates:
+            admitted.add_metric([gate.name], gate.counts.admitted)
+            refused.add_metric([gate.name], gate.counts.refused)
+            in_flight.add_metric([gate.name], gate.holders)
+            waiting.add_metric([gate.name], gate.waiting)
+        yield from (admitted, refused, in_flight, waiting)

@@ -17,6 +17,7 @@ import nats.errors
 import nats.js.errors
 
 from edge.access import Refusal
+from edge.admission import Busy
 from edge.carrier import Carrier
 from edge.connection_log import socket_event
 from edge.context import Connection, EdgeContext
@@ -57,6 +58,16 @@ class RoomRequests:
             if wait > 0:
                 await decide_in_order(conn, functools.partial(session.apply, guessing.locked_out(wait)))
                 return
+        # Storage is asked at the rate it answers (`edge.admission`): in a storm the rest
+        # wait their turn, up to a bound, and are then told to come back later (1013).
+        try:
+            async with ctx.gates.room_requests.place():
+                await self._against_storage(conn, message)
+        except Busy:
+            await decide_in_order(conn, session.too_busy)
+
+    async def _against_storage(self, conn: Connection, message: RegisterRoom | JoinRoom) -> None:
+        ctx, session, decide_in_order = self.ctx, conn.session, self.carrier.decide_in_order
         claimed = False
         if needs_room_claim(message, session.in_room, conn.target.room_settled):
             # Claimed by compare-and-set on the user's claims (issue 16 item 4), so registers
@@ -71,8 +82,9 @@ class RoomRequests:
                 return
         try:
             outcome, revision = await self._with_retries(conn, message)
-        except (nats.errors.Error, asyncio.TimeoutError, StorageConflict):
-            log.exception("room %s: request failed", session.room_id)
+        except (nats.errors.Error, asyncio.TimeoutError, StorageConflict) as exc:
+            # No traceback: in a storage outage this is every register and join.
+            log.warning("room %s: request failed (%s); closed 1011", session.room_id, type(exc).__name__)
             if claimed:
                 await self._give_back_claim(conn)
             await decide_in_order(conn, session.request_failed)

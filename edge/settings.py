@@ -159,6 +159,14 @@ class EdgeSettings(NatsSettings):
     deleted_users_kept: int = field(default=10_000, metadata={"min": 1, "help": "accounts deleted while this edge watched that it remembers, to close a socket admitted during the deletion"})
     inbox_pending_bytes: int = field(default=512 * 1024 * 1024, metadata={"min": 1, "help": "bytes NATS's client may hold for this edge's sockets before it drops messages (logged as a slow consumer)"})
     shutdown_usage_ms: int = field(default=10_000, metadata={"min": 1, "help": "at shutdown, how long the last usage may take to reach the usage stream before it is given up (logged)"})
+    # Admission (edge.admission): client work talks to storage at the rate storage answers.
+    upgrades_in_flight: int = field(default=64, metadata={"min": 1, "help": "WebSocket upgrades checked against storage (key, account, room limit) at once; the rest wait in order"})
+    upgrades_waiting: int = field(default=2_048, metadata={"min": 0, "help": "upgrades that may wait for a place; beyond it HTTP 503 at once (with Retry-After)"})
+    upgrade_wait_ms: int = field(default=3_000, metadata={"min": 1, "help": "the longest an upgrade waits for a place before it is answered 503"})
+    room_requests_in_flight: int = field(default=64, metadata={"min": 1, "help": "register_room and join_room requests carried out against storage at once; the rest wait in order"})
+    room_requests_waiting: int = field(default=20_000, metadata={"min": 0, "help": "register/join requests that may wait for a place; beyond it the socket is closed 1013 (try again later)"})
+    room_request_wait_ms: int = field(default=6_000, metadata={"min": 1, "help": "the longest a register/join waits for a place before its socket is closed 1013; under the Mac's 10 s register timer"})
+    departures_in_flight: int = field(default=32, metadata={"min": 1, "help": "departed sockets' slot releases carried out at once; the rest wait in order (never refused)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

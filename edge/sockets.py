@@ -114,7 +114,8 @@ class Sockets:
             return
         last_seen = max(conn.last_message_ms, conn.ws.last_dropped_ms) or now_ms()
         try:
-            await self._release_and_announce(session, last_seen)
+            async with self.ctx.gates.departures.place():
+                await self._release_and_announce(session, last_seen)
         except (*STORAGE_ERRORS, StorageConflict) as exc:
             log.warning("room %s: could not release the %s slot (%s); retrying", session.room_id, session.role, exc)
             self.ctx.spawn(self._retry_release(session, last_seen), "release a departed socket's slot")
@@ -141,7 +142,8 @@ class Sockets:
         backoff = Backoff(1.0, 5.0)
         while not await self.ctx.sleep(backoff.next()):
             try:
-                await self._release_and_announce(session, last_seen_ms)
+                async with self.ctx.gates.departures.place():
+                    await self._release_and_announce(session, last_seen_ms)
                 log.info("room %s: released the %s slot of a departed socket", session.room_id, session.role)
                 return
             except (*STORAGE_ERRORS, StorageConflict):

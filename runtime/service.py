@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import resource
 import signal
 import sys
 import time
@@ -106,6 +107,28 @@ async def serve_until_signalled(service: Service) -> None:
         if not run.cancelled():
             raise
         logging.getLogger(type(service).__name__.lower()).info("stopped before it was serving")
+
+
+# Linux's hard limit can be "unlimited"; a soft limit cannot be set to that.
+_OPEN_FILES_CEILING = 1 << 20
+
+
+def raise_open_files_limit(logger: logging.Logger) -> int:
+    """Raise the soft limit of open files to the hard one, and say so: each client socket
+    is a file, and a default soft limit of 1,024 would refuse sockets long before the
+    machine must. Returns the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = _OPEN_FILES_CEILING if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            logger.warning("open files: could not raise the soft limit of %d to %d (%s)", soft, target, exc)
+            return soft
+        logger.info("open files: soft limit raised from %d to %d (the hard limit); each client socket takes one", soft, target)
+        return target
+    logger.info("open files: limit %d (the hard limit); each client socket takes one", soft)
+    return soft
 
 
 def run_event_loop(main: Coroutine[Any, Any, None], use_uvloop: bool) -> None:

@@ -326,6 +326,9 @@ class ChildProcess:
     module = ""  # what `python -m` runs
     name = ""
 
+    #: The soft limit of open files the child starts with (None: this process's).
+    open_files_soft: int | None = None
+
     def __init__(self, args: list[str], settings: dict[str, Any]) -> None:
         self.args = args
         for name, value in settings.items():
@@ -340,9 +343,17 @@ class ChildProcess:
 
         self.log_file = tempfile.NamedTemporaryFile(prefix=f"{self.name}-", suffix=".log", delete=False)
         atexit.register(_remove, self.log_file.name)
+        soft = self.open_files_soft
+
+        def limit_open_files() -> None:  # in the child, before exec
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", self.module, *self.args, stdout=asyncio.subprocess.DEVNULL, stderr=self.log_file
-        )
+            sys.executable, "-m", self.module, *self.args, stdout=asyncio.subprocess.DEVNULL, stderr=self.log_file,
+            preexec_fn=limit_open_files if soft is not None else None,
+        )  # fmt: skip
         deadline = asyncio.get_running_loop().time() + timeout
         while asyncio.get_running_loop().time() < deadline:
             if self.process.returncode is not None:

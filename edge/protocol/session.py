@@ -261,6 +261,12 @@ class Session:
         self.may_hold_a_slot()
         return [Close(CloseCode.INTERNAL, "Internal error")] + self._release_held_events()
 
+    def too_busy(self) -> list[Action]:
+        """The edge had no place for the room request in time (storage saturated, issue 18):
+        nothing was tried, so nothing is held; the client retries after its back-off."""
+        self._busy = False
+        return [Close(CloseCode.TRY_AGAIN_LATER, "relay busy; try again later")] + self._release_held_events()
+
     def _release_held_events(self) -> list[Action]:
         held, self._held_events = self._held_events, []
         actions: list[Action] = []

@@ -29,7 +29,7 @@ from tests.harness import (
 )
 
 # Every label a metric of ours (or prometheus_client's process and platform metrics) has.
-ALLOWED_LABELS = {"role", "status", "code", "event", "operation", "result", "service", "version", "python", "le",
+ALLOWED_LABELS = {"role", "status", "code", "event", "operation", "result", "gate", "service", "version", "python", "le",
                   "implementation", "major", "minor", "patchlevel"}  # fmt: skip
 
 
