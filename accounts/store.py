@@ -30,7 +30,7 @@ from accounts import claims, tokens
 from runtime import kv
 from runtime import clock
 from runtime.connection import STORAGE_ERRORS
-from runtime.kv import CompareAndSetLost, compare_and_set, get_present, open_bucket, present_values
+from runtime.kv import CompareAndSetLost, compare_and_set, get_entry, get_present, open_bucket, present_values
 from runtime.metrics import timed_storage
 from schemas.records import (
     ApiKeyRecord,
@@ -324,7 +324,7 @@ class AccountStore:
         """The claims record (None if absent) and the revision a compare-and-set on it must
         name: a removal's marker has one too (0 only for a key with no message at all)."""
         try:
-            entry = await self._registrations.get(key)
+            entry = await get_entry(self._registrations, key)
         except kv.NOT_FOUND as exc:
             marker = getattr(exc, "entry", None)
             return None, marker.revision if marker is not None and marker.revision else 0

@@ -24,7 +24,7 @@ from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
 from runtime import kv
-from runtime.kv import NOT_FOUND, ValuesWatch, get_present, open_bucket, present
+from runtime.kv import NOT_FOUND, ValuesWatch, get_entry, get_present, open_bucket, present
 from runtime.metrics import timed_storage
 from schemas.records import (
     EdgeLease,
@@ -73,7 +73,7 @@ class RoomStore:
     async def get(self, room_id: str) -> tuple[RoomRecord | None, int]:
         """The room's record and its revision (0 when the room does not exist)."""
         try:
-            entry = await self._kv.get(room_key(room_id))
+            entry = await get_entry(self._kv, room_key(room_id))
         except NOT_FOUND as exc:
             # A deleted key still has a revision; a create must name it.
             entry = getattr(exc, "entry", None)
@@ -149,7 +149,7 @@ class Presence:
         """An edge id's lease (None if none lives) and the key's revision, for a
         compare-and-set (0: nothing there, ever or any more)."""
         try:
-            entry = await self._kv.get(edge_lease_key(edge_id))
+            entry = await get_entry(self._kv, edge_lease_key(edge_id))
         except NOT_FOUND as exc:
             entry = getattr(exc, "entry", None)  # a deletion has a revision too
             return None, entry.revision if entry is not None else 0

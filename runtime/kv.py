@@ -32,6 +32,8 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
+import msgspec
+import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, PubAck
@@ -177,10 +179,69 @@ def present(entry: KeyValue.Entry | None) -> bool:
 async def get_present(kv: KeyValue, key: str) -> KeyValue.Entry | None:
     """The entry under `key`, or None if there is no value."""
     try:
-        entry = await kv.get(key)
+        entry = await get_entry(kv, key)
     except NOT_FOUND:
         return None
     return entry if present(entry) else None
+
+
+class _StoredMessage(msgspec.Struct):
+    subject: str
+    seq: int
+    data: bytes = b""  # base64 in the JSON: msgspec decodes it
+    hdrs: bytes = b""
+
+
+class _MessageGetReply(msgspec.Struct):
+    message: _StoredMessage | None = None
+    error: dict | None = None
+
+
+_decode_message_get = msgspec.json.Decoder(_MessageGetReply).decode
+_KV_OPERATION = b"kv-operation:"
+
+
+async def get_entry(kv: KeyValue, key: str) -> KeyValue.Entry:
+    """`kv.get(key)`, with the same answers and errors, in a fraction of its time.
+
+    nats-py's get asks the stream's leader for the key's last message (as this does: a
+    direct get could be answered by a replica that lags) and then reads the reply's
+    headers with the standard library's e-mail parser and builds it through dataclasses:
+    in a reconnect storm that was a fifth of the edge's CPU. Here the reply is decoded by
+    msgspec and the one header that matters is found by hand. Falls back to `kv.get` if
+    nats-py's KeyValue no longer has the attributes read here (tests check it has)."""
+    try:
+        js, stream, subject = kv._js, kv._stream, f"{kv._pre}{key}"  # type: ignore[attr-defined]
+        nc, prefix, timeout = js._nc, js._prefix, js._timeout  # type: ignore[attr-defined]
+    except AttributeError:
+        return await kv.get(key)
+    try:
+        reply = await nc.request(f"{prefix}.STREAM.MSG.GET.{stream}", b'{"last_by_subj":"' + subject.encode() + b'"}', timeout=timeout)
+    except nats.errors.NoRespondersError:
+        raise nats.js.errors.ServiceUnavailableError from None
+    answer = _decode_message_get(reply.data)
+    if answer.error is not None:
+        if answer.error.get("code") == 404:
+            raise nats.js.errors.KeyNotFoundError
+        nats.js.errors.APIError.from_error(answer.error)  # raises the error nats-py would
+    message = answer.message
+    if message is None or message.subject != subject:
+        raise nats.js.errors.KeyNotFoundError
+    entry = KeyValue.Entry(bucket=kv._name, key=key, value=message.data or None, revision=message.seq, delta=None, created=None, operation=None)  # type: ignore[attr-defined]
+    if message.hdrs:
+        for line in message.hdrs.split(b"\r\n")[1:]:
+            if line[: len(_KV_OPERATION)].lower() == _KV_OPERATION:
+                operation = line[len(_KV_OPERATION) :].strip().decode()
+                if operation in ("DEL", "PURGE"):
+                    raise nats.js.errors.KeyNotFoundError(entry, operation)
+    return entry
+
+
+def get_entry_is_fast(kv: KeyValue) -> bool:
+    """Whether `get_entry` takes its own path on this nats-py (not the fallback)."""
+    return all(hasattr(kv, name) for name in ("_js", "_stream", "_pre", "_name")) and all(
+        hasattr(kv._js, name) for name in ("_nc", "_prefix", "_timeout")  # type: ignore[attr-defined]
+    )
 
 
 class ValuesWatch:

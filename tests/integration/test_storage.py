@@ -410,3 +410,62 @@ async def test_a_lost_compare_and_set_frees_its_callers_at_once_without_waiting_
             gc.enable()
     finally:
         await nc.close()
+
+
+async def _answer(get, kv, key):
+    """What a get says of `key`: the entry's fields, or the error with what it carries."""
+    try:
+        entry = await get(kv, key)
+    except Exception as exc:  # compared as they are: type, entry, operation
+        entry = getattr(exc, "entry", None)
+        return type(exc), getattr(exc, "op", None), entry and (entry.key, entry.value, entry.revision, entry.operation)
+    return "entry", entry.bucket, entry.key, entry.value, entry.revision, entry.operation, entry.delta, entry.created
+
+
+async def test_get_entry_answers_as_nats_pys_get_does_for_values_absent_deleted_purged_removed_and_expired_keys(nats_url):
+    from nats.js.api import KeyValueConfig
+
+    from runtime import kv as kvs
+    from runtime.kv import get_entry, get_entry_is_fast
+
+    async def nats_py_get(kv, key):
+        return await kv.get(key)
+
+    nc = await nats.connect(nats_url)
+    try:
+        kv = await _scratch_bucket(nc)
+        assert get_entry_is_fast(kv), "nats-py changed: get_entry falls back to its slow get"
+        await kv.put("value", b'{"a":1}')
+        await kv.put("empty", b"")
+        await kv.put("deleted", b"x")
+        await kv.delete("deleted")
+        await kv.put("purged", b"x")
+        await kv.purge("purged")
+        bucket = f"t{secrets.token_hex(4)}"
+        marked = await nc.jetstream().create_key_value(KeyValueConfig(bucket=bucket, history=2, limit_marker_ttl=1))
+        await kvs.write(nc.jetstream(), bucket, "removed", b"x")
+        await kvs.remove(nc.jetstream(), bucket, "removed")
+        await kvs.put_with_ttl(nc.jetstream(), bucket, "expires", b"x", 1)
+        await asyncio.sleep(1.5)  # NATS's shortest message TTL is a second
+        for bucket_kv, key in [(kv, k) for k in ("value", "empty", "deleted", "purged", "never")] + [
+            (marked, k) for k in ("removed", "expires", "never")
+        ]:
+            assert await _answer(get_entry, bucket_kv, key) == await _answer(nats_py_get, bucket_kv, key), key
+        assert (await get_entry(kv, "value")).value == b'{"a":1}'
+    finally:
+        await nc.close()
+
+
+async def test_get_entry_raises_what_nats_py_raises_when_jetstream_does_not_answer(nats_url):
+    from runtime.kv import get_entry
+
+    nc = await nats.connect(nats_url)
+    try:
+        kv = await _scratch_bucket(nc)
+        kv._js._prefix = "$JS.nobody.API"  # no server answers there: as with JetStream away
+        with pytest.raises(nats.js.errors.ServiceUnavailableError):
+            await get_entry(kv, "k")
+        with pytest.raises(nats.js.errors.ServiceUnavailableError):
+            await kv.get("k")
+    finally:
+        await nc.close()
