@@ -65,7 +65,7 @@ class Ending(enum.Enum):
     CLOSING = "closing"  # its close has begun (or it was dropped): nothing more is done for it
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Connection:
     """A live client socket on this edge: the socket, its protocol state, what waits to be written to it."""
 

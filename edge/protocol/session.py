@@ -77,7 +77,7 @@ def _error(code: str, message: str) -> Send:
     return Send(encode(Error(code=code, message=message)))
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Session:
     """A socket's place in the protocol: its room and role, whether it is in the room, its peer."""
 
