@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.loadgen --url ws://A:8080 --ios-url ws://B:8080 --pairs 1000 --mode rate --rate 5
     .venv/bin/python -m bench.loadgen --url ws://127.0.0.1:8080 --pairs 2000 --mode idle --relay-pid PID
     .venv/bin/python -m bench.loadgen --url ws://127.0.0.1:8080 --pairs 2000 --mode storm
+    .venv/bin/python -m bench.loadgen --url ws://127.0.0.1:8080 --pairs 200 --mode realistic --relay-pid PID
 
 Each pair is a Mac (`register_room`, on a `--url`) and an iPhone (`join_room` with the
 room's secret hash, on an `--ios-url`, by default the same), both in one worker
@@ -11,10 +12,11 @@ process, so a frame's send and receipt are counted by the same process and frame
 flight are known exactly. Pairs are spread over worker processes (spawned) so the
 generator is not the bottleneck; each raises RLIMIT_NOFILE to its hard limit.
 
-Every frame is `{"type":"relay","payload":P}`, P being base64 text of `--payload` bytes
+Every frame is `{"type":"relay","payload":P}` (or, in mode `realistic`, also
+`{"type":"relay_batch","payloads":[P,…]}`), each P being base64 text of `--payload` bytes
 whose first 24 characters carry the sequence number and the send time
 (`time.monotonic_ns()`, one clock for every process on Linux, so one-way latency across
-processes is valid).
+processes is valid). Sequence, loss and latency are per payload, inside batches too.
 
 Modes:
 - `max`: each direction keeps `--window` frames in flight, sending the next as one arrives.
@@ -23,14 +25,25 @@ Modes:
   after, and KiB per connection (needs `--relay-pid`).
 - `storm`: after pairing, every socket is closed at once and reconnected at once; the time
   until every pair has `peer_joined` on both new sockets, then one frame each way checks it.
+- `realistic`: pairs behave as TermOnMac's clients do (protocol.md §3.2.4, §5, §9). The
+  iPhone types `--keystroke-rate` (3) `relay` frames/s of `--keystroke-payload` (40)
+  characters; the Mac queues an echo of each into its coalescer, which sends what it holds
+  50 ms after the first payload queued, or at once at 20: one payload as `relay`, more as
+  `relay_batch`. About every `--burst-every` seconds (5) per pair the Mac also queues an
+  output burst (several payloads, 1/4 to all of `--burst-bytes`, 32 KiB, in total) into
+  the same coalescer. Beside each pair, `--idle-macs-per-pair` (5) Macs with no iPhone
+  only register and heartbeat.
 
-In every mode each socket sends a heartbeat every `--heartbeat` seconds (20), at its own
-phase of the interval.
+In every mode but `realistic` each socket sends a heartbeat every `--heartbeat` seconds
+(20), at its own phase of the interval; in `realistic` a paired Mac every 1 s, an iPhone
+every 3 s and an idle Mac every 30 s, as TermOnMac's do. Every `heartbeat_ack` is counted
+against the heartbeats sent, per socket.
 
 Reports JSON (`--json FILE`, else standard output) and a one-line summary on standard error:
 delivered frames/s, one-way latency p50/p90/p99/max, loss, reordering, duplicates, pair
 set-up time, and, with `--relay-pid`, the relay's CPU seconds in the measured window and
-its RSS. Runs by hand; never part of CI.
+its RSS; in `realistic` also batches, bursts, heartbeats answered, sockets, and the relay's
+CPU per active pair. Runs by hand; never part of CI.
 """
 
 from __future__ import annotations
@@ -38,8 +51,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import binascii
+import functools
 import hashlib
-import itertools
 import json
 import math
 import multiprocessing
@@ -53,6 +66,8 @@ import sys
 import time
 import traceback
 from array import array
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -67,18 +82,29 @@ try:
 except ImportError:  # websockets built without its C extension
     from websockets.utils import apply_mask
 
-MODES = ("max", "rate", "idle", "storm")
+MODES = ("max", "rate", "idle", "storm", "realistic")
 
-# The frame's fixed head, as the product re-serialises it and as the reference forwards it.
+# The frames' fixed heads, as the product re-serialises them and as the reference forwards them.
 RELAY_PREFIX = b'{"type":"relay","payload":"'
 _PREFIX_LEN = len(RELAY_PREFIX)
+BATCH_PREFIX = b'{"type":"relay_batch","payloads":["'
+_BATCH_PREFIX_LEN = len(BATCH_PREFIX)
+_BATCH_SEP = b'","'
+HEARTBEAT_ACK_PREFIX = b'{"type":"heartbeat_ack"'
+_ACK_PREFIX_LEN = len(HEARTBEAT_ACK_PREFIX)
 # seq, send time (monotonic ns), spare: 18 bytes, which are exactly 24 base64 characters.
 _STAMP = struct.Struct("<QQH")
 _STAMP_B64 = 24
 HEARTBEAT = b'{"type":"heartbeat"}'
 
+TRAFFIC_MODES = ("max", "rate", "realistic")
+
 _OPEN_TIMEOUT_S = 10.0
+# The Mac agent's reconnect back-off (protocol.md §5.2): 0.5 s, doubled up to 8 s.
+_BACKOFF_FIRST_S, _BACKOFF_MAX_S = 0.5, 8.0
 _PHASE_TIMEOUT_S = 120.0
+# A heartbeat sent longer ago than this and not answered counts as unanswered.
+_ACK_GRACE_NS = 1_000_000_000
 
 
 @dataclass
@@ -99,12 +125,25 @@ class LoadConfig:
     api_key: str | None = None  # sent as `Authorization: Bearer …` by both ends
     relay_pid: int | None = None
     nats_pid: int | None = None
+    other_pids: dict[str, int] = field(default_factory=dict)  # more processes whose CPU in the window is reported
     setup_concurrency: int = 64  # pairs being set up at once, over all workers
     heartbeat_s: float = 20.0
     idle_settle_s: float = 5.0
     storm_timeout_s: float = 60.0
     cpus: list[int] | None = None  # CPU affinity of the workers (default: inherited)
     label: str = ""
+    # Mode "realistic": TermOnMac's cadence (protocol.md §3.2.4, §5, §9).
+    keystroke_rate: float = 3.0  # keystroke frames/s per iPhone
+    keystroke_bytes: int = 40  # payload characters of a keystroke and of its echo
+    batch_window_s: float = 0.05  # the Mac's coalescer: flush this long after the first payload…
+    batch_max: int = 20  # …or at once at this many
+    burst_every_s: float = 5.0  # mean seconds between one pair's output bursts; 0: none
+    burst_bytes: int = 32 * 1024  # most payload characters of one burst, in total
+    burst_chunk: int = 4096  # most payload characters of one burst payload
+    idle_macs_per_pair: int = 5  # Macs with no iPhone, per active pair
+    mac_heartbeat_s: float = 1.0  # a paired Mac's
+    ios_heartbeat_s: float = 3.0
+    idle_heartbeat_s: float = 30.0  # a Mac with no iPhone
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -121,6 +160,24 @@ class LoadConfig:
             raise ValueError("heartbeat_s must be positive")
         if self.mode == "max" and self.window < 1:
             raise ValueError("window must be at least 1")
+        if self.mode == "realistic":
+            for name in ("keystroke_bytes", "burst_chunk"):
+                size = getattr(self, name)
+                if size < _STAMP_B64 or size % 4:
+                    raise ValueError(f"{name} must be a multiple of 4 and at least {_STAMP_B64}")
+            if self.burst_bytes < 2 * _STAMP_B64:
+                raise ValueError(f"burst_bytes must be at least {2 * _STAMP_B64}")
+            if self.keystroke_rate <= 0 or self.batch_window_s <= 0 or self.batch_max < 2:
+                raise ValueError("keystroke_rate and batch_window_s must be positive, batch_max at least 2")
+            if min(self.mac_heartbeat_s, self.ios_heartbeat_s, self.idle_heartbeat_s) <= 0:
+                raise ValueError("heartbeat intervals must be positive")
+            if self.idle_macs_per_pair < 0 or self.burst_every_s < 0:
+                raise ValueError("idle_macs_per_pair and burst_every_s must not be negative")
+
+    @property
+    def idle_macs(self) -> int:
+        """Macs with no iPhone beside the pairs (mode "realistic" only)."""
+        return self.pairs * self.idle_macs_per_pair if self.mode == "realistic" else 0
 
     def worker_count(self) -> int:
         if self.workers > 0:
@@ -184,7 +241,7 @@ _OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING = 0x0, 0x1, 0x2, 0x8, 0x9
 
 
 class WsConn(asyncio.Protocol):
-    """A client socket of one pair: `role` is "mac" or "ios"."""
+    """A client socket of one pair (or of an idle Mac): `role` is "mac" or "ios"."""
 
     def __init__(self, worker: "Worker", pair: "Pair", role: str, url: str, headers: dict[str, str]) -> None:
         self.worker, self.pair, self.role = worker, pair, role
@@ -195,10 +252,15 @@ class WsConn(asyncio.Protocol):
         self.opened: asyncio.Future[None] = worker.loop.create_future()
         self.is_open = False
         self.lost = False
+        self.ended: asyncio.Event | None = None  # made by whoever waits for the socket's end
+        self.close_code: int | None = None  # the relay's, from its close frame
         self.dirty = False
         self._out: list[bytes] = []
         self._buffer = b""
         self._fragments: list[bytes] | None = None
+        # Acks come in the order of the heartbeats: one count and the last send time suffice.
+        self.hb_sent = self.hb_acked = 0
+        self.hb_sent_ns = 0
 
     # asyncio.Protocol
 
@@ -240,12 +302,12 @@ class WsConn(asyncio.Protocol):
         for event in proto.events_received():
             if isinstance(event, Response):
                 if proto.handshake_exc is not None:
-                    self.opened.set_exception(proto.handshake_exc)
+                    self._settle_opened(proto.handshake_exc)
                     self.transport.close()
                     return
                 self.handshake = None
                 self.is_open = True
-                self.opened.set_result(None)
+                self._settle_opened(None)
             elif isinstance(event, Frame):  # frames that came in the same read as the 101
                 self._frame(int(event.opcode) | (0x80 if event.fin else 0), event.data)
 
@@ -262,6 +324,8 @@ class WsConn(asyncio.Protocol):
                 message, self._fragments = b"".join(self._fragments), None
                 self.on_message(message)
         elif opcode == _OP_CLOSE:
+            if len(payload) >= 2:
+                self.close_code = int.from_bytes(payload[:2], "big")
             if self.is_open:
                 self.is_open = False
                 self.transport.write(_client_frame(_OP_CLOSE, payload[:2]))
@@ -272,9 +336,21 @@ class WsConn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.is_open = False
-        if not self.opened.done():
-            self.opened.set_exception(ConnectionError(f"connection lost before the handshake: {exc}"))
+        self._settle_opened(ConnectionError(f"connection lost before the handshake: {exc}"))
+        if self.ended is not None:
+            self.ended.set()
         self.pair.on_lost(self)
+
+    def _settle_opened(self, exc: BaseException | None) -> None:
+        """Settle `opened` once; an error nobody awaits any more (its wait timed out) is
+        marked as seen, so asyncio does not log it at exit."""
+        if self.opened.done():
+            return
+        if exc is None:
+            self.opened.set_result(None)
+        else:
+            self.opened.set_exception(exc)
+            self.opened.exception()
 
     # sending
 
@@ -288,6 +364,11 @@ class WsConn(asyncio.Protocol):
             self.dirty = True
             self.worker.mark_dirty(self)
         return True
+
+    def heartbeat(self) -> None:
+        if self.send(HEARTBEAT):
+            self.hb_sent += 1
+            self.hb_sent_ns = time.monotonic_ns()
 
     def flush(self) -> None:
         self.dirty = False
@@ -310,6 +391,10 @@ class WsConn(asyncio.Protocol):
     def on_message(self, data: bytes) -> None:
         if data[:_PREFIX_LEN] == RELAY_PREFIX:
             self.inbound.receive(data)
+        elif data[:_BATCH_PREFIX_LEN] == BATCH_PREFIX:
+            self.inbound.receive_batch(data)
+        elif data[:_ACK_PREFIX_LEN] == HEARTBEAT_ACK_PREFIX:
+            self.on_heartbeat_ack()
         else:
             try:
                 message = json.loads(data)
@@ -318,20 +403,33 @@ class WsConn(asyncio.Protocol):
                 return
             self.pair.on_control(self, message)
 
+    def on_heartbeat_ack(self) -> None:
+        self.hb_acked += 1
+        if self.hb_acked > self.hb_sent:
+            self.worker.note_error(f"{self.role}: heartbeat_ack without a heartbeat")
+        elif self.hb_acked == self.hb_sent:
+            self.worker.note_heartbeat_ack(self.hb_sent_ns)
+
 
 # --- pairs and their two directions -------------------------------------------------
 
 
 class Stream:
-    """One direction of one pair: what was sent, what arrived, in what order."""
+    """One direction of one pair: what was sent, what arrived, in what order (per payload)."""
 
-    __slots__ = ("worker", "pair", "from_role", "sent", "received", "duplicates", "reordered", "max_seq", "seen", "tail")
+    __slots__ = (
+        "worker", "pair", "from_role", "sent", "received", "duplicates", "reordered", "max_seq", "seen", "tail",
+        "latencies", "sent_at", "echo",
+    )  # fmt: skip
 
     def __init__(self, worker: "Worker", pair: "Pair", from_role: str, tail: bytes) -> None:
         self.worker, self.pair, self.from_role, self.tail = worker, pair, from_role, tail
         self.sent = self.received = self.duplicates = self.reordered = 0
         self.max_seq = -1
         self.seen = bytearray()
+        # This direction's latency samples and their send times (the worker's arrays).
+        self.latencies, self.sent_at = worker.samples[from_role]
+        self.echo: Callable[[], None] | None = None  # called for each new payload, while sending
 
     def send_next(self) -> None:
         conn = self.pair.conns[self.from_role]
@@ -342,9 +440,49 @@ class Stream:
             self.sent += 1
             self.worker.outstanding += 1
 
+    def send_payloads(self, tails: Sequence[bytes]) -> None:
+        """Payloads stamped now, with these tails (no closing quote): one as `relay`, more as
+        `relay_batch`, as the Mac's coalescer sends them."""
+        conn = self.pair.conns[self.from_role]
+        if conn is None or not conn.is_open:
+            self.worker.send_failures += 1
+            return
+        now, seq, pack = time.monotonic_ns(), self.sent, _STAMP.pack
+        parts = [binascii.b2a_base64(pack(seq + i, now, 0), newline=False) + tail for i, tail in enumerate(tails)]
+        if len(parts) == 1:
+            data = RELAY_PREFIX + parts[0] + b'"}'
+        else:
+            data = BATCH_PREFIX + _BATCH_SEP.join(parts) + b'"]}'
+        if conn.send(data):
+            self.sent += len(parts)
+            w = self.worker
+            w.outstanding += len(parts)
+            if len(parts) > 1:
+                w.batches_sent += 1
+
     def receive(self, data: bytes) -> None:
+        self._payload(data[_PREFIX_LEN : _PREFIX_LEN + _STAMP_B64], time.monotonic_ns())
+
+    def receive_batch(self, data: bytes) -> None:
+        """A `relay_batch`: each payload counted as a frame would be, in the batch's order."""
         now = time.monotonic_ns()
-        seq, sent_ns, _ = _STAMP.unpack(binascii.a2b_base64(data[_PREFIX_LEN : _PREFIX_LEN + _STAMP_B64]))
+        pos, count = _BATCH_PREFIX_LEN, 0
+        while True:
+            self._payload(data[pos : pos + _STAMP_B64], now)
+            count += 1
+            pos = data.find(_BATCH_SEP, pos + _STAMP_B64)
+            if pos < 0:
+                break
+            pos += len(_BATCH_SEP)
+        w = self.worker
+        w.batches_received += 1
+        w.batch_payloads_received += count
+        if w.window_start_ns <= now < w.window_end_ns:
+            w.batches_in_window += 1
+            w.batch_payloads_in_window += count
+
+    def _payload(self, stamp: bytes, now: int) -> None:
+        seq, sent_ns, _ = _STAMP.unpack(binascii.a2b_base64(stamp))
         seen = self.seen
         if seq < len(seen):
             if seen[seq]:
@@ -361,20 +499,24 @@ class Stream:
         else:
             self.max_seq = seq
         if w.window_start_ns <= sent_ns < w.window_end_ns:
-            w.latencies.append(now - sent_ns)
-            w.sent_at.append(sent_ns)
+            self.latencies.append(now - sent_ns)
+            self.sent_at.append(sent_ns)
         if w.window_start_ns <= now < w.window_end_ns:
             w.delivered_in_window += 1
-        if w.window_mode and w.sending:
-            self.send_next()
+        if w.sending:
+            if w.window_mode:
+                self.send_next()
+            elif self.echo is not None:
+                self.echo()
 
 
 class Pair:
-    """A Mac and an iPhone in one room; `conns` are their current sockets."""
+    """A Mac and an iPhone in one room; `conns` are their current sockets. An idle Mac
+    (`lone`, mode "realistic") is a Pair whose iPhone never comes."""
 
-    def __init__(self, worker: "Worker", index: int, mac_url: str, ios_url: str, tail: bytes) -> None:
-        self.worker, self.index = worker, index
-        self.room_id = f"bench-{worker.run_tag}-{index}"
+    def __init__(self, worker: "Worker", index: int, mac_url: str, ios_url: str, tail: bytes, lone: bool = False) -> None:
+        self.worker, self.index, self.lone = worker, index, lone
+        self.room_id = f"bench-{worker.run_tag}-{'idle-' if lone else ''}{index}"
         secret = secrets.token_hex(16)
         self.secret_hash = hashlib.sha256(secret.encode()).hexdigest()
         self.public_key = _b64_key()
@@ -384,10 +526,12 @@ class Pair:
         self.down = Stream(worker, self, "ios", tail)  # iPhone → Mac
         self.conns: dict[str, WsConn | None] = {"mac": None, "ios": None}
         self.peered = {"mac": False, "ios": False}
+        self.role_peered = {"mac": asyncio.Event(), "ios": asyncio.Event()}  # mode "storm"
         self.paired_at_ns = 0
         self.paired_event = asyncio.Event()
         self.registered: asyncio.Future[dict] | None = None
         self.failure: str | None = None
+        self.coalescer: Coalescer | None = None  # the Mac's, mode "realistic"
 
     @property
     def is_paired(self) -> bool:
@@ -396,6 +540,7 @@ class Pair:
     def _set_peered(self, role: str, value: bool) -> None:
         before = self.is_paired
         self.peered[role] = value
+        (self.role_peered[role].set if value else self.role_peered[role].clear)()
         after = self.is_paired
         if after and not before:
             self.paired_at_ns = time.monotonic_ns()
@@ -420,7 +565,9 @@ class Pair:
             self.worker.note_error(f"{conn.role}: {message.get('code')} {message.get('message', '')}")
             if conn.role == "mac" and self.registered is not None and not self.registered.done():
                 self.registered.set_exception(RuntimeError(f"register_room: {message}"))
-        elif kind != "heartbeat_ack":
+        elif kind == "heartbeat_ack":
+            conn.on_heartbeat_ack()  # one the fast path did not recognise (other spacing)
+        else:
             self.worker.note_error(f"{conn.role}: unexpected {kind}")
 
     def on_lost(self, conn: WsConn) -> None:
@@ -485,11 +632,16 @@ def _ws_url(base: str, room_id: str, role: str) -> str:
 class Worker:
     """The pairs of one process, and the commands it takes from the coordinator."""
 
-    def __init__(self, index: int, cfg: LoadConfig, pair_indices: list[int], run_tag: str, pipe: Any) -> None:
+    def __init__(
+        self, index: int, cfg: LoadConfig, pair_indices: list[int], run_tag: str, pipe: Any, lone_indices: Sequence[int] = ()
+    ) -> None:
         self.index, self.cfg, self.pair_indices, self.run_tag, self.pipe = index, cfg, pair_indices, run_tag, pipe
+        self.lone_indices = list(lone_indices)
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.pairs: list[Pair] = []
         self.active: list[Pair] = []
+        self.lone: list[Pair] = []  # idle Macs (mode "realistic")
+        self.lone_active: list[Pair] = []  # those registered
         self.headers = {"User-Agent": "termrelay-bench"}
         if cfg.api_key:
             self.headers["Authorization"] = f"Bearer {cfg.api_key}"
@@ -499,9 +651,15 @@ class Worker:
         self.window_mode = cfg.mode == "max"
         self.sending = False
         self.window_start_ns = self.window_end_ns = 0
-        self.latencies = array("q")
-        self.sent_at = array("q")  # send time of each latency sample, for the timeline
+        # Per direction (the sender's role): latency samples and their send times (for the timeline).
+        self.samples = {role: (array("q"), array("q")) for role in ("mac", "ios")}
         self.delivered_in_window = 0
+        self.batches_sent = self.batches_received = self.batch_payloads_received = 0
+        self.batches_in_window = self.batch_payloads_in_window = 0
+        self.bursts = 0
+        self.heartbeat_ack_ns = array("q")  # heartbeat to ack, of heartbeats sent in the window
+        self.beating = True
+        self.flusher: FlushQueue | None = None
         self.outstanding = 0
         self.send_failures = 0
         self.disconnects = 0
@@ -510,6 +668,7 @@ class Worker:
         self.paired_count = 0
         self.all_paired = asyncio.Event()
         self.retries = 0
+        self.closed_by_relay: dict[int, int] = {}  # mode "storm": close code → sockets
 
     # plumbing
 
@@ -530,6 +689,10 @@ class Worker:
         self.errors += 1
         if len(self.error_samples) < 5:
             self.error_samples.append(text[:300])
+
+    def note_heartbeat_ack(self, sent_ns: int) -> None:
+        if self.window_start_ns <= sent_ns < self.window_end_ns:
+            self.heartbeat_ack_ns.append(time.monotonic_ns() - sent_ns)
 
     def on_pair_change(self, delta: int) -> None:
         self.paired_count += delta
@@ -577,12 +740,19 @@ class Worker:
 
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
-        rng = random.Random()
-        tail_raw = rng.randbytes(self.cfg.payload_bytes * 3 // 4 - _STAMP.size)
-        tail = binascii.b2a_base64(tail_raw, newline=False) + b'"}'
-        mac_urls, ios_urls = self.cfg.mac_urls, self.cfg.ios_urls or self.cfg.mac_urls
+        cfg = self.cfg
+        realistic = cfg.mode == "realistic"
+        tail = payload_tail(cfg.keystroke_bytes if realistic else cfg.payload_bytes) + b'"}'
+        mac_urls, ios_urls = cfg.mac_urls, cfg.ios_urls or cfg.mac_urls
         self.pairs = [Pair(self, i, mac_urls[i % len(mac_urls)], ios_urls[i % len(ios_urls)], tail) for i in self.pair_indices]
-        heartbeats = asyncio.create_task(self._heartbeats())
+        self.lone = [Pair(self, i, mac_urls[i % len(mac_urls)], ios_urls[0], tail, lone=True) for i in self.lone_indices]
+        if realistic:
+            self.flusher = FlushQueue(self.loop, cfg.batch_window_s)
+            echo = payload_tail(cfg.keystroke_bytes)
+            for pair in self.pairs:
+                pair.coalescer = Coalescer(self.flusher, pair.up, cfg.batch_max)
+                pair.down.echo = functools.partial(pair.coalescer.add, echo)
+        self._start_heartbeats()
         try:
             self.pipe.send(await self._setup())
             while True:
@@ -593,13 +763,13 @@ class Worker:
                 elif kind == "storm":
                     self.pipe.send(await self._storm(command))
                 elif kind == "close":
-                    for pair in self.pairs:
+                    for pair in self.pairs + self.lone:
                         pair.drop()
                     await asyncio.sleep(0.2)
                     self.pipe.send({"phase": "closed"})
                     return
         finally:
-            heartbeats.cancel()
+            self.beating = False
 
     async def _setup(self) -> dict[str, Any]:
         workers = self.cfg.worker_count()
@@ -614,6 +784,9 @@ class Worker:
                     pair.registered = self.loop.create_future()
                     mac.send(pair.register_message())
                     await asyncio.wait_for(pair.registered, _OPEN_TIMEOUT_S)
+                    if pair.lone:
+                        self.lone_active.append(pair)
+                        return
                     ios = await self._open(pair, "ios")
                     ios.send(pair.join_message())
                     await asyncio.wait_for(pair.paired_event.wait(), _OPEN_TIMEOUT_S)
@@ -625,34 +798,71 @@ class Worker:
                 times.append(time.monotonic_ns() - started)
                 self.active.append(pair)
 
+        # Pairs first: the idle Macs' registrations then come in while pairs are idle, as they would.
         await asyncio.gather(*(one(pair) for pair in self.pairs))
+        await asyncio.gather(*(one(pair) for pair in self.lone))
         self.paired_count = sum(1 for pair in self.active if pair.is_paired)
-        return {"phase": "setup", "setup_ns": times, "failed": len(self.pairs) - len(self.active), **self._problems()}
+        return {
+            "phase": "setup",
+            "setup_ns": times,
+            "failed": len(self.pairs) - len(self.active),
+            "idle_registered": len(self.lone_active),
+            "idle_failed": len(self.lone) - len(self.lone_active),
+            **self._problems(),
+        }
 
     def _problems(self) -> dict[str, Any]:
         return {"errors": self.errors, "error_samples": self.error_samples, "disconnects": self.disconnects}
 
-    async def _heartbeats(self) -> None:
-        """A heartbeat from every socket every `heartbeat_s`, each socket at its own phase.
+    def _start_heartbeats(self) -> None:
+        """A heartbeat from every socket at its cadence, each socket at its own phase.
 
         Phases are spread evenly over the interval, as independent clients' are: sent in
         bursts (all sockets due in the same second at once), the heartbeats would put a
         once-a-second stall into every relay's latency tail that real traffic never makes.
+        One timer per cadence and worker, not one per socket.
         """
-        interval = self.cfg.heartbeat_s
-        slots = random.sample([(pair, role) for pair in self.pairs for role in ("mac", "ios")], 2 * len(self.pairs))
-        if not slots:
-            return
-        step = interval / len(slots)
-        start = self.loop.time()
-        for cycle in itertools.count():
-            for n, (pair, role) in enumerate(slots):
-                due = start + cycle * interval + n * step
-                if due > self.loop.time():
-                    await asyncio.sleep(due - self.loop.time())
-                conn = pair.conns[role]
-                if conn is not None and conn.is_open:
-                    conn.send(HEARTBEAT)
+        cfg = self.cfg
+        if cfg.mode == "realistic":
+            groups = [
+                ([(pair, "mac") for pair in self.pairs], cfg.mac_heartbeat_s),
+                ([(pair, "ios") for pair in self.pairs], cfg.ios_heartbeat_s),
+                ([(pair, "mac") for pair in self.lone], cfg.idle_heartbeat_s),
+            ]
+        else:
+            groups = [([(pair, role) for pair in self.pairs for role in ("mac", "ios")], cfg.heartbeat_s)]
+        for slots, interval in groups:
+            GridSchedule(self.loop, slots, interval, self._beat, lambda: self.beating, min_step_s=0.002).tick()
+
+    @staticmethod
+    def _beat(slot: tuple[Pair, str]) -> None:
+        conn = slot[0].conns[slot[1]]
+        if conn is not None and conn.is_open:
+            conn.heartbeat()
+
+    def _heartbeat_counts(self) -> dict[str, dict[str, int]]:
+        """Heartbeats sent and answered so far, by kind of socket; `unanswered`: sent over
+        a second ago and not answered."""
+        now = time.monotonic_ns()
+        kinds = {
+            "mac": [pair.conns["mac"] for pair in self.active],
+            "ios": [pair.conns["ios"] for pair in self.active],
+            "idle_mac": [pair.conns["mac"] for pair in self.lone_active],
+        }
+        counts = {}
+        for kind, conns in kinds.items():
+            sent = acked = unanswered = 0
+            for conn in conns:
+                if conn is None:
+                    continue
+                sent += conn.hb_sent
+                acked += conn.hb_acked
+                missing = conn.hb_sent - conn.hb_acked
+                if missing > 0 and now - conn.hb_sent_ns < _ACK_GRACE_NS:
+                    missing -= 1  # the last one may still be on its way
+                unanswered += max(0, missing)
+            counts[kind] = {"sent": sent, "acked": acked, "unanswered": unanswered}
+        return counts
 
     async def _traffic(self, command: dict[str, Any]) -> dict[str, Any]:
         cfg, loop = self.cfg, self.loop
@@ -667,8 +877,16 @@ class Worker:
                 for _ in range(cfg.window):
                     for stream in streams:
                         stream.send_next()
+            elif cfg.mode == "realistic":
+                keystrokes = [pair.down for pair in self.active]
+                GridSchedule(loop, keystrokes, 1.0 / cfg.keystroke_rate, Stream.send_next, sending, min_step_s=0.001).tick()
+                if cfg.burst_every_s > 0 and self.active:
+                    Bursts(self, cfg).start()
             else:
-                RateSchedule(self, streams, cfg.rate).tick()
+                GridSchedule(loop, streams, 1.0 / cfg.rate, Stream.send_next, sending).tick()
+
+        def sending() -> bool:
+            return self.sending
 
         def stop() -> None:
             self.sending = False
@@ -679,7 +897,8 @@ class Worker:
         loop.call_at(window_end, stop)
         await asyncio.sleep(max(0.0, window_end - loop.time()) + 0.01)
         drain_until = loop.time() + cfg.drain_s
-        while self.outstanding > 0 and loop.time() < drain_until:
+        # What a coalescer still holds goes out within its window; then it must all arrive.
+        while (self.outstanding > 0 or (self.flusher and self.flusher.queue)) and loop.time() < drain_until:
             await asyncio.sleep(0.02)
         sent = sum(s.sent for s in streams)
         received = sum(s.received for s in streams)
@@ -690,10 +909,18 @@ class Worker:
             "duplicates": sum(s.duplicates for s in streams),
             "reordered": sum(s.reordered for s in streams),
             "delivered_in_window": self.delivered_in_window,
-            "latencies": self.latencies.tobytes(),
-            "sent_at": self.sent_at.tobytes(),
+            "latencies": {role: lat.tobytes() for role, (lat, _) in self.samples.items()},
+            "sent_at": {role: at.tobytes() for role, (_, at) in self.samples.items()},
             "cpu_s": cpu.get("end", 0.0) - cpu.get("start", 0.0),
             "send_failures": self.send_failures,
+            "batches_sent": self.batches_sent,
+            "batches_received": self.batches_received,
+            "batch_payloads_received": self.batch_payloads_received,
+            "batches_in_window": self.batches_in_window,
+            "batch_payloads_in_window": self.batch_payloads_in_window,
+            "bursts": self.bursts,
+            "heartbeats": self._heartbeat_counts(),
+            "heartbeat_ack_ns": self.heartbeat_ack_ns.tobytes(),
             **self._problems(),
         }
 
@@ -706,16 +933,38 @@ class Worker:
         deadline = loop.time() + self.cfg.storm_timeout_s
 
         async def reconnect(pair: Pair, role: str) -> None:
+            """As the Mac agent reconnects (protocol.md §5.2): after a failed upgrade it
+            backs off 0.5, 1, 2, 4, 8, 8 … s, reset by every upgrade that succeeds; a socket
+            the relay closes is reopened at once after 1001 or 4000, after the back-off
+            otherwise; it is done once it has seen its peer. Each wait is stretched by up
+            to ±20 %: thousands of clients do not share one clock."""
+            backoff, delay = _BACKOFF_FIRST_S, 0.0
             while loop.time() < deadline:
+                if delay:
+                    await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 try:
                     conn = await self._open(pair, role)
-                    conn.send(pair.register_message() if role == "mac" else pair.join_message())
-                    return
                 except Exception as exc:
                     self.retries += 1
                     if self.retries <= 3:
                         self.note_error(f"storm reconnect of {role}: {_describe(exc)}")
-                    await asyncio.sleep(0.2 + random.random() * 0.3)
+                    delay, backoff = backoff, min(2 * backoff, _BACKOFF_MAX_S)
+                    continue
+                backoff = _BACKOFF_FIRST_S
+                conn.ended = asyncio.Event()
+                conn.send(pair.register_message() if role == "mac" else pair.join_message())
+                ended, peered = asyncio.ensure_future(conn.ended.wait()), asyncio.ensure_future(pair.role_peered[role].wait())
+                await asyncio.wait((ended, peered), timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED)
+                ended.cancel()
+                peered.cancel()
+                if pair.peered[role] and not conn.lost:
+                    return
+                if conn.lost:
+                    self.retries += 1
+                    self.closed_by_relay[conn.close_code or 1006] = self.closed_by_relay.get(conn.close_code or 1006, 0) + 1
+                    delay = 0.0 if conn.close_code in (1001, 4000) else backoff
+                    if delay:
+                        backoff = min(2 * backoff, _BACKOFF_MAX_S)
 
         tasks = [asyncio.create_task(reconnect(pair, role)) for pair in self.active for role in ("mac", "ios")]
         try:
@@ -747,46 +996,150 @@ class Worker:
             "verified": verified,
             "timed_out": timed_out,
             "retries": self.retries,
+            "closed_by_relay": self.closed_by_relay,
             **self._problems(),
         }
 
 
-class RateSchedule:
-    """Mode "rate": every stream sends `rate` frames/s on a fixed grid (open loop, no drift).
+class GridSchedule:
+    """`fire(item)` for every item once per `interval_s`, on a fixed grid (open loop, no drift),
+    while `running()`.
 
-    The streams' phases are spread evenly over one interval, in random order; one timer
-    per worker sends whatever is due, so a loop turn serves many streams at high rates.
+    The items' phases are spread evenly over one interval, in random order; one timer sends
+    whatever is due, so a loop turn serves many items at high rates (mode "rate"'s
+    frames, every mode's heartbeats, mode "realistic"'s keystrokes), with no task or timer
+    per socket. A tick comes at most every `min_step_s`.
     """
 
-    _MIN_STEP_S = 0.0005
-
-    def __init__(self, worker: "Worker", streams: list[Stream], rate: float) -> None:
-        self.worker = worker
-        self.order = random.sample(streams, len(streams))
-        self.interval = 1.0 / rate
-        self.phases = [self.interval * i / len(streams) for i in range(len(streams))]
-        self.start = worker.loop.time()
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        items: Sequence[Any],
+        interval_s: float,
+        fire: Callable[[Any], None],
+        running: Callable[[], bool],
+        min_step_s: float = 0.0005,
+    ) -> None:
+        self.loop, self.fire, self.running, self.min_step_s = loop, fire, running, min_step_s
+        self.order = random.sample(list(items), len(items))
+        self.interval = interval_s
+        self.phases = [interval_s * i / len(items) for i in range(len(items))]
+        self.start = loop.time()
         self.cursor = self.cycle = 0
 
     def tick(self) -> None:
-        w = self.worker
-        if not w.sending or not self.order:
+        if not self.running() or not self.order:
             return
-        now = w.loop.time()
-        order, phases, n = self.order, self.phases, len(self.order)
+        now = self.loop.time()
+        order, phases, n, fire = self.order, self.phases, len(self.order), self.fire
         while True:
             due = self.start + self.cycle * self.interval + phases[self.cursor]
             if due > now:
                 break
-            order[self.cursor].send_next()
+            fire(order[self.cursor])
             self.cursor += 1
             if self.cursor == n:
                 self.cursor = 0
                 self.cycle += 1
-        w.loop.call_at(max(due, now + self._MIN_STEP_S), self.tick)
+        self.loop.call_at(max(due, now + self.min_step_s), self.tick)
 
 
-def _worker_main(index: int, cfg: LoadConfig, pair_indices: list[int], run_tag: str, pipe: Any) -> None:
+# --- mode "realistic": the Mac's coalescer and its output bursts ------------------------
+
+
+class Coalescer:
+    """The Mac's `relay_batch` coalescer (protocol.md §3.2.4): what is queued goes out
+    `FlushQueue.delay_s` after the first payload, or at once at `most` payloads; one payload
+    as `relay`, more as `relay_batch`. Payloads are stamped when sent, so the time they
+    waited here is not counted as the relay's."""
+
+    __slots__ = ("flusher", "stream", "most", "pending", "generation")
+
+    def __init__(self, flusher: "FlushQueue", stream: Stream, most: int) -> None:
+        self.flusher, self.stream, self.most = flusher, stream, most
+        self.pending: list[bytes] = []
+        self.generation = 0
+
+    def add(self, tail: bytes) -> None:
+        pending = self.pending
+        pending.append(tail)
+        if len(pending) == 1:
+            self.flusher.schedule(self)
+        if len(pending) >= self.most:
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        self.generation += 1  # a deadline still queued for this coalescer is void
+        if pending:
+            self.stream.send_payloads(pending)
+
+
+class FlushQueue:
+    """The coalescers' deadlines in one worker, on one timer: every deadline is the same
+    delay after its coalescer's first payload, so they fall due in the order queued."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, delay_s: float) -> None:
+        self.loop, self.delay_s = loop, delay_s
+        self.queue: deque[tuple[float, Coalescer, int]] = deque()
+        self.armed = False
+
+    def schedule(self, coalescer: Coalescer) -> None:
+        due = self.loop.time() + self.delay_s
+        self.queue.append((due, coalescer, coalescer.generation))
+        if not self.armed:
+            self.armed = True
+            self.loop.call_at(due, self._run)
+
+    def _run(self) -> None:
+        now, queue = self.loop.time(), self.queue
+        while queue and queue[0][0] <= now:
+            _, coalescer, generation = queue.popleft()
+            if coalescer.generation == generation:
+                coalescer.flush()
+        if queue:
+            self.loop.call_at(max(queue[0][0], now + 0.0005), self._run)
+        else:
+            self.armed = False
+
+
+class Bursts:
+    """Output bursts of a worker's active Macs, while sending: each pair's a Poisson process
+    with a mean gap of `burst_every_s`, drawn as one process for the worker (one timer).
+    A burst is 1/4 to all of `burst_bytes` payload characters, in at least two payloads of
+    at most `burst_chunk`, queued at once into the Mac's coalescer."""
+
+    def __init__(self, worker: Worker, cfg: LoadConfig) -> None:
+        self.worker, self.cfg = worker, cfg
+        self.rate = len(worker.active) / cfg.burst_every_s
+        self.tail = payload_tail(cfg.burst_chunk)
+        self.rng = random.Random()
+
+    def start(self) -> None:
+        self.worker.loop.call_later(self.rng.expovariate(self.rate), self._burst)
+
+    def _burst(self) -> None:
+        w, cfg, rng = self.worker, self.cfg, self.rng
+        if not w.sending:
+            return
+        total = rng.randint(cfg.burst_bytes // 4, cfg.burst_bytes)
+        count = max(2, math.ceil(total / cfg.burst_chunk))
+        size = max(_STAMP_B64, total // count // 4 * 4)
+        tail = self.tail[: size - _STAMP_B64]
+        coalescer = rng.choice(w.active).coalescer
+        for _ in range(count):
+            coalescer.add(tail)
+        w.bursts += 1
+        w.loop.call_later(rng.expovariate(self.rate), self._burst)
+
+
+def payload_tail(chars: int) -> bytes:
+    """Random base64 text for the rest of a payload of `chars` characters after its stamp."""
+    raw = random.randbytes(chars * 3 // 4 - _STAMP.size)
+    return binascii.b2a_base64(raw, newline=False)
+
+
+def _worker_main(index: int, cfg: LoadConfig, pair_indices: list[int], run_tag: str, pipe: Any, lone_indices: list[int]) -> None:
     """Entry point of a worker process (spawned)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator ends us, by PID
     raise_nofile_limit()
@@ -796,7 +1149,7 @@ def _worker_main(index: int, cfg: LoadConfig, pair_indices: list[int], run_tag: 
         except OSError:
             pass
     try:
-        asyncio.run(Worker(index, cfg, pair_indices, run_tag, pipe).run())
+        asyncio.run(Worker(index, cfg, pair_indices, run_tag, pipe, lone_indices).run())
     except (EOFError, BrokenPipeError):
         pass  # the coordinator went away
     except BaseException:
@@ -835,7 +1188,7 @@ class _Workers:
             parent, child = ctx.Pipe()
             proc = ctx.Process(
                 target=_worker_main,
-                args=(w, cfg, list(range(w, cfg.pairs, count)), run_tag, child),
+                args=(w, cfg, list(range(w, cfg.pairs, count)), run_tag, child, list(range(w, cfg.idle_macs, count))),
                 name=f"loadgen-{w}",
                 daemon=True,
             )
@@ -908,17 +1261,27 @@ def run_load(cfg: LoadConfig) -> dict[str, Any]:
         "payload_bytes": cfg.payload_bytes,
         "rate_per_direction": cfg.rate if cfg.mode == "rate" else None,
         "window": cfg.window if cfg.mode == "max" else None,
-        "duration_s": cfg.duration_s if cfg.mode in ("max", "rate") else None,
+        "duration_s": cfg.duration_s if cfg.mode in TRAFFIC_MODES else None,
         "mac_urls": cfg.mac_urls,
         "ios_urls": cfg.ios_urls or cfg.mac_urls,
     }
+    if cfg.mode == "realistic":
+        report["payload_bytes"] = cfg.keystroke_bytes
+        report["idle_macs"] = cfg.idle_macs
+        report["realistic"] = {
+            name: getattr(cfg, name)
+            for name in (
+                "keystroke_rate", "keystroke_bytes", "batch_window_s", "batch_max", "burst_every_s", "burst_bytes",
+                "burst_chunk", "idle_macs_per_pair", "mac_heartbeat_s", "ios_heartbeat_s", "idle_heartbeat_s",
+            )
+        }  # fmt: skip
     relay: dict[str, Any] = {"pid": cfg.relay_pid}
     if cfg.relay_pid:
         relay["rss_before_kib"] = proc_rss_kib(cfg.relay_pid)
     setup_started = time.monotonic()
     try:
         workers.start()
-        setups = workers.gather("setup", _PHASE_TIMEOUT_S + cfg.pairs * 0.05)
+        setups = workers.gather("setup", _PHASE_TIMEOUT_S + cfg.pairs * 0.05 + cfg.idle_macs * 0.02)
         setup_ns = sorted(t for s in setups for t in s["setup_ns"])
         report["setup"] = {
             "paired": len(setup_ns),
@@ -927,8 +1290,12 @@ def run_load(cfg: LoadConfig) -> dict[str, Any]:
             "max_ms": _ms(setup_ns[-1] if setup_ns else 0),
             "total_s": round(time.monotonic() - setup_started, 3),
         }
+        if cfg.mode == "realistic":
+            report["setup"]["idle_registered"] = sum(s["idle_registered"] for s in setups)
+            report["setup"]["idle_failed"] = sum(s["idle_failed"] for s in setups)
+            report["sockets"] = 2 * report["setup"]["paired"] + report["setup"]["idle_registered"]
         last = setups
-        if cfg.mode in ("max", "rate"):
+        if cfg.mode in TRAFFIC_MODES:
             last = _measure_traffic(cfg, workers, report, relay)
         elif cfg.mode == "idle":
             time.sleep(cfg.idle_settle_s)
@@ -961,6 +1328,7 @@ def _measure_traffic(cfg: LoadConfig, workers: _Workers, report: dict[str, Any],
     _sleep_until(window_start)
     relay_cpu0 = proc_cpu_s(cfg.relay_pid) if cfg.relay_pid else None
     nats_cpu0 = proc_cpu_s(cfg.nats_pid) if cfg.nats_pid else None
+    others_cpu0 = {name: proc_cpu_s(pid) for name, pid in cfg.other_pids.items()}
     _sleep_until(window_end)
     if cfg.relay_pid:
         relay["cpu_s"] = round(proc_cpu_s(cfg.relay_pid) - relay_cpu0, 3)
@@ -969,14 +1337,21 @@ def _measure_traffic(cfg: LoadConfig, workers: _Workers, report: dict[str, Any],
     if cfg.nats_pid:
         nats_cpu = proc_cpu_s(cfg.nats_pid) - nats_cpu0
         report["nats"] = {"pid": cfg.nats_pid, "cpu_s": round(nats_cpu, 3), "cpu_util": round(nats_cpu / cfg.duration_s, 3)}
+    if cfg.other_pids:
+        report["others"] = {}
+        for name, pid in cfg.other_pids.items():
+            cpu = proc_cpu_s(pid) - others_cpu0[name]
+            report["others"][name] = {"pid": pid, "cpu_s": round(cpu, 3), "cpu_util": round(cpu / cfg.duration_s, 3)}
     results = workers.gather("traffic", cfg.drain_s + 30)
     latencies: list[int] = []
     sent_at: list[int] = []
-    for r in results:
-        for name, into in (("latencies", latencies), ("sent_at", sent_at)):
-            chunk = array("q")
-            chunk.frombytes(r[name])
-            into.extend(chunk)
+    by_direction: dict[str, list[int]] = {}
+    for role, direction in (("ios", "ios_to_mac"), ("mac", "mac_to_ios")):
+        these = by_direction[direction] = []
+        for r in results:
+            these.extend(_unpack(r["latencies"][role]))
+            sent_at.extend(_unpack(r["sent_at"][role]))
+        latencies.extend(these)
     timeline = latency_timeline(sent_at, latencies, int(window_start * 1e9), cfg.duration_s)
     latencies.sort()
     sent = sum(r["sent"] for r in results)
@@ -987,13 +1362,7 @@ def _measure_traffic(cfg: LoadConfig, workers: _Workers, report: dict[str, Any],
         sent=sent,
         received=received,
         delivered_per_s=round(delivered / cfg.duration_s, 1),
-        latency_ms={
-            "p50": _ms(_percentile(latencies, 50)),
-            "p90": _ms(_percentile(latencies, 90)),
-            "p99": _ms(_percentile(latencies, 99)),
-            "max": _ms(latencies[-1] if latencies else 0),
-            "samples": len(latencies),
-        },
+        latency_ms=_latency_ms(latencies),
         lost=sent - received,
         loss_ratio=round((sent - received) / sent, 6) if sent else 0.0,
         reordered=sum(r["reordered"] for r in results),
@@ -1002,7 +1371,45 @@ def _measure_traffic(cfg: LoadConfig, workers: _Workers, report: dict[str, Any],
         loadgen={"cpu_s": round(loadgen_cpu, 3), "cpu_util": round(loadgen_cpu / cfg.duration_s, 3)},
         latency_timeline=timeline,
     )
+    heartbeats: dict[str, Any] = {}
+    for r in results:
+        for kind, counts in r["heartbeats"].items():
+            into = heartbeats.setdefault(kind, dict.fromkeys(counts, 0))
+            for name, n in counts.items():
+                into[name] += n
+    acks = sorted(t for r in results for t in _unpack(r["heartbeat_ack_ns"]))
+    heartbeats["ack_ms"] = _latency_ms(acks)
+    report["heartbeats"] = heartbeats
+    if cfg.mode == "realistic":
+        report["latency_by_direction"] = {d: _latency_ms(sorted(v)) for d, v in by_direction.items()}
+        in_window = sum(r["delivered_in_window"] - r["batch_payloads_in_window"] + r["batches_in_window"] for r in results)
+        report["delivered_frames_per_s"] = round(in_window / cfg.duration_s, 1)
+        report["batches"] = {
+            "sent": sum(r["batches_sent"] for r in results),
+            "received": sum(r["batches_received"] for r in results),
+            "payloads_received": sum(r["batch_payloads_received"] for r in results),
+        }
+        report["bursts"] = sum(r["bursts"] for r in results)
+        if "cpu_util" in relay:
+            # CPU-seconds per active pair per second of the window (idle Macs included in the cost).
+            relay["cpu_per_pair"] = round(relay["cpu_util"] / cfg.pairs, 7)
     return results
+
+
+def _unpack(data: bytes) -> array:
+    values = array("q")
+    values.frombytes(data)
+    return values
+
+
+def _latency_ms(sorted_ns: list[int]) -> dict[str, float]:
+    return {
+        "p50": _ms(_percentile(sorted_ns, 50)),
+        "p90": _ms(_percentile(sorted_ns, 90)),
+        "p99": _ms(_percentile(sorted_ns, 99)),
+        "max": _ms(sorted_ns[-1] if sorted_ns else 0),
+        "samples": len(sorted_ns),
+    }
 
 
 TIMELINE_STEP_MS = 100
@@ -1043,19 +1450,25 @@ def _measure_storm(cfg: LoadConfig, workers: _Workers, report: dict[str, Any]) -
         "verified": sum(r["verified"] for r in results),
         "timed_out": any(r["timed_out"] for r in results),
         "retries": sum(r["retries"] for r in results),
+        "closed_by_relay": {code: sum(r["closed_by_relay"].get(code, 0) for r in results) for code in sorted({c for r in results for c in r["closed_by_relay"]})},
         "timeout_s": cfg.storm_timeout_s,
     }
     return results
 
 
-# Fields every report has, by mode (the smoke test checks them).
+# Fields every report has, by mode (the smoke test checks them); "traffic" is every
+# mode of TRAFFIC_MODES, "realistic" adds its own.
 REPORT_FIELDS = {
     "common": ("label", "mode", "pairs", "workers", "payload_bytes", "setup", "relay", "errors", "disconnects"),
     "traffic": (
         "sent", "received", "delivered_per_s", "latency_ms", "lost", "loss_ratio", "reordered", "duplicates", "loadgen",
+        "heartbeats",
     ),
     "idle": (),
     "storm": ("storm",),
+    "realistic": (
+        "idle_macs", "sockets", "realistic", "delivered_frames_per_s", "latency_by_direction", "batches", "bursts",
+    ),
 }
 
 
@@ -1080,6 +1493,26 @@ def summary(report: dict[str, Any]) -> str:
             f"reordered {report['reordered']}, duplicates {report['duplicates']}{cpu}, "
             f"loadgen CPU {report['loadgen']['cpu_util']:.2f} core, {tail}"
         )
+    if mode == "realistic":
+        lat, beats = report["latency_ms"], report["heartbeats"]
+        acked = sum(beats[k]["acked"] for k in ("mac", "ios", "idle_mac"))
+        unanswered = sum(beats[k]["unanswered"] for k in ("mac", "ios", "idle_mac"))
+        cpu = ""
+        if "cpu_util" in relay:
+            cpu = (
+                f", relay CPU {relay['cpu_util']:.2f} core ({relay['cpu_per_pair'] * 1e3:.3f} ms/s per pair), "
+                f"RSS {relay['rss_kib'] / 1024:.1f} MiB"
+            )
+        return (
+            f"{head} + {setup['idle_registered']} idle Macs ({report['sockets']} sockets): "
+            f"{report['delivered_per_s']:.0f} payloads/s in {report['delivered_frames_per_s']:.0f} frames/s "
+            f"({report['batches']['received']} batches, {report['bursts']} bursts), latency p50/p90/p99/max "
+            f"{lat['p50']:.2f}/{lat['p90']:.2f}/{lat['p99']:.2f}/{lat['max']:.2f} ms, lost {report['lost']}, "
+            f"reordered {report['reordered']}, duplicates {report['duplicates']}, heartbeats acked {acked} "
+            f"(unanswered {unanswered}, ack p99 {beats['ack_ms']['p99']:.2f} ms){cpu}, "
+            f"loadgen CPU {report['loadgen']['cpu_util']:.2f} core, {tail}"
+            + (f", {setup['idle_failed']} idle Macs FAILED" if setup["idle_failed"] else "")
+        )
     if mode == "idle":
         if "kib_per_connection" in relay:
             return (
@@ -1093,7 +1526,8 @@ def summary(report: dict[str, Any]) -> str:
     )
     return (
         f"{head}: {done} (p50 {storm['p50_s']:.2f} s), {storm['verified']}/{storm['paired'] + storm['unpaired']} "
-        f"verified by a frame each way, {storm['retries']} reconnect retries, {tail}"
+        f"verified by a frame each way, {storm['retries']} reconnect retries"
+        f"{' (sockets closed by the relay: ' + ', '.join(f'{n} × {c}' for c, n in storm.get('closed_by_relay', {}).items()) + ')' if storm.get('closed_by_relay') else ''}, {tail}"
     )
 
 
@@ -1117,9 +1551,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nats-pid", type=int, default=None, help="PID of nats-server: its CPU is reported")
     parser.add_argument("--setup-concurrency", type=int, default=64, help="pairs being set up at once")
     parser.add_argument(
-        "--heartbeat", type=float, default=20.0, help="seconds between one socket's heartbeats (TermOnMac: 1 s active Mac, 3 s iPhone)"
+        "--heartbeat", type=float, default=20.0,
+        help="seconds between one socket's heartbeats, all modes but realistic (TermOnMac: 1 s active Mac, 3 s iPhone)",
     )
     parser.add_argument("--storm-timeout", type=float, default=60.0)
+    realistic = parser.add_argument_group("mode realistic (TermOnMac's cadence)")
+    realistic.add_argument("--idle-macs-per-pair", type=int, default=5, help="Macs with no iPhone per active pair (5)")
+    realistic.add_argument("--keystroke-rate", type=float, default=3.0, help="keystroke frames/s per iPhone (3)")
+    realistic.add_argument("--keystroke-payload", type=int, default=40, help="keystroke and echo payload characters (40)")
+    realistic.add_argument("--burst-every", type=float, default=5.0, help="mean seconds between one pair's output bursts (5; 0: none)")
+    realistic.add_argument("--burst-bytes", type=int, default=32 * 1024, help="most payload characters of one burst (32768)")
+    realistic.add_argument("--burst-chunk", type=int, default=4096, help="most characters of one burst payload (4096)")
+    realistic.add_argument("--mac-heartbeat", type=float, default=1.0, help="a paired Mac's heartbeat interval (1 s)")
+    realistic.add_argument("--ios-heartbeat", type=float, default=3.0, help="an iPhone's heartbeat interval (3 s)")
+    realistic.add_argument("--idle-heartbeat", type=float, default=30.0, help="an idle Mac's heartbeat interval (30 s)")
     parser.add_argument("--json", default=None, help="write the report here (default: standard output)")
     args = parser.parse_args(argv)
     api_key = args.api_key
@@ -1143,6 +1588,15 @@ def main(argv: list[str] | None = None) -> None:
         setup_concurrency=args.setup_concurrency,
         heartbeat_s=args.heartbeat,
         storm_timeout_s=args.storm_timeout,
+        idle_macs_per_pair=args.idle_macs_per_pair,
+        keystroke_rate=args.keystroke_rate,
+        keystroke_bytes=args.keystroke_payload,
+        burst_every_s=args.burst_every,
+        burst_bytes=args.burst_bytes,
+        burst_chunk=args.burst_chunk,
+        mac_heartbeat_s=args.mac_heartbeat,
+        ios_heartbeat_s=args.ios_heartbeat,
+        idle_heartbeat_s=args.idle_heartbeat,
     )
     raise_nofile_limit()
     report = run_load(cfg)
