@@ -24,6 +24,7 @@ from websockets.datastructures import Headers
 from accounts import claims, tokens
 from accounts.store import AccountStore, UserExists
 from edge.protocol.guessing import KEY, LoginGuard, RoomGuessGuard
+from edge.log_budget import WarningBudget
 from edge.protocol.limits import SocketCaps, UpgradeRateLimiter, user_socket_limit
 from edge.settings import EdgeSettings
 from runtime.clock import now_ms
@@ -33,6 +34,7 @@ from schemas.subjects import is_valid_user_id
 from schemas.tiers import DEFAULT_TIERS, Tier
 
 log = logging.getLogger("edge.access")
+outage_log = WarningBudget(log)  # one per upgrade in an outage
 
 # What a client refused for a socket cap is told to wait: one of its sockets must close
 # first, which it cannot know; the clients back off on their own (0.5 s to 8 s, §5.2).
@@ -146,7 +148,7 @@ class Access:
             record = await self.store.find_key(token, now_ms(), s.api_key_ttl_s)
             user = await self.store.get_user(record.user_id) if record is not None else None
         except STORAGE_ERRORS as exc:
-            log.warning("authentication: storage unavailable (%s)", type(exc).__name__)
+            outage_log.warning("auth storage", "authentication: storage unavailable (%s); answered 503", type(exc).__name__)
             raise Refusal(503, "storage unavailable; try again") from exc
         if record is None or user is None:
             self.login_failed(address, token, now)

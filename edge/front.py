@@ -44,29 +44,35 @@ SHED_READ_PAUSE_S = 0.1
 class HttpConnection(TappedConnection):
     """A `websockets` server connection that also carries the HTTP API's requests."""
 
-    http_method: str = "GET"
-    http_body: bytes = b""
-    # The socket's inbound rate limit, the one its session spends a token of per message,
-    # set by the edge at the upgrade: every ping and pong spends one too (protocol.md §12
-    # item 6). Past it the socket hears `error RATE_LIMITED` and a close 1008 at once,
-    # from inside the parse: the rest of that read is discarded unanswered, and so is
-    # whatever it sends after. The TCP connection is aborted a close timeout later if the
-    # client has not closed it by then (one that never reads never would).
-    rate: TokenBucket | None = None
-    # The socket's inbound byte rate limit (issue 16 item 9), set by the edge at the
-    # upgrade: each read spends its length (frames, headers and control frames as they
-    # come off the wire) before websockets parses it. Past it, as for a control-frame
-    # flood: `error RATE_LIMITED`, close 1008, that read and all after it discarded.
-    byte_rate: TokenBucket | None = None
-    # Told once, by the edge, when the socket is shed for either limit, with what it passed.
-    on_shed: Callable[[str], None] | None = None
-    # Called after a read while the write buffer is over its high-water mark (websockets
-    # wrote pongs for that read, which no queue of ours bounds): the edge checks the
-    # socket's whole outgoing buffer against its bound.
-    check_outgoing: Callable[[], None] | None = None
+    # In slots, as TappedConnection's (which says why).
+    __slots__ = (
+        "http_method", "http_body", "rate", "byte_rate", "on_shed", "check_outgoing", "relay_target",
+        "_front_buffer", "_release_caps", "_lost", "_shed_done",
+    )  # fmt: skip
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
+        self.http_method = "GET"
+        self.http_body = b""
+        # The socket's inbound rate limit, the one its session spends a token of per message,
+        # set by the edge at the upgrade: every ping and pong spends one too (protocol.md §12
+        # item 6). Past it the socket hears `error RATE_LIMITED` and a close 1008 at once,
+        # from inside the parse: the rest of that read is discarded unanswered, and so is
+        # whatever it sends after. The TCP connection is aborted a close timeout later if the
+        # client has not closed it by then (one that never reads never would).
+        self.rate: TokenBucket | None = None
+        # The socket's inbound byte rate limit (issue 16 item 9), set by the edge at the
+        # upgrade: each read spends its length (frames, headers and control frames as they
+        # come off the wire) before websockets parses it. Past it, as for a control-frame
+        # flood: `error RATE_LIMITED`, close 1008, that read and all after it discarded.
+        self.byte_rate: TokenBucket | None = None
+        # Told once, by the edge, when the socket is shed for either limit, with what it passed.
+        self.on_shed: Callable[[str], None] | None = None
+        # Called after a read while the write buffer is over its high-water mark (websockets
+        # wrote pongs for that read, which no queue of ours bounds): the edge checks the
+        # socket's whole outgoing buffer against its bound.
+        self.check_outgoing: Callable[[], None] | None = None
+        self.relay_target = None  # the edge's WsTarget, once the upgrade is let through
         self._front_buffer: bytes | None = b""  # None once the request went to websockets
         self._release_caps: Callable[[], None] | None = None
         self._lost = False

@@ -21,6 +21,7 @@ from edge.admission import Busy
 from edge.carrier import Carrier
 from edge.connection_log import socket_event
 from edge.context import Connection, EdgeContext
+from edge.log_budget import WarningBudget
 from edge.protocol import guessing, rooms
 from edge.protocol.actions import Action, Send
 from edge.protocol.requests import (
@@ -39,6 +40,7 @@ from schemas.client import Error, JoinRoom, RegisterRoom
 from schemas.records import RoomRecord
 
 log = logging.getLogger("edge")
+outage_log = WarningBudget(log)  # one per register or join in an outage
 
 
 class RoomRequests:
@@ -84,7 +86,7 @@ class RoomRequests:
             outcome, revision = await self._with_retries(conn, message)
         except (nats.errors.Error, asyncio.TimeoutError, StorageConflict) as exc:
             # No traceback: in a storage outage this is every register and join.
-            log.warning("room %s: request failed (%s); closed 1011", session.room_id, type(exc).__name__)
+            outage_log.warning("request failed", "room %s: request failed (%s); closed 1011", session.room_id, type(exc).__name__)
             if claimed:
                 await self._give_back_claim(conn)
             await decide_in_order(conn, session.request_failed)
@@ -178,7 +180,7 @@ class RoomRequests:
                 wait = backoff.next()
                 if loop.time() + wait >= deadline:
                     raise
-                log.warning("room %s: storage did not answer (%s); retrying", conn.session.room_id, type(exc).__name__)
+                outage_log.warning("request retried", "room %s: storage did not answer (%s); retrying", conn.session.room_id, type(exc).__name__)
                 await asyncio.sleep(wait)
 
     async def _once(self, conn: Connection, message: RegisterRoom | JoinRoom) -> tuple[rooms.Outcome, int]:

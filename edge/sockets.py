@@ -21,6 +21,7 @@ from edge.carrier import Carrier
 from edge.connection_log import socket_event
 from edge.context import Connection, EdgeContext, Ending, WsTarget
 from edge.fastpath import FastPath
+from edge.log_budget import WarningBudget
 from edge.metrics import close_code_label
 from edge.protocol import rooms
 from edge.protocol.session import Session, other_role
@@ -34,6 +35,7 @@ from schemas.records import RoomRecord
 from schemas.subjects import ROLES, room_subject
 
 log = logging.getLogger("edge")
+outage_log = WarningBudget(log)  # one per departed socket in an outage
 
 
 class Sockets:
@@ -123,7 +125,7 @@ class Sockets:
             async with self.ctx.gates.departures.place():
                 await self._release_and_announce(session, last_seen)
         except (*STORAGE_ERRORS, StorageConflict) as exc:
-            log.warning("room %s: could not release the %s slot (%s); retrying", session.room_id, session.role, exc)
+            outage_log.warning("release", "room %s: could not release the %s slot (%s); retrying", session.room_id, session.role, exc)
             self.ctx.spawn(self._retry_release(session, last_seen), "release a departed socket's slot")
 
     async def _release_and_announce(self, session: Session, last_seen_ms: int) -> None:
