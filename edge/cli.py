@@ -14,6 +14,7 @@ from runtime.service import (
     raise_open_files_limit,
     run_event_loop,
     serve_until_signalled,
+    tune_garbage_collector,
 )
 from runtime.settings import load_settings
 
@@ -23,6 +24,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     configure_logging(settings.log_format, settings.log_level)
     log_settings(logging.getLogger("edge"), settings)
     raise_open_files_limit(logging.getLogger("edge"))
+    tune_garbage_collector(logging.getLogger("edge"), settings.gc_full_every)
     exit_if_start_fails(
         "relay-edge",
         lambda: run_event_loop(serve_until_signalled(Edge(settings)), settings.uvloop),

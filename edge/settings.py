@@ -117,6 +117,7 @@ class EdgeSettings(NatsSettings):
     )
 
     # Speed.
+    gc_full_every: int = field(default=100, metadata={"min": 1, "help": "middle-generation collections of the garbage collector between attempts of a full one (Python: 10); fewer full collections, a fraction of the CPU in a reconnect storm"})
     listen_backlog: int = field(
         default=4096, metadata={"min": 1, "help": "connections the kernel queues before accept (capped by net.core.somaxconn)"}
     )

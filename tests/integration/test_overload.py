@@ -164,3 +164,10 @@ async def test_the_edge_raises_its_soft_open_files_limit_to_the_hard_one_at_star
     async with edge:
         assert _open_files_limits(edge.process.pid) == (hard, hard)
         assert f"open files: soft limit raised from 256 to {hard} (the hard limit)" in edge.log_text()
+
+
+async def test_the_edge_makes_full_garbage_collections_rarer_at_start_and_says_so(nats_url):
+    edge = EdgeProcess(nats_url, gc_full_every=77)
+    async with edge:
+        assert "garbage collector: thresholds 700, 10, 77" in edge.log_text()
+        assert "objects of the start left out of collections" in edge.log_text()
