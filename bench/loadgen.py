@@ -54,11 +54,11 @@ import binascii
 import functools
 import hashlib
 import json
+import logging
 import math
 import multiprocessing
 import os
 import random
-import resource
 import secrets
 import signal
 import struct
@@ -76,6 +76,8 @@ from websockets.client import ClientProtocol
 from websockets.frames import Frame
 from websockets.http11 import Response
 from websockets.uri import parse_uri
+
+from runtime.service import raise_open_files_limit
 
 try:
     from websockets.speedups import apply_mask
@@ -207,11 +209,8 @@ def proc_rss_kib(pid: int) -> int:
 
 
 def raise_nofile_limit() -> int:
-    """Raise this process's open-file limit to its hard limit; returns the new limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
+    """Raise this process's open-file limit to its hard limit (as the edge does); returns it."""
+    return raise_open_files_limit(logging.getLogger("bench.loadgen"))
 
 
 # --- one WebSocket client ----------------------------------------------------------

@@ -41,10 +41,10 @@ class Gate:
     """At most `in_flight` holders at once; up to `max_waiting` more wait in order, each at
     most `max_wait_s` (None: as long as it takes)."""
 
-    def __init__(self, name: str, in_flight: int, max_waiting: int, max_wait_s: float | None) -> None:
+    def __init__(self, name: str, in_flight: int, max_waiting: int | None, max_wait_s: float | None) -> None:
         self.name = name
         self.limit = max(1, in_flight)
-        self.max_waiting = max_waiting
+        self.max_waiting = max_waiting  # None: no bound
         self.max_wait_s = max_wait_s
         self.holders = 0
         self.counts = GateCounts()
@@ -57,11 +57,16 @@ class Gate:
     @property
     def full(self) -> bool:
         """Whether work arriving now would be refused at once."""
-        return self.holders >= self.limit and len(self._waiters) >= self.max_waiting
+        return self.holders >= self.limit and self.max_waiting is not None and len(self._waiters) >= self.max_waiting
 
     def retry_after_s(self) -> float:
         """A hint for a refused client: about as long as the queue ahead would take, 1 to 10 s."""
-        return float(min(10, max(1, math.ceil((self.max_wait_s or 1.0) * self.waiting / max(1, self.max_waiting)))))
+        return float(min(10, max(1, math.ceil((self.max_wait_s or 1.0) * self.waiting / max(1, self.max_waiting or 1)))))
+
+    def refuse(self, retry_after_s: float) -> Busy:
+        """Count a refusal of this gate's work; the `Busy` to raise."""
+        self.counts.refused += 1
+        return Busy(retry_after_s)
 
     @contextlib.asynccontextmanager
     async def place(self) -> AsyncIterator[None]:
@@ -77,9 +82,8 @@ class Gate:
             self.holders += 1
             self.counts.admitted += 1
             return
-        if len(self._waiters) >= self.max_waiting:
-            self.counts.refused += 1
-            raise Busy(self.retry_after_s())
+        if self.max_waiting is not None and len(self._waiters) >= self.max_waiting:
+            raise self.refuse(self.retry_after_s())
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(turn)
         try:
@@ -96,8 +100,7 @@ class Gate:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(turn)
             if isinstance(exc, TimeoutError):
-                self.counts.refused += 1
-                raise Busy(self.retry_after_s()) from None
+                raise self.refuse(self.retry_after_s()) from None
             raise
         self.counts.admitted += 1  # the place was handed over: `holders` counts it already
 
@@ -122,8 +125,7 @@ class Gates:
         """`Busy` for an upgrade while registers and joins are refused: after a 101 the
         client's back-off starts over, so it would only come back sooner."""
         if self.room_requests.full:
-            self.upgrades.counts.refused += 1
-            raise Busy(self.room_requests.retry_after_s())
+            raise self.upgrades.refuse(self.room_requests.retry_after_s())
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter((self.upgrades, self.room_requests, self.departures))

@@ -119,7 +119,7 @@ class Connection:
 
 @dataclass
 class FrameCounters:
-    """What /metrics counts of the frame path."""
+    """What /metrics counts of the edge's work: the frame path, moves, its lease."""
 
     forwarded_at_once: int = 0  # taken as they arrived (`edge.fastpath`)
     heartbeats_answered_at_once: int = 0
@@ -168,7 +168,7 @@ class EdgeContext:
             room_requests=Gate(
                 "room_requests", settings.room_requests_in_flight, settings.room_requests_waiting, settings.room_request_wait_ms / 1000
             ),
-            departures=Gate("departures", settings.departures_in_flight, 1 << 62, None),
+            departures=Gate("departures", settings.departures_in_flight, None, None),  # never refused
         )
         self.metrics = EdgeMetrics(self)
         # This edge's own: edges in one process may differ (RELAY_LIBRARY_SHORTCUTS).

@@ -30,7 +30,7 @@ import asyncio
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import nats.errors
@@ -198,6 +198,7 @@ class _MessageGetReply(msgspec.Struct):
 
 
 _decode_message_get = msgspec.json.Decoder(_MessageGetReply).decode
+_encode_message_get = msgspec.json.Encoder().encode
 _KV_OPERATION = b"kv-operation:"
 
 
@@ -210,13 +211,13 @@ async def get_entry(kv: KeyValue, key: str) -> KeyValue.Entry:
     in a reconnect storm that was a fifth of the edge's CPU. Here the reply is decoded by
     msgspec and the one header that matters is found by hand. Falls back to `kv.get` if
     nats-py's KeyValue no longer has the attributes read here (tests check it has)."""
-    try:
-        js, stream, subject = kv._js, kv._stream, f"{kv._pre}{key}"  # type: ignore[attr-defined]
-        nc, prefix, timeout = js._nc, js._prefix, js._timeout  # type: ignore[attr-defined]
-    except AttributeError:
+    parts = _nats_py_parts(kv)
+    if parts is None:
         return await kv.get(key)
+    nc, prefix, timeout, stream, subject_prefix = parts
+    subject = subject_prefix + key
     try:
-        reply = await nc.request(f"{prefix}.STREAM.MSG.GET.{stream}", b'{"last_by_subj":"' + subject.encode() + b'"}', timeout=timeout)
+        reply = await nc.request(f"{prefix}.STREAM.MSG.GET.{stream}", _encode_message_get({"last_by_subj": subject}), timeout=timeout)
     except nats.errors.NoRespondersError:
         raise nats.js.errors.ServiceUnavailableError from None
     answer = _decode_message_get(reply.data)
@@ -237,11 +238,19 @@ async def get_entry(kv: KeyValue, key: str) -> KeyValue.Entry:
     return entry
 
 
+def _nats_py_parts(kv: KeyValue) -> tuple[Any, str, float, str, str] | None:
+    """What `get_entry` needs of nats-py's KeyValue (its connection, API prefix, timeout,
+    stream and key prefix), read from its private attributes; None if they are gone."""
+    try:
+        js = kv._js  # type: ignore[attr-defined]
+        return js._nc, js._prefix, js._timeout, kv._stream, kv._pre  # type: ignore[attr-defined]
+    except AttributeError:
+        return None
+
+
 def get_entry_is_fast(kv: KeyValue) -> bool:
     """Whether `get_entry` takes its own path on this nats-py (not the fallback)."""
-    return all(hasattr(kv, name) for name in ("_js", "_stream", "_pre", "_name")) and all(
-        hasattr(kv._js, name) for name in ("_nc", "_prefix", "_timeout")  # type: ignore[attr-defined]
-    )
+    return _nats_py_parts(kv) is not None and hasattr(kv, "_name")
 
 
 class ValuesWatch:
