@@ -39,7 +39,7 @@ class MeteringLink:
         self._nc = nc
         self._js = js
         self._replicas = replicas
-        self._subject = usage_events_subject(edge_id)
+        self._edge_id = edge_id
         self._check_timeout_s = quota_check_timeout_s
         self.quota_checks_unanswered = 0
         self.usage_batches_published = 0
@@ -78,8 +78,9 @@ class MeteringLink:
     @timed_storage("usage.publish")
     async def publish(self, batch: UsageBatch) -> None:
         """One attempt to store `batch` in the usage stream; raises if it is not acknowledged."""
+        assert batch.partition is not None  # this edge's meter cuts batches by partition
         await self._js.publish(
-            self._subject,
+            usage_events_subject(self._edge_id, batch.partition),
             msgspec.json.encode(batch),
             timeout=_PUBLISH_TIMEOUT_S,
             headers={"Nats-Msg-Id": batch.msg_id},

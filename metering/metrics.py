@@ -15,11 +15,23 @@ class MeteringMetrics:
         self.batches_applied = Counter("relay_metering_batches_applied", "Usage batches applied to the ledgers and acknowledged", registry=r)
         self.batches_dropped = Counter("relay_metering_batches_dropped", "Usage batches that could not be read or applied (logged, dropped)", registry=r)
         self.ledger_updates = Counter(
-            "relay_metering_ledger_updates", "Ledger writes (one per user per batch; a redelivered batch writes none)", registry=r
+            "relay_metering_ledger_updates", "Ledger writes (one per user per group of batches; a redelivered group writes none)", registry=r
+        )
+        self.user_batches_applied = Counter(
+            "relay_metering_user_batches_applied",
+            "A user's usage in one batch, applied to the user's ledger (several per ledger write when batches come in groups)",
+            registry=r,
+        )
+        self.partitions_owned = Gauge("relay_metering_partitions_owned", "Usage partitions this process owns now", registry=r)
+        self.partition_changes = Counter(
+            "relay_metering_partition_changes",
+            "Usage partitions claimed, released (handed over) and lost (a claim expired before it was renewed)",
+            ["event"],
+            registry=r,
         )
         self.batch_apply_seconds = Histogram(
             "relay_metering_batch_apply_seconds",
-            "Time to apply one usage batch to its users' ledgers, storage retries included",
+            "Time to apply one group of usage batches to its users' ledgers, storage retries included",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
             registry=r,
         )
@@ -39,5 +51,7 @@ class MeteringMetrics:
         )
         for result in ("allowed", "exceeded", "unanswered"):
             self.quota_checks.labels(result=result)
+        for change in ("claimed", "released", "lost"):
+            self.partition_changes.labels(event=change)
         for event in ("disconnected", "reconnected", "error"):
             self.nats_events.labels(event=event)

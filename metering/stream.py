@@ -17,7 +17,14 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from schemas.subjects import METERING_CONSUMER, USAGE_EVENTS_FILTER, USAGE_STREAM
+from schemas.subjects import (
+    LEGACY_METERING_CONSUMER,
+    LEGACY_USAGE_FILTER,
+    USAGE_STREAM,
+    USAGE_STREAM_SUBJECTS,
+    partition_consumer,
+    usage_partition_filter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +47,7 @@ async def open_usage_stream(js: JetStreamContext, replicas: int) -> None:
     """
     config = StreamConfig(
         name=USAGE_STREAM,
-        subjects=[USAGE_EVENTS_FILTER],
+        subjects=[USAGE_STREAM_SUBJECTS],
         # Each batch is for metering alone and goes once acknowledged.
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
@@ -50,10 +57,17 @@ async def open_usage_stream(js: JetStreamContext, replicas: int) -> None:
         first_seq=time.time_ns() // 1000,
     )
     try:
-        await js.stream_info(USAGE_STREAM)
-        return  # there: used as it is (its replicas or limits may be the operator's choice)
+        info = await js.stream_info(USAGE_STREAM)
     except nats.js.errors.NotFoundError:
-        pass
+        info = None
+    if info is not None:
+        # There: used as it is (its replicas or limits may be the operator's choice),
+        # except that a stream made before partitions learns their subjects.
+        if USAGE_STREAM_SUBJECTS not in (info.config.subjects or []):
+            info.config.subjects = [USAGE_STREAM_SUBJECTS]
+            await js.update_stream(info.config)
+            log.info("the usage stream %s now takes %s", USAGE_STREAM, USAGE_STREAM_SUBJECTS)
+        return
     try:
         await js.add_stream(config)
         log.info("created the usage stream %s (first sequence %d)", USAGE_STREAM, config.first_seq)
@@ -61,19 +75,37 @@ async def open_usage_stream(js: JetStreamContext, replicas: int) -> None:
         pass  # created meanwhile by another edge or metering process
 
 
-def metering_consumer_config(ack_wait_s: float) -> ConsumerConfig:
-    """Metering's durable consumer, shared by every metering process.
+def legacy_consumer_config(ack_wait_s: float) -> ConsumerConfig:
+    """The consumer of batches from edges before partitions, shared by every metering
+    process (and by metering processes before partitions, during an upgrade).
 
-    One batch at a time (`max_ack_pending=1`), in stream order: a user's ledger records
-    the sequence of the last batch applied to it, which detects a redelivered batch only
-    if batches are applied in order. Several metering processes take turns; whoever
-    holds a batch past `ack_wait` without a sign of progress loses it to another.
+    One batch at a time (`max_ack_pending=1`), in stream order: a ledger's `applied_seq`
+    detects a redelivered batch only if batches are applied in order. Processes take
+    turns; whoever holds a batch past `ack_wait` without a sign of progress loses it.
     """
     return ConsumerConfig(
-        durable_name=METERING_CONSUMER,
+        durable_name=LEGACY_METERING_CONSUMER,
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
-        filter_subject=USAGE_EVENTS_FILTER,
+        filter_subject=LEGACY_USAGE_FILTER,
         max_ack_pending=1,
+        ack_wait=ack_wait_s,
+    )
+
+
+def partition_consumer_config(partition: int, ack_wait_s: float, group_batches: int) -> ConsumerConfig:
+    """The consumer of one usage partition, read by the one metering process owning it.
+
+    Up to `group_batches` batches are handed out at once, applied as one group and then
+    acknowledged. The owner made the consumer afresh when it took the partition, so it
+    starts at the first batch not acknowledged, in stream order, whatever the previous
+    owner was holding (`metering.partitions`).
+    """
+    return ConsumerConfig(
+        durable_name=partition_consumer(partition),
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        filter_subject=usage_partition_filter(partition),
+        max_ack_pending=group_batches,
         ack_wait=ack_wait_s,
     )

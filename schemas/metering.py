@@ -44,6 +44,9 @@ class UsageBatch(Struct, kw_only=True):
     seq: Annotated[int, Meta(ge=1)]  # 1, 2, … per edge incarnation
     at_ms: Annotated[int, Meta(ge=0)]  # epoch ms when the batch was sealed; decides the welcome bonus's expiry
     entries: list[UsageEntry]
+    # The usage partition of every entry's user (`schemas.subjects.usage_partition`); None
+    # from edges before partitions, whose batches mixed users of every partition.
+    partition: Annotated[int, Meta(ge=0)] | None = None
 
     @property
     def msg_id(self) -> str:

@@ -157,16 +157,34 @@ class BonusUsage(Struct, kw_only=True):
 class UsageLedger(Struct, kw_only=True):
     """Everything metering knows of one user's usage, in one record (`usage.<user>`).
 
-    One record, so that applying a usage event to a user is one compare-and-set: the
-    bonus and the windows change together or not at all. `applied_seq` is the usage
-    stream's sequence of the last event applied: an event redelivered after a crash
-    (applied, not acknowledged) has a sequence at or below it and is skipped.
+    One record, so that applying usage to a user is one compare-and-set: the bonus and
+    the windows change together or not at all. A high-water mark per consumer of the
+    usage stream, its sequence of the last batch applied: a batch redelivered after a
+    crash (applied, not acknowledged) has a sequence at or below it and is skipped.
+    `applied_seq` is that of batches from edges before partitions (consumer `metering`);
+    `partitions` those of the partition consumers (`metering-p07` → 1234), each applied in
+    stream order by one process.
     """
 
     user_id: str
     applied_seq: int = 0
+    partitions: dict[str, int] = {}
     windows: list[UsageWindow] = []  # oldest first; windows older than USAGE_TTL are dropped
     bonus: BonusUsage = msgspec.field(default_factory=BonusUsage)
+
+
+class MeteringMember(Struct, kw_only=True):
+    """A running metering process (`member.<id>`), alive while it renews it."""
+
+    member_id: str
+    process: str  # host:pid, as the status page shows it
+    started_at: int  # epoch ms
+
+
+class PartitionClaim(Struct, kw_only=True):
+    """The metering process that owns a usage partition (`partition.<NN>`), while it renews it."""
+
+    member_id: str
 
 
 user_decoder = msgspec.json.Decoder(User)
@@ -175,3 +193,5 @@ refresh_token_record_decoder = msgspec.json.Decoder(RefreshTokenRecord)
 registration_decoder = msgspec.json.Decoder(Registration)
 room_claims_decoder = msgspec.json.Decoder(RoomClaims)
 usage_ledger_decoder = msgspec.json.Decoder(UsageLedger)
+metering_member_decoder = msgspec.json.Decoder(MeteringMember)
+partition_claim_decoder = msgspec.json.Decoder(PartitionClaim)

@@ -53,6 +53,7 @@ class MeteringStats(Struct, kw_only=True):
     usage_pending: int  # batches in the usage stream not yet applied and acknowledged (the lag)
     batches_applied: int
     ledger_updates: int
+    partitions: list[int] = []  # the usage partitions it owns
     problems: list[Problem] = []
 
 

@@ -8,6 +8,7 @@ never widen a subscription or address another key.
 from __future__ import annotations
 
 import re
+import zlib
 
 ROOM_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 EDGE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -20,6 +21,7 @@ PRESENCE_BUCKET = "relay_presence"
 ACCOUNTS_BUCKET = "relay_accounts"
 REGISTRATIONS_BUCKET = "relay_registrations"
 USAGE_BUCKET = "relay_usage"
+METERING_BUCKET = "relay_metering"
 _SUBJECT_ROOT = "relay.room"
 _EDGE_PREFIX = "edge."
 
@@ -254,9 +256,20 @@ def usage_ledger_key(user_id: str) -> str:
 
 USAGE_STREAM = "relay_usage_events"
 _USAGE_EVENTS_ROOT = "relay.usage.events"
-USAGE_EVENTS_FILTER = _USAGE_EVENTS_ROOT + ".*"
-# Metering's durable consumer of the usage stream: one name, shared by every metering process.
-METERING_CONSUMER = "metering"
+# Everything the usage stream stores: an edge's batches of one partition
+# (`relay.usage.events.<edge>.<partition>`), and those of edges from before partitions
+# (`relay.usage.events.<edge>`).
+USAGE_STREAM_SUBJECTS = _USAGE_EVENTS_ROOT + ".>"
+# Usage is partitioned by user: a user's batches are all in one partition, applied in
+# stream order by the one metering process that owns it, so up to this many metering
+# processes share the work. A constant, not a setting: every edge and metering process
+# must agree on it. (Changing it in a new release is safe for the ledgers, which keep a
+# high-water mark per partition, as long as the old partitions are drained.)
+USAGE_PARTITIONS = 16
+# Batches of edges from before partitions, on their own consumer (one batch at a time,
+# by any metering process): `relay.usage.events.<edge>`.
+LEGACY_USAGE_FILTER = _USAGE_EVENTS_ROOT + ".*"
+LEGACY_METERING_CONSUMER = "metering"
 # Edges ask here whether a user may connect; metering processes answer as one queue group.
 QUOTA_CHECK_SUBJECT = "relay.metering.quota"
 METERING_QUEUE = "metering"
@@ -268,8 +281,59 @@ FLEET_EDGES_SUBJECT = "relay.fleet.edges"
 FLEET_METERING_SUBJECT = "relay.fleet.metering"
 
 
-def usage_events_subject(edge_id: str) -> str:
-    """The subject an edge publishes its usage batches to."""
+def usage_partition(user_id: str) -> int:
+    """The partition of `user_id`'s usage: the same in every process (CRC-32, not hash())."""
+    return zlib.crc32(_user(user_id).encode()) % USAGE_PARTITIONS
+
+
+def usage_events_subject(edge_id: str, partition: int) -> str:
+    """The subject an edge publishes its usage batches of `partition` to."""
+    if not is_valid_edge_id(edge_id):
+        raise ValueError(f"invalid edge id: {edge_id!r}")
+    return f"{_USAGE_EVENTS_ROOT}.{edge_id}.{_partition(partition)}"
+
+
+def legacy_usage_events_subject(edge_id: str) -> str:
+    """Where an edge from before partitions published (read by `LEGACY_METERING_CONSUMER`)."""
     if not is_valid_edge_id(edge_id):
         raise ValueError(f"invalid edge id: {edge_id!r}")
     return f"{_USAGE_EVENTS_ROOT}.{edge_id}"
+
+
+def usage_partition_filter(partition: int) -> str:
+    """Every edge's batches of `partition`."""
+    return f"{_USAGE_EVENTS_ROOT}.*.{_partition(partition)}"
+
+
+def partition_consumer(partition: int) -> str:
+    """The durable consumer of `partition`, read by the metering process that owns it."""
+    return f"metering-p{_partition(partition)}"
+
+
+def _partition(partition: int) -> str:
+    if not 0 <= partition < USAGE_PARTITIONS:
+        raise ValueError(f"invalid usage partition: {partition!r}")
+    return f"{partition:02d}"
+
+
+# --- metering processes (bucket `relay_metering`) ------------------------------------
+
+_MEMBER_PREFIX = "member."
+MEMBER_FILTER = _MEMBER_PREFIX + "*"
+_CLAIM_PREFIX = "partition."
+
+
+def metering_member_key(member_id: str) -> str:
+    """A running metering process, renewed while it runs (TTL)."""
+    if not is_valid_edge_id(member_id):
+        raise ValueError(f"invalid metering member id: {member_id!r}")
+    return _MEMBER_PREFIX + member_id
+
+
+def member_id_of_key(key: str) -> str:
+    return key.removeprefix(_MEMBER_PREFIX)
+
+
+def partition_claim_key(partition: int) -> str:
+    """Which metering process owns `partition`, renewed while it does (TTL)."""
+    return _CLAIM_PREFIX + _partition(partition)

@@ -3,13 +3,16 @@
 The hot path adds a forwarded frame's credits to a dict; every flush interval the edge
 `tick`s the meter (closing the interval into its window) and publishes `next_batch()`
 until it is acknowledged. One batch is in flight at a time and is offered again, the
-same batch, until acknowledged: a retry carries the same de-duplication id.
+same batch, until acknowledged: a retry carries the same de-duplication id. A batch
+holds the users of one usage partition (`schemas.subjects.usage_partition`): each
+partition is applied by one metering process.
 """
 
 from __future__ import annotations
 
 from metering.windows import period_of
 from schemas.metering import UsageBatch, UsageEntry
+from schemas.subjects import usage_partition
 
 
 class UsageMeter:
@@ -24,8 +27,9 @@ class UsageMeter:
         self._messages: dict[str, int] = {}
         # Session time not yet a whole credit: user → ms (kept across ticks).
         self._session_ms: dict[str, float] = {}
-        # Closed intervals, by window: (user, period) → [message credits, duration credits].
-        self._pending: dict[tuple[str, str], list[int]] = {}
+        # Closed intervals, by partition and window: partition → (user, period) → [message
+        # credits, duration credits].
+        self._pending: dict[int, dict[tuple[str, str], list[int]]] = {}
         self._interval_start_ms: int | None = None
         self._in_flight: UsageBatch | None = None
         self._seq = 0
@@ -55,31 +59,43 @@ class UsageMeter:
         messages, self._messages = self._messages, {}
         for user_id, credits in messages.items():
             if credits > 0:
-                self._pending.setdefault((user_id, period), [0, 0])[0] += credits
+                self._pending_of(user_id).setdefault((user_id, period), [0, 0])[0] += credits
             elif credits < 0:  # refunds past what this interval charged: off the next charges
                 self._messages[user_id] = credits
         for user_id, ms in list(self._session_ms.items()):
             credits, rest = divmod(ms, self._session_ms_per_credit)
             if credits:
-                self._pending.setdefault((user_id, period), [0, 0])[1] += int(credits)
+                self._pending_of(user_id).setdefault((user_id, period), [0, 0])[1] += int(credits)
             if rest:
                 self._session_ms[user_id] = rest
             else:
                 del self._session_ms[user_id]
 
+    def _pending_of(self, user_id: str) -> dict[tuple[str, str], list[int]]:
+        partition = usage_partition(user_id)
+        pending = self._pending.get(partition)
+        if pending is None:
+            pending = self._pending[partition] = {}
+        return pending
+
     def next_batch(self, now_ms: int) -> UsageBatch | None:
         """The batch to publish: the unacknowledged one again, else a new one from what is
-        pending (at most `max_entries` entries), else None."""
+        pending in one partition (at most `max_entries` entries), else None."""
         if self._in_flight is not None:
             return self._in_flight
         if not self._pending:
             return None
+        partition, pending = next(iter(self._pending.items()))
         entries = []
-        for key in list(self._pending)[: self._max_entries]:
-            messages, duration = self._pending.pop(key)
+        for key in list(pending)[: self._max_entries]:
+            messages, duration = pending.pop(key)
             entries.append(UsageEntry(key[0], key[1], messages, duration))
+        if not pending:
+            del self._pending[partition]
         self._seq += 1
-        self._in_flight = UsageBatch(edge_id=self.edge_id, boot_id=self.boot_id, seq=self._seq, at_ms=now_ms, entries=entries)
+        self._in_flight = UsageBatch(
+            edge_id=self.edge_id, boot_id=self.boot_id, seq=self._seq, at_ms=now_ms, entries=entries, partition=partition
+        )
         return self._in_flight
 
     def acknowledged(self, batch: UsageBatch) -> None:
@@ -89,7 +105,7 @@ class UsageMeter:
 
     def unpublished_credits(self) -> int:
         """Whole credits not yet acknowledged by the stream (what would be lost now)."""
-        total = sum(c for c in self._messages.values() if c > 0) + sum(m + d for m, d in self._pending.values())
+        total = sum(c for c in self._messages.values() if c > 0) + sum(m + d for pending in self._pending.values() for m, d in pending.values())
         total += sum(int(ms // self._session_ms_per_credit) for ms in self._session_ms.values())
         if self._in_flight is not None:
             total += sum(e.message_tokens + e.duration_tokens for e in self._in_flight.entries)

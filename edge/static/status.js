@@ -82,10 +82,11 @@ function draw(fleet) {
   let lag = 0;
   const meteringRows = fleet.metering.map((m) => {
     const row = document.createElement("tr");
-    lag = Math.max(lag, m.usage_pending);
+    lag += m.usage_pending;  // each counts the partitions it owns
     cell(row, m.process);
     cell(row, m.ready ? "consuming" : "not ready", m.ready ? "" : "warn");
     cell(row, m.usage_pending, m.usage_pending > 100 ? "num warn" : "num");
+    cell(row, (m.partitions || []).join(" ") || "none");
     cell(row, m.batches_applied, "num");
     cell(row, m.ledger_updates, "num");
     cell(row, when(m.started_at_ms));

@@ -21,7 +21,7 @@ from metering.windows import period_of
 from runtime.clock import now_ms
 from runtime.embedded_nats import EmbeddedNatsCluster
 from schemas.metering import UsageBatch, UsageEntry
-from schemas.subjects import usage_events_subject
+from schemas.subjects import usage_events_subject, usage_partition
 from tests.harness import make_account, until
 
 
@@ -50,9 +50,14 @@ async def test_every_acknowledged_credit_is_counted_after_every_node_is_killed_a
             async def publish_usage() -> None:
                 nonlocal acknowledged
                 for seq in range(1, 100_000):
-                    batch = UsageBatch(edge_id="e1", boot_id="b1", seq=seq, at_ms=now_ms(), entries=[UsageEntry(account.user_id, period, 3, 0)])
+                    partition = usage_partition(account.user_id)
+                    batch = UsageBatch(
+                        edge_id="e1", boot_id="b1", seq=seq, at_ms=now_ms(), entries=[UsageEntry(account.user_id, period, 3, 0)],
+                        partition=partition,
+                    )
                     try:
-                        await js.publish(usage_events_subject("e1"), msgspec.json.encode(batch), headers={"Nats-Msg-Id": batch.msg_id})
+                        subject = usage_events_subject("e1", partition)
+                        await js.publish(subject, msgspec.json.encode(batch), headers={"Nats-Msg-Id": batch.msg_id})
                     except (nats.errors.Error, asyncio.TimeoutError):
                         return  # the cluster is gone: what was acknowledged is what counts
                     acknowledged += 3

@@ -18,7 +18,7 @@ import nats.js.errors
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from metering.ledger import window_of
+from metering.ledger import applied_through, window_of
 from metering.service import Metering, MeteringSettings
 from metering.stream import open_usage_stream
 from metering.usage import open_usage_bucket
@@ -26,7 +26,15 @@ from metering.windows import WINDOW_MS, iso_ms, period_of, resets_at
 from runtime.embedded_nats import EmbeddedNatsServer
 from schemas.metering import UsageBatch, UsageEntry
 from schemas.records import BonusUsage, UsageLedger, UsageWindow, WelcomeBonus
-from schemas.subjects import QUOTA_CHECK_SUBJECT, usage_events_subject, usage_ledger_key
+from schemas.subjects import (
+    QUOTA_CHECK_SUBJECT,
+    USAGE_PARTITIONS,
+    legacy_usage_events_subject,
+    partition_consumer,
+    usage_events_subject,
+    usage_ledger_key,
+    usage_partition,
+)
 from tests.harness import (
     Account,
     Client,
@@ -220,32 +228,74 @@ async def test_metering_killed_mid_traffic_and_restarted_counts_exactly(own_nats
 async def test_a_batch_redelivered_after_a_crash_between_applying_and_acknowledging_is_not_counted_again(own_nats):
     account = await make_account(own_nats, tier="premium")
     period = period_of(now_ms())
+    partition = usage_partition(account.user_id)
     nc = await nats.connect(own_nats)
     try:
         js = nc.jetstream()
         await open_usage_stream(js, 1)
-        batch = UsageBatch(edge_id="e1", boot_id="b1", seq=1, at_ms=now_ms(), entries=[UsageEntry(account.user_id, period, 7, 0)])
-        again = UsageBatch(edge_id="e1", boot_id="b1", seq=2, at_ms=now_ms(), entries=[UsageEntry(account.user_id, period, 5, 0)])
-        first = await js.publish(usage_events_subject("e1"), msgspec.json.encode(batch), headers={"Nats-Msg-Id": batch.msg_id})
+        batch = _batch(1, account.user_id, period, 7)
+        again = _batch(2, account.user_id, period, 5)
+        first = await publish_batch(js, batch)
         # As a metering process that died after writing the ledger leaves it: the first batch
-        # applied (its stream sequence recorded), not acknowledged.
+        # applied (its stream sequence recorded for its partition), not acknowledged.
         applied = UsageLedger(
             user_id=account.user_id,
-            applied_seq=first.seq,
+            partitions={partition_consumer(partition): first.seq},
             windows=[UsageWindow(user_id=account.user_id, period=period, message_tokens=7, total_tokens=7)],
         )
         await put_ledger(own_nats, applied)
         # The edge's retry of the first batch (its ack was lost) is stored once.
-        retry = await js.publish(usage_events_subject("e1"), msgspec.json.encode(batch), headers={"Nats-Msg-Id": batch.msg_id})
-        assert retry.duplicate
-        await js.publish(usage_events_subject("e1"), msgspec.json.encode(again), headers={"Nats-Msg-Id": again.msg_id})
+        assert (await publish_batch(js, batch)).duplicate
+        await publish_batch(js, again)
         async with running_metering(own_nats) as metering:
-            ledger = await ledger_when(own_nats, account.user_id, lambda l: l.applied_seq > first.seq)
+            ledger = await ledger_when(own_nats, account.user_id, lambda l: applied_through(l, partition) > first.seq)
             assert window_of(ledger, period).message_tokens == 12  # 7 once, then 5
             assert metering.batches_applied == 2
             assert (await js.stream_info("relay_usage_events")).state.messages == 0  # both acknowledged
     finally:
         await nc.close()
+
+
+async def test_batches_of_edges_from_before_partitions_are_applied_once_by_the_consumer_metering(own_nats):
+    """An upgrade: batches an older edge published (one subject per edge, every user in one
+    batch) are still applied, exactly once, beside the partitions' batches of the same user."""
+    account = await make_account(own_nats, tier="premium")
+    period = period_of(now_ms())
+    nc = await nats.connect(own_nats)
+    try:
+        js = nc.jetstream()
+        await open_usage_stream(js, 1)
+        old = UsageBatch(edge_id="old", boot_id="b1", seq=1, at_ms=now_ms(), entries=[UsageEntry(account.user_id, period, 7, 0)])
+        old_subject = legacy_usage_events_subject("old")
+        first = await js.publish(old_subject, msgspec.json.encode(old), headers={"Nats-Msg-Id": old.msg_id})
+        # Applied before a crash, not acknowledged: recorded as the ledger's `applied_seq`.
+        await put_ledger(
+            own_nats,
+            UsageLedger(
+                user_id=account.user_id,
+                applied_seq=first.seq,
+                windows=[UsageWindow(user_id=account.user_id, period=period, message_tokens=7, total_tokens=7)],
+            ),
+        )
+        later = UsageBatch(edge_id="old", boot_id="b1", seq=2, at_ms=now_ms(), entries=[UsageEntry(account.user_id, period, 5, 0)])
+        await js.publish(old_subject, msgspec.json.encode(later), headers={"Nats-Msg-Id": later.msg_id})
+        await publish_batch(js, _batch(1, account.user_id, period, 100, edge_id="new"))
+        async with running_metering(own_nats):
+            ledger = await ledger_when(own_nats, account.user_id, lambda l: window_of(l, period).message_tokens >= 112)
+            await asyncio.sleep(0.3)
+            ledger = await read_ledger(own_nats, account.user_id)
+            assert window_of(ledger, period).message_tokens == 112  # 7 once, 5, 100
+            assert ledger.applied_seq > first.seq and applied_through(ledger, usage_partition(account.user_id)) > 0
+            assert (await js.stream_info("relay_usage_events")).state.messages == 0
+    finally:
+        await nc.close()
+
+
+def _batch(seq: int, user_id: str, period: str, messages: int, edge_id: str = "e1") -> UsageBatch:
+    return UsageBatch(
+        edge_id=edge_id, boot_id="b1", seq=seq, at_ms=now_ms(), entries=[UsageEntry(user_id, period, messages, 0)],
+        partition=usage_partition(user_id),
+    )
 
 
 async def test_an_edge_stopped_with_sigterm_mid_traffic_hands_over_its_usage(own_nats):
@@ -474,24 +524,93 @@ async def test_usage_published_while_metering_is_down_is_applied_when_it_starts(
             assert totals(ledger)[0] == 40
 
 
-async def test_two_metering_processes_take_turns_and_count_exactly_while_one_stops(own_nats):
-    account = await make_account(own_nats, tier="premium")
-    async with running_edges(own_nats, 2, auth="required", **FAST) as (edge_a, edge_b):
-        async with running_metering(own_nats) as first:
-            async with running_metering(own_nats) as second:
-                mac, ios = await pair(edge_a, edge_b, account)
-                for _ in range(4):
-                    for _ in range(250):
-                        await mac.send(type="relay", payload="t")
-                    await receive_relays(ios, 250)
-                    await asyncio.sleep(0.1)
-            # The second stopped (after the batch in hand); the first carries on alone.
-            for _ in range(500):
-                await ios.send(type="relay", payload="u")
-            await receive_relays(mac, 500)
-            ledger = await ledger_when(own_nats, account.user_id, lambda l: totals(l)[0] >= 1_500)
-            assert totals(ledger)[0] == 1_500
+async def test_two_metering_processes_share_the_partitions_and_count_exactly_while_one_stops(own_nats):
+    """Each usage partition is owned by one process; a process that stops hands its share
+    over (after its groups in hand), and every credit counts once."""
+    users = [(await make_account(own_nats, tier="premium")).user_id for _ in range(24)]
+    assert len({usage_partition(u) for u in users}) > 8  # spread over most partitions
+    period = period_of(now_ms())
+    nc = await nats.connect(own_nats)
+    try:
+        js = nc.jetstream()
+        await open_usage_stream(js, 1)
+        seq = 0
+
+        async def publish_round(credits: int) -> None:
+            nonlocal seq
+            for user_id in users:
+                seq += 1
+                await publish_batch(js, _batch(seq, user_id, period, credits))
+
+        async with running_metering(own_nats, partition_lease_ms=1500) as first:
+            async with running_metering(own_nats, partition_lease_ms=1500) as second:
+                assert await wait_for(lambda: _owning((8, 8), first, second), 10), _owned(first, second)
+                assert set(first.partitions()).isdisjoint(second.partitions())
+                for _ in range(5):
+                    await publish_round(3)
+                    await asyncio.sleep(0.05)
+                assert await wait_for(lambda: _all_have(own_nats, users, period, 15), 10)
+                for _ in range(5):
+                    await publish_round(1)  # while the second stops
+            assert await wait_for(lambda: _owning((16, 0), first, second), 10), _owned(first, second)
+            await publish_round(2)
+            assert await wait_for(lambda: _all_have(own_nats, users, period, 22), 10)
+            await asyncio.sleep(0.5)  # a batch counted twice would show by now
+            assert await _all_have(own_nats, users, period, 22)
             assert first.batches_applied > 0 and second.batches_applied > 0
+            assert first.batches_applied + second.batches_applied == seq
+    finally:
+        await nc.close()
+
+
+async def test_a_metering_process_killed_holding_partitions_is_taken_over_after_its_claims_expire_and_counts_exactly(own_nats):
+    users = [(await make_account(own_nats, tier="premium")).user_id for _ in range(24)]
+    period = period_of(now_ms())
+    lease = {"partition_lease_ms": 1500}
+    nc = await nats.connect(own_nats)
+    try:
+        js = nc.jetstream()
+        await open_usage_stream(js, 1)
+        seq = 0
+
+        async def publish_round(credits: int) -> None:
+            nonlocal seq
+            for user_id in users:
+                seq += 1
+                await publish_batch(js, _batch(seq, user_id, period, credits))
+
+        async with running_metering(own_nats, **lease) as survivor:
+            async with MeteringProcess(own_nats, **lease) as doomed:
+                assert await wait_for(lambda: _owning((8,), survivor), 10), _owned(survivor)
+                await publish_round(2)
+                assert await wait_for(lambda: _all_have(own_nats, users, period, 2), 10)
+                for round_ in range(4):
+                    await publish_round(1)
+                    if round_ == 1:  # killed while its partitions' batches flow
+                        assert await doomed.stop(signal.SIGKILL) == -signal.SIGKILL
+                        killed_at = time.monotonic()
+            assert await wait_for(lambda: _owning((16,), survivor), 10), _owned(survivor)
+            taken_over_s = time.monotonic() - killed_at
+            assert taken_over_s < 1.5 + 1.0  # the claim's TTL and a round of the survivor
+            assert await wait_for(lambda: _all_have(own_nats, users, period, 6), 10)
+            await asyncio.sleep(0.5)  # a batch counted twice would show by now
+            assert await _all_have(own_nats, users, period, 6)
+    finally:
+        await nc.close()
+
+
+def _owned(*processes: Metering) -> tuple[int, ...]:
+    """How many partitions each process owns."""
+    return tuple(len(p.partitions()) for p in processes)
+
+
+async def _owning(expected: tuple[int, ...], *processes: Metering) -> bool:
+    return _owned(*processes) == expected
+
+
+async def _all_have(url: str, users: list[str], period: str, credits: int) -> bool:
+    ledgers = await asyncio.gather(*(read_ledger(url, u) for u in users))
+    return all(window_of(ledger, period).message_tokens == credits for ledger in ledgers)
 
 
 # --- batches metering cannot apply, storage that refuses writes ----------------------------
@@ -512,8 +631,13 @@ async def stop_metering(metering: Metering, task: asyncio.Task[None]) -> None:
     await asyncio.gather(task, return_exceptions=True)
 
 
-async def publish_batch(js: Any, batch: UsageBatch) -> None:
-    await js.publish(usage_events_subject(batch.edge_id), msgspec.json.encode(batch), headers={"Nats-Msg-Id": batch.msg_id})
+async def publish_batch(js: Any, batch: UsageBatch) -> Any:
+    """Publish `batch` as an edge does, to its partition's subject (all its users are in one)."""
+    partition = usage_partition(batch.entries[0].user_id)
+    assert all(usage_partition(e.user_id) == partition for e in batch.entries)
+    batch.partition = partition
+    subject = usage_events_subject(batch.edge_id, partition)
+    return await js.publish(subject, msgspec.json.encode(batch), headers={"Nats-Msg-Id": batch.msg_id})
 
 
 async def wait_for(predicate: Any, timeout: float) -> bool:

@@ -6,10 +6,11 @@ import msgspec
 import pytest
 
 from edge.protocol.meter import UsageMeter
-from metering.ledger import USAGE_TTL_MS, apply_usage, quota_answer, window_of
+from metering.ledger import USAGE_TTL_MS, applied_through, apply_batches, apply_usage, quota_answer, window_of
 from metering.windows import WINDOW_MS, iso_ms
 from schemas.metering import UsageEntry
 from schemas.records import BonusUsage, UsageLedger, UsageWindow, User, WelcomeBonus
+from schemas.subjects import USAGE_PARTITIONS, usage_partition
 from schemas.tiers import DEFAULT_TIERS, Tier
 
 HOUR_MS = 3_600_000
@@ -91,6 +92,20 @@ def test_a_lower_seq_is_skipped_and_a_higher_seq_applies():
     assert _snapshot(ledger) == before
     assert apply_usage(ledger, _user(), 8, NOW, [UsageEntry("u1", P, 1, 0)]) is True
     assert (ledger.applied_seq, window_of(ledger, P).total_tokens) == (8, 6)
+
+
+def test_each_usage_partition_has_its_own_high_water_mark_and_the_legacy_batches_theirs():
+    ledger = _ledger()
+    assert apply_usage(ledger, _user(), 900, NOW, [UsageEntry("u1", P, 5, 0)], partition=3) is True
+    # A lower sequence of another partition (the user moved partitions in a new release)
+    # or of an edge from before partitions is not a redelivery: it applies.
+    assert apply_usage(ledger, _user(), 800, NOW, [UsageEntry("u1", P, 1, 0)], partition=4) is True
+    assert apply_usage(ledger, _user(), 700, NOW, [UsageEntry("u1", P, 1, 0)]) is True
+    assert apply_usage(ledger, _user(), 900, NOW, [UsageEntry("u1", P, 100, 0)], partition=3) is False
+    assert apply_usage(ledger, _user(), 700, NOW, [UsageEntry("u1", P, 100, 0)]) is False
+    assert (applied_through(ledger, 3), applied_through(ledger, 4), applied_through(ledger, None)) == (900, 800, 700)
+    assert ledger.partitions == {"metering-p03": 900, "metering-p04": 800}
+    assert window_of(ledger, P).total_tokens == 7
 
 
 def test_an_event_redelivered_after_a_crash_is_counted_once():
@@ -326,13 +341,39 @@ def _credits(batch) -> dict[tuple[str, str], tuple[int, int]]:
     return {(e.user_id, e.period): (e.message_tokens, e.duration_tokens) for e in batch.entries}
 
 
+def _every_batch(meter: UsageMeter, now: int) -> list:
+    """Every batch the meter has, each acknowledged as it comes."""
+    batches = []
+    while (batch := meter.next_batch(now)) is not None:
+        batches.append(batch)
+        meter.acknowledged(batch)
+    return batches
+
+
 def test_charged_messages_accumulate_per_user():
     meter = _meter()
     meter.charge_messages("u1", 1)
     meter.charge_messages("u2", 1)
     meter.charge_messages("u1", 1)
     meter.tick(NOW)
-    assert _credits(meter.next_batch(NOW)) == {("u1", P): (2, 0), ("u2", P): (1, 0)}
+    credits = {}
+    for batch in _every_batch(meter, NOW):
+        credits.update(_credits(batch))
+    assert credits == {("u1", P): (2, 0), ("u2", P): (1, 0)}
+
+
+def test_a_batch_holds_the_users_of_one_usage_partition_and_says_which():
+    meter = _meter()
+    users = [f"user{i}" for i in range(200)]
+    for user in users:
+        meter.charge_messages(user, 1)
+    meter.tick(NOW)
+    batches = _every_batch(meter, NOW)
+    assert len({b.partition for b in batches}) == len(batches) == USAGE_PARTITIONS  # 200 users fill all 16
+    for batch in batches:
+        assert {usage_partition(e.user_id) for e in batch.entries} == {batch.partition}
+    assert sorted(e.user_id for b in batches for e in b.entries) == sorted(users)
+    assert [b.seq for b in batches] == list(range(1, len(batches) + 1))
 
 
 def test_the_first_tick_closes_the_interval_into_the_window_of_now():
@@ -431,7 +472,8 @@ def test_acknowledging_a_batch_that_is_not_in_flight_changes_nothing():
 
 def test_max_entries_caps_a_batch_and_the_rest_come_in_the_next():
     meter = _meter(max_entries=2)
-    for user in ("u1", "u2", "u3"):
+    users = [u for u in (f"u{i}" for i in range(1000)) if usage_partition(u) == 5][:3]  # one partition's
+    for user in users:
         meter.charge_messages(user, 1)
     meter.tick(NOW)
     first = meter.next_batch(NOW)
@@ -439,7 +481,8 @@ def test_max_entries_caps_a_batch_and_the_rest_come_in_the_next():
     meter.acknowledged(first)
     second = meter.next_batch(NOW)
     assert len(second.entries) == 1
-    assert {e.user_id for e in first.entries + second.entries} == {"u1", "u2", "u3"}
+    assert {e.user_id for e in first.entries + second.entries} == set(users)
+    assert first.partition == second.partition == 5
     meter.acknowledged(second)
     assert meter.next_batch(NOW) is None
 
@@ -485,3 +528,26 @@ def test_a_meters_batches_applied_to_a_ledger_decide_the_quota(credits_used):
     apply_usage(ledger, _user(), 1, batch.at_ms, batch.entries)
     assert window_of(ledger, P).total_tokens == credits_used + 1
     assert quota_answer(ledger, _user(), FREE, NOW).allowed is (credits_used + 1 < 1000)
+
+
+def test_a_group_of_batches_applied_at_once_gives_the_ledger_of_applying_them_one_at_a_time():
+    import random
+
+    rng = random.Random(7)
+    grant = _grant(credits=50)
+    user = _user(welcome_bonus=grant)
+    for _ in range(50):
+        batches = []
+        seq = rng.randint(1, 5)
+        for _ in range(rng.randint(1, 12)):
+            seq += rng.randint(1, 3)
+            at = NOW + rng.randint(-WINDOW_MS, WINDOW_MS)
+            entries = [UsageEntry("u1", f"5h-{98568 + rng.randint(-1, 1)}", rng.randint(0, 20), rng.randint(0, 3)) for _ in range(rng.randint(1, 3))]
+            batches.append((seq, at, entries))
+        start = _ledger(_window(messages=rng.randint(0, 5)))
+        start.partitions = {"metering-p02": rng.randint(0, 8)}
+        one_by_one = msgspec.json.decode(msgspec.json.encode(start), type=UsageLedger)
+        applied = sum(apply_usage(one_by_one, user, s, at, e, partition=2) for s, at, e in batches)
+        grouped = msgspec.json.decode(msgspec.json.encode(start), type=UsageLedger)
+        assert apply_batches(grouped, user, batches, partition=2) == applied
+        assert msgspec.json.encode(grouped) == msgspec.json.encode(one_by_one)
