@@ -37,6 +37,10 @@ log = logging.getLogger("metering")
 
 PullSubscription = JetStreamContext.PullSubscription
 
+# After the first batch of a group, how long to wait for more if none is there already
+# (those there come at once).
+_MORE_WAIT_S = 0.02
+
 
 class UsageConsumers:
     """Runs the consumers (in `tg`, set before the first one starts) until `stopping`."""
@@ -158,13 +162,13 @@ class UsageConsumers:
                     await asyncio.sleep(0.05)
                     continue
                 try:
-                    msgs = await subscription.fetch(group_batches, timeout=self._fetch_wait_s)
-                except nats.errors.TimeoutError:
+                    msgs = await self._fetch_group(subscription, group_batches)
+                except asyncio.TimeoutError:  # nats-py's own TimeoutError is one too
                     outage = False
-                    continue
+                    continue  # no batch came
                 except STORAGE_ERRORS as exc:
                     if not outage:
-                        log.warning("cannot fetch usage batches (%s); retrying", exc or type(exc).__name__)
+                        log.warning("cannot fetch usage batches (%s); retrying", str(exc) or type(exc).__name__)
                         outage = True
                     await asyncio.sleep(0.5)
                     if isinstance(exc, (nats.js.errors.ServiceUnavailableError, nats.js.errors.NotFoundError)):
@@ -184,6 +188,16 @@ class UsageConsumers:
         finally:
             with contextlib.suppress(Exception):  # the connection may be gone: nothing to undo then
                 await subscription.unsubscribe()
+
+    async def _fetch_group(self, subscription: PullSubscription, group_batches: int) -> list[Msg]:
+        """The next batch as soon as it is there, with what else is there already, up to
+        `group_batches`. (nats-py's fetch of n waits until n came or its wait ran out: a
+        lone batch would wait that long.) TimeoutError when no batch came in the wait."""
+        msgs = await subscription.fetch(1, timeout=self._fetch_wait_s)
+        if group_batches > 1:
+            with contextlib.suppress(asyncio.TimeoutError):
+                msgs += await subscription.fetch(group_batches - 1, timeout=_MORE_WAIT_S)
+        return msgs
 
     async def _process(self, msgs: list[Msg], partition: int | None) -> None:
         """Apply one group of batches to every ledger it names, then acknowledge them.

@@ -69,9 +69,10 @@ class Ownership:
         self._ttl_s = ttl_s
         self._start_partition = start_partition
         self._consumer_ended = consumer_ended
-        self._on_change = on_change  # ("claimed" | "released" | "lost", partition): for /metrics and the log
+        self._on_change = on_change  # ("claimed" | "released" | "lost", partition): for /metrics
         self.claims: dict[int, Claim] = {}
         self.members: list[str] = []
+        self._round_changes: dict[str, list[int]] = {}  # what this round did, for its log line
         self._loop = asyncio.get_running_loop()
 
     def owns(self, partition: int) -> bool:
@@ -117,6 +118,22 @@ class Ownership:
             await self._release(partition)
         for partition in sorted(steps.claim):
             await self._claim(partition)
+        self._log_changes()
+
+    def _changed(self, change: str, partition: int) -> None:
+        self._round_changes.setdefault(change, []).append(partition)
+        self._on_change(change, partition)
+
+    def _log_changes(self) -> None:
+        """One line per round that changed something (not one per partition)."""
+        if self._round_changes:
+            done = "; ".join(f"{change} {sorted(ps)}" for change, ps in sorted(self._round_changes.items()))
+            owned = self.owned()
+            log.info(
+                "usage partitions %s; this process owns %d of %d: %s (%d metering processes running)",
+                done, len(owned), USAGE_PARTITIONS, owned or "none", len(self.members),
+            )  # fmt: skip
+            self._round_changes = {}
 
     async def _holders(self) -> dict[int, str | None]:
         """Who holds each partition's claim now (None: nobody)."""
@@ -152,7 +169,7 @@ class Ownership:
         except nats.js.errors.KeyWrongLastSequenceError:
             return  # another process was faster: looked at again next round
         self.claims[partition] = Claim(partition, revision, valid_until(sent, self._ttl_s))
-        self._on_change("claimed", partition)
+        self._changed("claimed", partition)
         self._start_partition(partition)
 
     async def _renew(self, partition: int) -> None:
@@ -165,7 +182,7 @@ class Ownership:
             # consumer takes no more batches; the new owner starts where we were.
             del self.claims[partition]
             log.warning("usage partition %d: its claim expired before it was renewed; let go", partition)
-            self._on_change("lost", partition)
+            self._changed("lost", partition)
             return
         claim.valid_until = valid_until(sent, self._ttl_s)
 
@@ -180,17 +197,18 @@ class Ownership:
             await asyncio.wait_for(self._consumer_ended(partition), self._ttl_s / 3)
         except TimeoutError:
             del self.claims[partition]
-            self._on_change("released", partition)
+            self._changed("released", partition)
             return
         del self.claims[partition]
         with contextlib.suppress(*STORAGE_ERRORS):
             await self._kv.delete(partition_claim_key(partition), last=claim.revision)
-        self._on_change("released", partition)
+        self._changed("released", partition)
 
     async def _give_everything_back(self) -> None:
         """At a stop: every partition released, the member key deleted, so that the others
         take over at their next round instead of after the TTL."""
         for partition in list(self.claims):
             await self._release(partition)
+        self._log_changes()
         with contextlib.suppress(*STORAGE_ERRORS):
             await self._kv.delete(metering_member_key(self.member.member_id))

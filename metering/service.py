@@ -252,7 +252,6 @@ class Metering:
     def _partition_changed(self, change: str, partition: int) -> None:
         self.metrics.partition_changes.labels(event=change).inc()
         self.metrics.partitions_owned.set(len(self.partitions()))
-        log.info("usage partition %d %s (this process owns %s)", partition, change, self.partitions() or "none")
 
     # --- quota checks --------------------------------------------------------------------
 

@@ -129,7 +129,7 @@ async def test_status_page_is_served_with_a_strict_content_security_policy(own_n
 
 async def test_status_page_in_headless_chromium_matches_the_fleet_and_follows_a_new_pair(own_nats):
     async with (
-        running_edges(own_nats, 2, admin_token=ADMIN, status_refresh_ms=150, status_gather_ms=200) as (edge_a, edge_b),
+        running_edges(own_nats, 2, admin_token=ADMIN, status_refresh_ms=150, status_gather_ms=1000) as (edge_a, edge_b),
         running_metering(own_nats),
         headless_chromium() as browser,
     ):
