@@ -347,8 +347,17 @@ async def test_a_values_watch_without_the_watchers_subscription_trusts_nats_pys_
         monkeypatch.setattr(kv, "watch", watch_without_subscription)
         watch = await ValuesWatch.start(kv, "k.>")
         assert watch.initial is None
-        entries = await _entries_until_the_start_marker(watch)
-        assert [e.key for e in entries[:-1]] == ["k.0", "k.1", "k.2"] and entries[-1] is None
+        # nats-py's marker, passed on where nats-py puts it: after the three values, or, on
+        # a busy machine, before some of them (nats-io/nats.py#842, the bug the counting
+        # path exists for); the values all come either way.
+        seen: list = []
+        async with asyncio.timeout(3):
+            async for entry in watch:
+                seen.append(entry)
+                if None in seen and len([e for e in seen if e is not None]) == 3:
+                    break
+        assert seen.count(None) == 1, seen
+        assert [e.key for e in seen if e is not None] == ["k.0", "k.1", "k.2"]
         watch.watcher._sub = watch.watcher.subscription
         await watch.stop()
     finally:
