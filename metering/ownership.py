@@ -161,7 +161,7 @@ class Ownership:
 
     async def _claim(self, partition: int) -> None:
         claim, revision = await self._read_claim(partition)
-        if claim is not None:
+        if claim is not None and claim.member_id != self.member.member_id:
             return  # taken meanwhile
         sent = self._loop.time()
         try:

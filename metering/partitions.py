@@ -42,8 +42,9 @@ class Steps:
 def plan(share: frozenset[int], owned: frozenset[int], holders: dict[int, str | None], me: str) -> Steps:
     """This round's steps, from our `share`, what we `owned` and who holds each partition
     (None: no live claim). A partition of our share held by another is waited for: its
-    holder gives it back when it sees us (or its claim expires)."""
-    claim = frozenset(p for p in share - owned if holders.get(p) is None)
+    holder gives it back when it sees us (or its claim expires). One whose claim names us
+    though we do not own it (our claim's write landed but its answer was lost) is taken."""
+    claim = frozenset(p for p in share - owned if holders.get(p) in (None, me))
     return Steps(claim=claim, release=owned - share, renew=owned & share)
 
 

@@ -28,6 +28,11 @@ def test_a_round_claims_the_free_partitions_of_the_share_and_waits_for_held_ones
     assert steps.renew == {2}
 
 
+def test_a_claim_naming_us_that_we_do_not_own_is_taken_our_write_landed_unanswered():
+    steps = plan(frozenset({1, 3}), owned=frozenset(), holders={1: "me", 3: "other"}, me="me")
+    assert steps.claim == {1}
+
+
 def test_a_claim_holds_until_two_thirds_of_its_ttl_after_its_renewal_was_sent_and_not_while_released():
     claim = Claim(partition=3, revision=9, valid_until=valid_until(sent_at=100.0, ttl_s=9.0))
     assert claim.holds(105.9) and not claim.holds(106.0)
