@@ -534,13 +534,8 @@ async def test_two_metering_processes_share_the_partitions_and_count_exactly_whi
     try:
         js = nc.jetstream()
         await open_usage_stream(js, 1)
-        seq = 0
-
-        async def publish_round(credits: int) -> None:
-            nonlocal seq
-            for user_id in users:
-                seq += 1
-                await publish_batch(js, _batch(seq, user_id, period, credits))
+        rounds = UsageRounds(js, users, period)
+        publish_round = rounds.publish
 
         async with running_metering(own_nats, partition_lease_ms=1500) as first:
             async with running_metering(own_nats, partition_lease_ms=1500) as second:
@@ -558,7 +553,7 @@ async def test_two_metering_processes_share_the_partitions_and_count_exactly_whi
             await asyncio.sleep(0.5)  # a batch counted twice would show by now
             assert await _all_have(own_nats, users, period, 22)
             assert first.batches_applied > 0 and second.batches_applied > 0
-            assert first.batches_applied + second.batches_applied == seq
+            assert first.batches_applied + second.batches_applied == rounds.published
     finally:
         await nc.close()
 
@@ -571,13 +566,8 @@ async def test_a_metering_process_killed_holding_partitions_is_taken_over_after_
     try:
         js = nc.jetstream()
         await open_usage_stream(js, 1)
-        seq = 0
-
-        async def publish_round(credits: int) -> None:
-            nonlocal seq
-            for user_id in users:
-                seq += 1
-                await publish_batch(js, _batch(seq, user_id, period, credits))
+        rounds = UsageRounds(js, users, period)
+        publish_round = rounds.publish
 
         async with running_metering(own_nats, **lease) as survivor:
             async with MeteringProcess(own_nats, **lease) as doomed:
@@ -597,6 +587,19 @@ async def test_a_metering_process_killed_holding_partitions_is_taken_over_after_
             assert await _all_have(own_nats, users, period, 6)
     finally:
         await nc.close()
+
+
+class UsageRounds:
+    """Batches as edges publish them: a round charges every user, a batch each."""
+
+    def __init__(self, js: Any, users: list[str], period: str) -> None:
+        self.js, self.users, self.period = js, users, period
+        self.published = 0
+
+    async def publish(self, credits: int) -> None:
+        for user_id in self.users:
+            self.published += 1
+            await publish_batch(self.js, _batch(self.published, user_id, self.period, credits))
 
 
 def _owned(*processes: Metering) -> tuple[int, ...]:
