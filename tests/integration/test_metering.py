@@ -589,6 +589,52 @@ async def test_a_metering_process_killed_holding_partitions_is_taken_over_after_
         await nc.close()
 
 
+async def test_a_metering_process_stalled_past_its_claims_and_resumed_counts_nothing_twice_and_loses_nothing(own_nats):
+    """SIGSTOP: the process neither dies nor renews. Its claims expire, the other process
+    takes its partitions over (making their consumers afresh); then it resumes, maybe with
+    a group in hand, finds its claims gone and takes no more batches; the two share the
+    partitions again. Every credit counts once (metering.partitions: the fencing)."""
+    users = [(await make_account(own_nats, tier="premium")).user_id for _ in range(24)]
+    period = period_of(now_ms())
+    lease = {"partition_lease_ms": 1500}
+    nc = await nats.connect(own_nats)
+    try:
+        js = nc.jetstream()
+        await open_usage_stream(js, 1)
+        rounds = UsageRounds(js, users, period)
+        async with running_metering(own_nats, **lease) as steady:
+            async with MeteringProcess(own_nats, **lease) as stalled:
+                assert await wait_for(lambda: _owning((8,), steady), 10), _owned(steady)
+                done = asyncio.Event()
+                publishing = asyncio.create_task(_keep_publishing(rounds, done))
+                try:
+                    await asyncio.sleep(0.5)
+                    stalled.process.send_signal(signal.SIGSTOP)
+                    assert await wait_for(lambda: _owning((16,), steady), 10), _owned(steady)
+                    await asyncio.sleep(0.5)
+                    stalled.process.send_signal(signal.SIGCONT)
+                    assert await wait_for(lambda: _owning((8,), steady), 10), _owned(steady)  # shared again
+                    await asyncio.sleep(0.5)
+                finally:
+                    done.set()
+                    await publishing
+                expected = rounds.published // len(users)
+                assert rounds.published == expected * len(users)
+                assert await wait_for(lambda: _all_have(own_nats, users, period, expected), 15)
+                await asyncio.sleep(0.5)  # a batch counted twice would show by now
+                assert await _all_have(own_nats, users, period, expected)
+                assert "lost" in stalled.log_text() or "expired" in stalled.log_text()
+    finally:
+        await nc.close()
+
+
+async def _keep_publishing(rounds: UsageRounds, done: asyncio.Event) -> None:
+    """A round of one credit each every 20 ms, until `done` (never stopping mid-round)."""
+    while not done.is_set():
+        await rounds.publish(1)
+        await asyncio.sleep(0.02)
+
+
 class UsageRounds:
     """Batches as edges publish them: a round charges every user, a batch each."""
 
