@@ -24,6 +24,7 @@ from metering.stream import open_usage_stream
 from metering.usage import open_usage_bucket
 from metering.windows import WINDOW_MS, iso_ms, period_of, resets_at
 from runtime.embedded_nats import EmbeddedNatsServer
+from runtime.metrics import total
 from schemas.metering import UsageBatch, UsageEntry
 from schemas.records import BonusUsage, UsageLedger, UsageWindow, WelcomeBonus
 from schemas.subjects import (
@@ -410,6 +411,43 @@ async def test_quota_crossed_mid_session_closes_the_users_sockets_on_every_edge(
         # And the next connection of that user is refused at connect.
         again = await Client.connect(edge_b, MacIdentity.new().room_id, "mac", account.auth)
         await expect_quota_exceeded(again)
+
+
+async def test_quota_checks_and_over_limit_announcements_work_whichever_metering_process_owns_the_users_partition(own_nats):
+    """With two metering processes each owning half the partitions: the user's partition's
+    owner announces the crossing, and either process answers the check at connect."""
+    lease = {"partition_lease_ms": 1500}
+    async with running_metering(own_nats, **lease) as first, running_metering(own_nats, **lease) as second:
+        assert await wait_for(lambda: _owning((8, 8), first, second), 10), _owned(first, second)
+        by_owner: dict[bool, list[Account]] = {True: [], False: []}  # owned by `first`?
+        while min(len(found) for found in by_owner.values()) < 2:
+            account = await make_account(own_nats, tier="free", credits_per_window=20)
+            by_owner[usage_partition(account.user_id) in first.partitions()].append(account)
+        accounts = by_owner[True][:2] + by_owner[False][:2]
+        async with running_edges(own_nats, 2, auth="required", **FAST) as (edge_a, edge_b):
+            for account in accounts:
+                mac, ios = await pair(edge_a, edge_b, account)
+                for i in range(30):
+                    await mac.send(type="relay", payload=f"p{i}")
+                for client in (mac, ios):
+                    assert (await expect_quota_exceeded(client))["limit"] == 20
+                for _ in range(4):  # the checks go to either process (a queue group)
+                    again = await Client.connect(edge_b, MacIdentity.new().room_id, "mac", account.auth)
+                    await expect_quota_exceeded(again)
+        announced = [total(m.metrics.over_limit_announcements) for m in (first, second)]
+        checks = [_exceeded_answers(m) for m in (first, second)]
+        assert all(n > 0 for n in announced), announced  # each owner announced its users
+        assert all(n > 0 for n in checks), checks
+
+
+def _exceeded_answers(metering: Metering) -> float:
+    """The quota checks a metering process answered "exceeded", read as a scrape reads them."""
+    return sum(
+        sample.value
+        for family in metering.metrics.quota_checks.collect()
+        for sample in family.samples
+        if sample.labels.get("result") == "exceeded" and not sample.name.endswith("_created")
+    )
 
 
 async def test_the_welcome_bonus_is_consumed_before_the_window_quota(own_nats):
