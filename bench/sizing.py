@@ -153,10 +153,13 @@ def measure(pairs: int, idle_macs_per_pair: int, duration_s: float, warmup_s: fl
             try:
                 while load.poll() is None:
                     time.sleep(1.0)
-                    if _edge_connections(metrics_port) >= sockets:
-                        steady.append(_sample(monitor, pids))
-                    elif steady:
-                        break  # the load generator is closing its sockets
+                    try:
+                        if _edge_connections(metrics_port) >= sockets:
+                            steady.append(_sample(monitor, pids))
+                        elif steady:
+                            break  # the load generator is closing its sockets
+                    except OSError:  # a scrape that timed out on a busy machine: the next one counts
+                        continue
             finally:
                 if load.poll() is None:
                     load.wait(timeout=duration_s + warmup_s + 120)
