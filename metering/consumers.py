@@ -172,10 +172,13 @@ class UsageConsumers:
                         outage = True
                     await asyncio.sleep(0.5)
                     if isinstance(exc, (nats.js.errors.ServiceUnavailableError, nats.js.errors.NotFoundError)):
+                        # The consumer (or the stream, or its leader) is gone: made again by
+                        # the caller, with back-off, until it opens. Fetching on from here
+                        # would time out silently for ever (found by the fault tests: a NATS
+                        # node SIGKILLed left partitions owned and never applied).
                         with contextlib.suppress(*STORAGE_ERRORS):
                             await open_usage_stream(self._js, self.settings.kv_replicas)
-                            await subscription.unsubscribe()
-                            subscription = await open_consumer()
+                        raise
                     continue
                 outage = False
                 if not owns():

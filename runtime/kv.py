@@ -272,8 +272,11 @@ class ValuesWatch:
         self.watcher, self.initial, self.grace_s = watcher, initial, grace_s
 
     @classmethod
-    async def start(cls, kv: KeyValue, key_filter: str) -> ValuesWatch:
-        watcher = await kv.watch(key_filter)  # deletions too: every message is counted
+    async def start(cls, kv: KeyValue, key_filter: str, inactive_threshold_s: float | None = None) -> ValuesWatch:
+        """`inactive_threshold_s`: how long the server keeps the watcher's consumer once it
+        is stopped (nats-py's default: 5 minutes)."""
+        # deletions too: every message is counted
+        watcher = await kv.watch(key_filter, inactive_threshold=inactive_threshold_s)
         # nats-py's one internal used here: the watcher's subscription, which its own keys()
         # asks the same way. Without it (another release), its marker is trusted.
         subscription = getattr(watcher, "_sub", None)
@@ -326,6 +329,9 @@ class ValuesWatch:
                 yield None
 
 
+LISTING_CONSUMER_LINGER_S = 5.0
+
+
 async def present_values(kv: KeyValue, key_filter: str) -> dict[str, bytes]:
     """key → value of every key matching `key_filter` that holds a value.
 
@@ -333,7 +339,9 @@ async def present_values(kv: KeyValue, key_filter: str) -> dict[str, bytes]:
     consumer reset) counts once.
     """
     found: dict[str, bytes] = {}
-    watch = await ValuesWatch.start(kv, key_filter)
+    # Its consumer goes 5 s after the listing, not nats-py's 5 minutes: a listing every few
+    # seconds (metering's membership rounds) would otherwise keep dozens (fault tests).
+    watch = await ValuesWatch.start(kv, key_filter, inactive_threshold_s=LISTING_CONSUMER_LINGER_S)
     try:
         async for entry in watch:
             if entry is None:  # the current values are all in

@@ -429,7 +429,8 @@ class Topology:
     `edge_settings` / `metering_settings`: more settings (field names, as for the CLI's
     flags without dashes) for every edge / metering process, given as `RELAY_*` variables.
     `loopback=True` skips the namespaces. `nats_sync_always=False` drops deploy/nats.conf's
-    `sync_interval: always` (faster on a slow disk; production keeps it).
+    `sync_interval: always` (faster on a slow disk; production keeps it). `tiers_toml`: the
+    tiers file every service reads (default: unlimited rooms for the local user's premium tier).
     """
 
     def __init__(
@@ -442,6 +443,7 @@ class Topology:
         edge_settings: Mapping[str, Any] | None = None,
         metering_settings: Mapping[str, Any] | None = None,
         nats_sync_always: bool = True,
+        tiers_toml: str | None = None,
         stop_timeout: float = 10.0,
         keep_dir: bool = False,
     ) -> None:
@@ -453,6 +455,7 @@ class Topology:
         self.edge_settings = {**DEFAULT_EDGE_SETTINGS, **(edge_settings or {})}
         self.metering_settings = dict(metering_settings or {})
         self.nats_sync_always = nats_sync_always
+        self.tiers_toml = tiers_toml
         self.loopback_forced = loopback
         self.isolated = False
         self.why_not_isolated: str | None = None
@@ -617,7 +620,7 @@ class Topology:
         tiers = self._root / "tiers.toml"
         # Unlimited rooms for the one local user: the tests make many rooms (each counts for
         # ROOM_REG_TTL after its Mac leaves). Every service gets the same file.
-        tiers.write_text("[tiers.premium]\nmax_rooms = -1\n")
+        tiers.write_text(self.tiers_toml if self.tiers_toml is not None else "[tiers.premium]\nmax_rooms = -1\n")
 
         for p in self.nats:
             self._spawn(p)
@@ -983,6 +986,110 @@ class Topology:
     def clear_impairments(self) -> None:
         for p in self.procs.values():
             self.clear_impairment(p.name)
+
+    # --- packet drops with nftables (the kernel here has nf_tables and numgen, not netem) ---
+
+    _NFT_TABLE = "termrelay_fault"
+
+    def nft_available(self) -> tuple[bool, str]:
+        """Whether `cut_routes` and `drop_randomly` can work here, and if not why."""
+        if not self.isolated:
+            return False, f"no namespaces here ({self.why_not_isolated})"
+        if shutil.which("nft") is None:
+            return False, "no `nft` command (apt-get install nftables)"
+        return True, ""
+
+    def _nft(self, name: str, script: str) -> None:
+        p = self._isolated_proc(name, "nftables")
+        ok, why = self.nft_available()
+        if not ok:
+            raise FaultUnavailable(why)
+        done = subprocess.run(["ip", "netns", "exec", p.netns, "nft", "-f", "-"], input=script, capture_output=True, text=True, timeout=10)  # type: ignore[list-item]
+        if done.returncode != 0:
+            raise FaultUnavailable(f"nft in {p.netns}: {done.stderr.strip()}")
+
+    def _nft_table(self, name: str, rules: list[str]) -> None:
+        """(Re)make this run's table in `name`'s namespace with `rules` (in chains `in`/`out`)."""
+        t = self._NFT_TABLE
+        self.clear_drops(name)
+        self._nft(
+            name,
+            f"table inet {t} {{\n"
+            "  chain in { type filter hook input priority -10; policy accept; }\n"
+            "  chain out { type filter hook output priority -10; policy accept; }\n"
+            "}\n" + "".join(f"add rule inet {t} {rule}\n" for rule in rules),
+        )
+
+    def clear_drops(self, name: str) -> None:
+        """Remove what `cut_routes` / `drop_randomly` put in `name`'s namespace."""
+        p = self._isolated_proc(name, "clear_drops")
+        if shutil.which("nft") is not None:
+            subprocess.run(["ip", "netns", "exec", p.netns, "nft", "delete", "table", "inet", self._NFT_TABLE], capture_output=True)  # type: ignore[list-item]
+
+    def cut_routes(self, name: str) -> None:
+        """Cut a NATS node off from the other nodes only: every packet of the cluster
+        routes (its cluster port, either way) is dropped inside its namespace (no RST: a
+        partition), while its clients stay connected. `restore_routes` undoes it."""
+        p = self.procs[name]
+        assert p.kind == "nats", "cut_routes is a NATS node's"
+        port = p.ports["cluster"]
+        self._nft_table(name, [f"{chain} tcp {d} {port} drop" for chain in ("in", "out") for d in ("dport", "sport")])
+
+    def restore_routes(self, name: str) -> None:
+        self.clear_drops(name)
+
+    def drop_randomly(self, name: str, loss_pct: float, towards: list[str]) -> None:
+        """Drop `loss_pct` % of the packets between `name` and the processes in `towards`,
+        each way, at random (nftables `numgen random`), inside `name`'s namespace."""
+        addresses = ", ".join(self.procs[o].address for o in towards)
+        pct = int(round(loss_pct))
+        self._nft_table(
+            name,
+            [f"out ip daddr {{ {addresses} }} numgen random mod 100 < {pct} drop", f"in ip saddr {{ {addresses} }} numgen random mod 100 < {pct} drop"],
+        )
+
+    def drop_edges_to_nats(self, loss_pct: float) -> None:
+        """`drop_randomly` between every edge and every NATS node (in the edges' namespaces:
+        both directions; clients, nginx and the cluster routes untouched)."""
+        nats = [p.name for p in self.nats]
+        for e in self.edges:
+            self.drop_randomly(e.name, loss_pct, nats)
+
+    def clear_all_drops(self) -> None:
+        if self.isolated:
+            for p in self.procs.values():
+                self.clear_drops(p.name)
+
+    # --- several at once, and the servers' monitoring ---------------------------------------
+
+    def _restart_all_steps(self, names: list[str]) -> Iterator[_Wait]:
+        procs = [self.procs[n] for n in names]
+        for p in procs:
+            if p.running:
+                self.kill(p.name)
+        for p in procs:
+            self._spawn(p)
+        yield _Wait(f"{', '.join(names)} ready again", lambda: all(self._ready(p) for p in procs), 90, procs)
+
+    async def arestart_all(self, names: list[str]) -> None:
+        """SIGKILL every one of `names` still running, start them all, wait until all are
+        ready (a whole NATS cluster must come up together: no node is healthy alone)."""
+        await self._drive_async(self._restart_all_steps(names), remove_on_failure=False)
+
+    def start_again(self, name: str) -> None:
+        """Start a stopped process again (as `restart`) without waiting for it."""
+        p = self.procs[name]
+        assert not p.running, f"{name} is running"
+        self._spawn(p)
+
+    def monitor(self, name: str, path: str, timeout: float = 3.0) -> Any:
+        """A NATS node's monitoring endpoint (`/jsz?consumers=true`, `/subsz`, `/connz`...), as JSON."""
+        p = self.procs[name]
+        assert p.kind == "nats", f"{name} is not a NATS node"
+        status, body = _http_get(p.address, p.ports["monitor"], path, timeout=timeout)
+        if status != 200:
+            raise TopologyError(f"{name} {path}: HTTP {status}: {body[:200]}")
+        return json.loads(body)
 
     def reload_nginx(self, edges: list[str] | None = None, timeout: float = 10.0) -> None:
         """Rewrite nginx's config (the upstream: `edges`, default every edge) and reload it
