@@ -239,6 +239,29 @@ _HEAD64 = struct.Struct("!BBQ")
 _OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING = 0x0, 0x1, 0x2, 0x8, 0x9
 
 
+def split_frames(buf: bytes, on_frame: Callable[[int, bytes], None]) -> bytes:
+    """Hand each whole server frame in `buf` (unmasked: server to client) to
+    `on_frame(first byte, payload)`; returns the bytes of an incomplete last frame."""
+    pos, n = 0, len(buf)
+    while n - pos >= 2:
+        b0, b1 = buf[pos], buf[pos + 1]
+        length, head = b1 & 0x7F, 2
+        if length == 126:
+            if n - pos < 4:
+                break
+            length, head = int.from_bytes(buf[pos + 2 : pos + 4], "big"), 4
+        elif length == 127:
+            if n - pos < 10:
+                break
+            length, head = int.from_bytes(buf[pos + 2 : pos + 10], "big"), 10
+        end = pos + head + length
+        if end > n:
+            break
+        on_frame(b0, buf[pos + head : end])
+        pos = end
+    return buf[pos:] if pos < n else b""
+
+
 class WsConn(asyncio.Protocol):
     """A client socket of one pair (or of an idle Mac): `role` is "mac" or "ios"."""
 
@@ -275,25 +298,7 @@ class WsConn(asyncio.Protocol):
         if self.handshake is not None:
             self._handshake_data(data)
             return
-        buf = self._buffer + data if self._buffer else data
-        pos, n = 0, len(buf)
-        while n - pos >= 2:
-            b0, b1 = buf[pos], buf[pos + 1]
-            length, head = b1 & 0x7F, 2
-            if length == 126:
-                if n - pos < 4:
-                    break
-                length, head = int.from_bytes(buf[pos + 2 : pos + 4], "big"), 4
-            elif length == 127:
-                if n - pos < 10:
-                    break
-                length, head = int.from_bytes(buf[pos + 2 : pos + 10], "big"), 10
-            end = pos + head + length
-            if end > n:
-                break
-            self._frame(b0, buf[pos + head : end])
-            pos = end
-        self._buffer = buf[pos:] if pos < n else b""
+        self._buffer = split_frames(self._buffer + data if self._buffer else data, self._frame)
 
     def _handshake_data(self, data: bytes) -> None:
         proto = self.handshake

@@ -70,6 +70,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from bench.loadgen import split_frames
+
 log = logging.getLogger("tests.topology_traffic")
 
 ROLES = ("mac", "ios")
@@ -169,25 +171,7 @@ class Conn(asyncio.Protocol):
                 elif isinstance(event, Frame):  # frames in the same read as the 101
                     self._frame(int(event.opcode) | (0x80 if event.fin else 0), event.data)
             return
-        buf = self._buffer + data if self._buffer else data
-        pos, n = 0, len(buf)
-        while n - pos >= 2:
-            b0, b1 = buf[pos], buf[pos + 1]
-            length, head = b1 & 0x7F, 2
-            if length == 126:
-                if n - pos < 4:
-                    break
-                length, head = int.from_bytes(buf[pos + 2 : pos + 4], "big"), 4
-            elif length == 127:
-                if n - pos < 10:
-                    break
-                length, head = int.from_bytes(buf[pos + 2 : pos + 10], "big"), 10
-            end = pos + head + length
-            if end > n:
-                break
-            self._frame(b0, buf[pos + head : end])
-            pos = end
-        self._buffer = buf[pos:] if pos < n else b""
+        self._buffer = split_frames(self._buffer + data if self._buffer else data, self._frame)
 
     def _frame(self, b0: int, payload: bytes) -> None:
         opcode = b0 & 0x0F
