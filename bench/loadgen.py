@@ -221,7 +221,7 @@ def raise_nofile_limit() -> int:
 # server's frames are unmasked and simple) and each socket is written once per loop turn.
 
 
-def _client_frame(opcode: int, data: bytes) -> bytes:
+def client_frame(opcode: int, data: bytes) -> bytes:
     """One masked, final client frame (RFC 6455 §5.2)."""
     n = len(data)
     if n < 126:
@@ -332,10 +332,10 @@ class WsConn(asyncio.Protocol):
                 self.close_code = int.from_bytes(payload[:2], "big")
             if self.is_open:
                 self.is_open = False
-                self.transport.write(_client_frame(_OP_CLOSE, payload[:2]))
+                self.transport.write(client_frame(_OP_CLOSE, payload[:2]))
             self.transport.close()
         elif opcode == _OP_PING:
-            self.transport.write(_client_frame(0xA, payload))
+            self.transport.write(client_frame(0xA, payload))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -363,7 +363,7 @@ class WsConn(asyncio.Protocol):
         if not self.is_open:
             self.worker.send_failures += 1
             return False
-        self._out.append(_client_frame(_OP_TEXT, data))
+        self._out.append(client_frame(_OP_TEXT, data))
         if not self.dirty:
             self.dirty = True
             self.worker.mark_dirty(self)
@@ -386,7 +386,7 @@ class WsConn(asyncio.Protocol):
             return
         if self.is_open:
             self.is_open = False
-            self._out.append(_client_frame(_OP_CLOSE, (1000).to_bytes(2, "big")))
+            self._out.append(client_frame(_OP_CLOSE, (1000).to_bytes(2, "big")))
             self.flush()
         self.transport.close()
 
@@ -523,7 +523,7 @@ class Pair:
         self.room_id = f"bench-{worker.run_tag}-{'idle-' if lone else ''}{index}"
         secret = secrets.token_hex(16)
         self.secret_hash = hashlib.sha256(secret.encode()).hexdigest()
-        self.public_key = _b64_key()
+        self.public_key = b64_key()
         self.mac_url = _ws_url(mac_url, self.room_id, "mac")
         self.ios_url = _ws_url(ios_url, self.room_id, "ios")
         self.up = Stream(worker, self, "mac", tail)  # Mac → iPhone
@@ -586,8 +586,8 @@ class Pair:
                 "room_id": self.room_id,
                 "secret_hash": self.secret_hash,
                 "public_key": self.public_key,
-                "session_nonce": _b64_key(),
-                "ephemeral_key": _b64_key(),
+                "session_nonce": b64_key(),
+                "ephemeral_key": b64_key(),
             }
         ).encode()
 
@@ -596,10 +596,10 @@ class Pair:
             {
                 "type": "join_room",
                 "room_id": self.room_id,
-                "public_key": _b64_key(),
+                "public_key": b64_key(),
                 "secret_hash": self.secret_hash,
-                "session_nonce": _b64_key(),
-                "ephemeral_key": _b64_key(),
+                "session_nonce": b64_key(),
+                "ephemeral_key": b64_key(),
             }
         ).encode()
 
@@ -619,7 +619,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _b64_key() -> str:
+def b64_key() -> str:
     return binascii.b2a_base64(secrets.token_bytes(32), newline=False).decode()
 
 

@@ -54,7 +54,6 @@ on which socket; per socket: when it was opened, paired (`peer_joined`), told
 from __future__ import annotations
 
 import asyncio
-import binascii
 import hashlib
 import json
 import logging
@@ -62,7 +61,6 @@ import multiprocessing
 import os
 import secrets
 import statistics
-import struct
 import time
 from array import array
 from collections import Counter, defaultdict
@@ -70,7 +68,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from bench.loadgen import split_frames
+from bench.loadgen import b64_key, client_frame, split_frames
 
 log = logging.getLogger("tests.topology_traffic")
 
@@ -102,31 +100,7 @@ _TICK_S = 0.01  # the send schedule's step: each side sends in one of interval/s
 
 # --- the WebSocket client ------------------------------------------------------------------
 
-try:
-    from websockets.speedups import apply_mask
-except ImportError:  # websockets built without its C extension
-    from websockets.utils import apply_mask
-
-_HEAD16 = struct.Struct("!BBH")
-_HEAD64 = struct.Struct("!BBQ")
 _OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-
-
-def _client_frame(opcode: int, data: bytes) -> bytes:
-    """One masked, final client frame (RFC 6455 §5.2)."""
-    n = len(data)
-    if n < 126:
-        head = bytes((0x80 | opcode, 0x80 | n))
-    elif n < 65536:
-        head = _HEAD16.pack(0x80 | opcode, 0x80 | 126, n)
-    else:
-        head = _HEAD64.pack(0x80 | opcode, 0x80 | 127, n)
-    mask = os.urandom(4)
-    return head + mask + apply_mask(data, mask)
-
-
-def _b64_key() -> str:
-    return binascii.b2a_base64(secrets.token_bytes(32), newline=False).decode()
 
 
 class Conn(asyncio.Protocol):
@@ -190,10 +164,10 @@ class Conn(asyncio.Protocol):
                 self.close_code = int.from_bytes(payload[:2], "big")
             if self.is_open:
                 self.is_open = False
-                self.transport.write(_client_frame(_OP_CLOSE, payload[:2]))  # type: ignore[union-attr]
+                self.transport.write(client_frame(_OP_CLOSE, payload[:2]))  # type: ignore[union-attr]
             self.transport.close()  # type: ignore[union-attr]
         elif opcode == _OP_PING:
-            self.transport.write(_client_frame(_OP_PONG, payload))  # type: ignore[union-attr]
+            self.transport.write(client_frame(_OP_PONG, payload))  # type: ignore[union-attr]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.is_open = False
@@ -212,7 +186,7 @@ class Conn(asyncio.Protocol):
     def write(self, data: bytes) -> bool:
         if not self.is_open or self.transport is None or self.transport.is_closing():
             return False
-        self.transport.write(_client_frame(_OP_TEXT, data))
+        self.transport.write(client_frame(_OP_TEXT, data))
         return True
 
     def close(self, code: int = 1000) -> None:
@@ -220,7 +194,7 @@ class Conn(asyncio.Protocol):
             return
         if self.is_open:
             self.is_open = False
-            self.transport.write(_client_frame(_OP_CLOSE, code.to_bytes(2, "big")))
+            self.transport.write(client_frame(_OP_CLOSE, code.to_bytes(2, "big")))
         self.transport.close()
 
 
@@ -417,20 +391,20 @@ class Pair:
         self.room_id = f"F{run_tag}{index:04d}".upper()
         secret = secrets.token_hex(16)
         self.secret_hash = hashlib.sha256(secret.encode()).hexdigest()
-        self.mac_key = _b64_key()
-        self.ios_key = _b64_key()
+        self.mac_key = b64_key()
+        self.ios_key = b64_key()
         self.sides = {role: Side(worker, self, role) for role in ROLES}
 
     def register_message(self) -> bytes:
         return json.dumps(
             {"type": "register_room", "room_id": self.room_id, "secret_hash": self.secret_hash, "public_key": self.mac_key,
-             "session_nonce": _b64_key(), "ephemeral_key": _b64_key()}  # fmt: skip
+             "session_nonce": b64_key(), "ephemeral_key": b64_key()}  # fmt: skip
         ).encode()
 
     def join_message(self) -> bytes:
         return json.dumps(
             {"type": "join_room", "room_id": self.room_id, "public_key": self.ios_key, "secret_hash": self.secret_hash,
-             "session_nonce": _b64_key(), "ephemeral_key": _b64_key()}  # fmt: skip
+             "session_nonce": b64_key(), "ephemeral_key": b64_key()}  # fmt: skip
         ).encode()
 
     @property

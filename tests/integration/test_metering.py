@@ -565,14 +565,10 @@ async def test_usage_published_while_metering_is_down_is_applied_when_it_starts(
 async def test_two_metering_processes_share_the_partitions_and_count_exactly_while_one_stops(own_nats):
     """Each usage partition is owned by one process; a process that stops hands its share
     over (after its groups in hand), and every credit counts once."""
-    users = [(await make_account(own_nats, tier="premium")).user_id for _ in range(24)]
+    nc, rounds = await open_usage_rounds(own_nats, 24)
+    users, period = rounds.users, rounds.period
     assert len({usage_partition(u) for u in users}) > 8  # spread over most partitions
-    period = period_of(now_ms())
-    nc = await nats.connect(own_nats)
     try:
-        js = nc.jetstream()
-        await open_usage_stream(js, 1)
-        rounds = UsageRounds(js, users, period)
         publish_round = rounds.publish
 
         async with running_metering(own_nats, partition_lease_ms=1500) as first:
@@ -597,14 +593,10 @@ async def test_two_metering_processes_share_the_partitions_and_count_exactly_whi
 
 
 async def test_a_metering_process_killed_holding_partitions_is_taken_over_after_its_claims_expire_and_counts_exactly(own_nats):
-    users = [(await make_account(own_nats, tier="premium")).user_id for _ in range(24)]
-    period = period_of(now_ms())
+    nc, rounds = await open_usage_rounds(own_nats, 24)
+    users, period = rounds.users, rounds.period
     lease = {"partition_lease_ms": 1500}
-    nc = await nats.connect(own_nats)
     try:
-        js = nc.jetstream()
-        await open_usage_stream(js, 1)
-        rounds = UsageRounds(js, users, period)
         publish_round = rounds.publish
 
         async with running_metering(own_nats, **lease) as survivor:
@@ -632,14 +624,10 @@ async def test_a_metering_process_stalled_past_its_claims_and_resumed_counts_not
     takes its partitions over (making their consumers afresh); then it resumes, maybe with
     a group in hand, finds its claims gone and takes no more batches; the two share the
     partitions again. Every credit counts once (metering.partitions: the fencing)."""
-    users = [(await make_account(own_nats, tier="premium")).user_id for _ in range(24)]
-    period = period_of(now_ms())
+    nc, rounds = await open_usage_rounds(own_nats, 24)
+    users, period = rounds.users, rounds.period
     lease = {"partition_lease_ms": 1500}
-    nc = await nats.connect(own_nats)
     try:
-        js = nc.jetstream()
-        await open_usage_stream(js, 1)
-        rounds = UsageRounds(js, users, period)
         async with running_metering(own_nats, **lease) as steady:
             async with MeteringProcess(own_nats, **lease) as stalled:
                 assert await wait_for(lambda: _owning((8,), steady), 10), _owned(steady)
@@ -671,6 +659,16 @@ async def _keep_publishing(rounds: UsageRounds, done: asyncio.Event) -> None:
     while not done.is_set():
         await rounds.publish(1)
         await asyncio.sleep(0.02)
+
+
+async def open_usage_rounds(url: str, users: int) -> tuple[Any, UsageRounds]:
+    """`users` new accounts, the usage stream, and a connection to publish their rounds on
+    (the caller closes it)."""
+    user_ids = [(await make_account(url, tier="premium")).user_id for _ in range(users)]
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    await open_usage_stream(js, 1)
+    return nc, UsageRounds(js, user_ids, period_of(now_ms()))
 
 
 class UsageRounds:
