@@ -159,7 +159,9 @@ class EdgeContext:
         self.access: Access | None = None
         self.api: HttpApi | None = None
         self.metering: MeteringLink | None = None  # with settings.metering, once NATS is there
-        self.meter = UsageMeter(settings.edge_id, self.boot_id, settings.session_ms_per_credit)
+        self.meter = UsageMeter(
+            settings.edge_id, self.boot_id, settings.session_ms_per_credit, refund_window_ms=settings.usage_refund_window_ms
+        )
         self.metering_on = settings.metering  # off: nothing is counted (nothing would take it)
         self.max_forward_bytes = 0  # see `Edge.learn_max_payload`
         self.counters = FrameCounters()

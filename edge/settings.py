@@ -84,7 +84,10 @@ class EdgeSettings(NatsSettings):
     room_idle_timeout_ms: int = field(default=600_000, metadata={"help": "idle time after which a room drops its per-connection state"})
     room_reg_ttl_s: int = field(default=900, metadata={"help": "ROOM_REG_TTL: a room registration lapses this long after its Mac left"})
     usage_flush_interval_ms: int = field(
-        default=1_000, metadata={"help": "how often usage is published to metering; at most this much is lost if the edge dies"}
+        default=1_000, metadata={"help": "how often usage is published to metering; this plus the refund window is what a killed edge loses at most"}
+    )
+    usage_refund_window_ms: int = field(
+        default=1_000, metadata={"help": "how long a frame's charge waits, after its flush interval, for news that the frame reached nobody (its refund) before it is published"}
     )
 
     # Metering (protocol.md §6, §12 items 18–20).
@@ -189,6 +192,8 @@ class EdgeSettings(NatsSettings):
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.usage_refund_window_ms < 0:
+            raise ValueError("usage_refund_window_ms must not be negative")
         if self.socket_bytes_per_s > 0 and self.socket_bytes_burst < self.max_frame_bytes:
             raise ValueError(
                 f"socket_bytes_burst (--socket-bytes-burst / RELAY_SOCKET_BYTES_BURST) must be at least "

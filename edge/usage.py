@@ -81,6 +81,7 @@ class Usage:
         with contextlib.suppress(asyncio.CancelledError):
             await self._loop
         await self._tick()
+        self.ctx.meter.release_held()  # every socket left: no refund can come now
         try:
             async with asyncio.timeout(self.ctx.settings.shutdown_usage_ms / 1000):
                 await self._publish_all()

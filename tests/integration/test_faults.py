@@ -19,8 +19,9 @@ each fault:
     frame, charged by the sender's edge, refunded when answered NO_PEER) equal the frames
     the receivers got, R, except for what the README documents: a frame charged and then
     lost in flight (not refunded: at most the lost frames not refused, `over`), and the
-    counts an edge SIGKILLed had not published (at most one usage flush interval,
-    `RELAY_USAGE_FLUSH_INTERVAL_MS`, 1 s, of the traffic of its sockets, `under`):
+    counts an edge SIGKILLed had not published (at most one usage flush interval and
+    refund window, `RELAY_USAGE_FLUSH_INTERVAL_MS` + `RELAY_USAGE_REFUND_WINDOW_MS`, 2 s,
+    of the traffic of its sockets, `under`):
     R - under <= credits <= R + over; with no edge killed and nothing lost in flight,
     credits == R exactly;
 (e) the servers hold as many client connections, client subscriptions and live JetStream
@@ -55,7 +56,7 @@ from tests.topology_traffic import OTHER, TrafficDriver, TrafficReport
 
 #: Every cause of a lost frame that is documented (see the module's docstring).
 DOCUMENTED_LOSSES = frozenset({"refused", "sender_socket_ended", "session_replaced", "receiver_socket_ended"})
-USAGE_FLUSH_S = 1.0  # RELAY_USAGE_FLUSH_INTERVAL_MS, the edges' default
+USAGE_UNPUBLISHED_S = 2.0  # RELAY_USAGE_FLUSH_INTERVAL_MS + RELAY_USAGE_REFUND_WINDOW_MS, the edges' defaults
 SEND_INTERVAL_S = 0.1
 
 # The quick topology (default suite): a 2 s lease (peers of a killed edge hear `timeout`
@@ -334,7 +335,7 @@ async def fault_run(
         if killed_edge_window is not None:
             lo, hi = killed_edge_window
             on_killed = [s for s in report.sockets_ended_between(fault_at + lo, fault_at + hi) if _socket(report, s)["code"] is None]
-            under = report.received_sent_on(on_killed, since=fault_at - USAGE_FLUSH_S - 0.5)
+            under = report.received_sent_on(on_killed, since=fault_at - USAGE_UNPUBLISHED_S - 0.5)
             notes["sockets_on_killed_edge"] = len(on_killed)
         try:
             after = await observer.settled(low=credits_before + received - under, high=credits_before + received + over, timeout=usage_timeout)

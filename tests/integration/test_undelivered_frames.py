@@ -25,7 +25,7 @@ from tests.harness import (
     running_metering,
 )
 
-FAST = {"usage_flush_interval_ms": 50, "quota_check_timeout_ms": 3_000}
+FAST = {"usage_flush_interval_ms": 50, "usage_refund_window_ms": 200, "quota_check_timeout_ms": 3_000}
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def own_nats() -> Iterator[str]:
 
 async def message_credits_settled(url: str, user_id: str) -> int:
     """The user's message credits once metering has applied every flush (a few intervals)."""
-    await asyncio.sleep(0.5)  # ten flush intervals of FAST
+    await asyncio.sleep(0.8)  # a refund window and a dozen flush intervals of FAST
     ledger = await read_ledger(url, user_id)
     return sum(w.message_tokens for w in ledger.windows)
 

@@ -8,6 +8,7 @@ import pytest
 
 from edge.protocol.actions import Send, Undelivered
 from edge.protocol.meter import UsageMeter
+from metering.windows import WINDOW_MS, period_of
 from edge.protocol.rooms import Outcome
 from edge.protocol.session import Session
 from schemas.edge_events import PeerLeftEvent, ReplacedEvent
@@ -111,6 +112,54 @@ def test_a_refund_after_its_charge_was_closed_into_a_batch_comes_off_the_next_ch
     meter.charge_messages("u1", 5)
     meter.tick(3_000)
     assert [e.message_tokens for e in meter.next_batch(3_000).entries] == [3]
+
+
+def test_a_refund_after_its_interval_closed_but_within_the_refund_window_cancels_the_charge():
+    meter = UsageMeter("e1", "b1", 30_000, refund_window_ms=1_000)
+    meter.charge_messages("u1", 1)
+    meter.charge_messages("u1", 3)
+    meter.tick(1_000)  # the interval closes before the news of the frame of 3 comes
+    assert meter.next_batch(1_000) is None  # held for the refund window
+    assert meter.unpublished_credits() == 4
+    meter.refund_messages("u1", 3)
+    meter.tick(1_500)
+    assert meter.next_batch(1_500) is None
+    meter.tick(2_000)  # the window has passed: the charge, less its refund
+    assert [(e.user_id, e.message_tokens) for e in meter.next_batch(2_000).entries] == [("u1", 1)]
+
+
+def test_a_refund_larger_than_the_newest_held_charge_takes_the_rest_from_older_ones():
+    meter = UsageMeter("e1", "b1", 30_000, refund_window_ms=1_000)
+    meter.charge_messages("u1", 2)
+    meter.tick(100)
+    meter.charge_messages("u1", 1)
+    meter.tick(200)
+    meter.charge_messages("u2", 5)
+    meter.refund_messages("u1", 3)
+    meter.tick(1_200)
+    assert meter.next_batch(1_200) is None  # u1's 2 + 1 refunded whole; u2's held
+    assert meter.unpublished_credits() == 5  # u2's, still held
+
+
+def test_held_charges_keep_the_window_of_their_interval():
+    meter = UsageMeter("e1", "b1", 30_000, refund_window_ms=1_000)
+    boundary = WINDOW_MS * 10
+    meter.tick(boundary - 500)
+    meter.charge_messages("u1", 2)
+    meter.tick(boundary)  # the interval lies in the window before the boundary
+    meter.tick(boundary + 1_000)
+    (entry,) = meter.next_batch(boundary + 1_000).entries
+    assert (entry.period, entry.message_tokens) == (period_of(boundary - 500), 2)
+
+
+def test_release_held_hands_over_every_held_charge_at_exit():
+    meter = UsageMeter("e1", "b1", 30_000, refund_window_ms=60_000)
+    meter.charge_messages("u1", 2)
+    meter.tick(1_000)
+    assert meter.next_batch(1_000) is None
+    meter.release_held()
+    assert [e.message_tokens for e in meter.next_batch(1_000).entries] == [2]
+    assert meter.next_batch(1_000) is not None  # unacknowledged: offered again
 
 
 def test_the_reply_subject_of_a_frame_names_sender_addressee_credits_and_sequence():
