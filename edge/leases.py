@@ -19,7 +19,9 @@ from nats.aio.msg import Msg
 
 from edge.carrier import Carrier
 from edge.context import EdgeContext
-from edge.protocol.leases import GONE, RUNNING, STOPPING, AfterLostRace, Holder, after_lost_race, judge_holder
+from edge.protocol.leases import (
+    GONE, RUNNING, STOPPING, AfterLostRace, Holder, after_lost_race, judge_holder, renewal_overdue,
+)  # fmt: skip
 from edge.protocol.plans import edges_gone
 from edge.store import Presence
 from runtime.clock import now_ms
@@ -159,6 +161,7 @@ class Leases:
         lost = False
         delay = interval
         loop = asyncio.get_running_loop()
+        renewed_at = loop.time()  # of the last renewal storage confirmed (`take` just did)
         while True:
             due = loop.time() + delay
             if await ctx.sleep(delay, until=self.dropping):
@@ -172,6 +175,7 @@ class Leases:
                     lease = EdgeLease(edge_id=ctx.settings.edge_id, boot_id=ctx.boot_id, started_at=now_ms())
                     try:
                         self.revision = await ctx.presence.renew_lease(lease, lease_ttl, self.revision)
+                        renewed_at = loop.time()
                         continue
                     except nats.js.errors.KeyWrongLastSequenceError:
                         step = after_lost_race(await self._still_ours(), ctx.stopping.is_set())
@@ -189,11 +193,32 @@ class Leases:
                         ctx.counters.leases_lost += 1
                         ctx.ready.clear()
                 await self._reincarnate()
+                renewed_at = loop.time()
                 lost = False
             except STORAGE_ERRORS as exc:
                 ctx.counters.lease_renewals_failed += 1
                 log.warning("lease renewal failed (%s); retrying in %.2fs", type(exc).__name__, retry)
                 delay = retry
+                if not lost and not ctx.stopping.is_set() and renewal_overdue(loop.time() - renewed_at, lease_ttl):
+                    lost = await self._fence(loop.time() - renewed_at)
+
+    async def _fence(self, unrenewed_s: float) -> bool:
+        """Renewals have failed for a TTL: unless a read shows the lease still ours (renewals
+        landed unseen), close every socket 1001 and refuse new ones until a new incarnation
+        holds a lease. True if fenced."""
+        ctx = self.ctx
+        with contextlib.suppress(*STORAGE_ERRORS):
+            if await self._still_ours():
+                return False
+        log.error(
+            "edge %s could not renew its lease for %.1fs (its TTL is %.0fs): the other edges take it "
+            "for gone; closing its %d sockets 1001 and refusing new ones until it holds a lease again",
+            ctx.settings.edge_id, unrenewed_s, ctx.settings.edge_lease_ttl_ms / 1000, len(ctx.connections),
+        )  # fmt: skip
+        ctx.counters.leases_lost += 1
+        ctx.ready.clear()
+        await self.carrier.close_all(CloseCode.GOING_AWAY, "relay edge lost its storage", DisconnectReason.TIMEOUT)
+        return True
 
     async def _still_ours(self) -> bool:
         """Whether our lease key still holds this incarnation's lease (then its revision is

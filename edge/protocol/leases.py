@@ -56,3 +56,15 @@ def after_lost_race(still_ours: bool, stopping: bool) -> AfterLostRace:
     if stopping:
         return AfterLostRace.STOP
     return AfterLostRace.START_OVER
+
+
+def renewal_overdue(since_renewed_s: float, ttl_s: float) -> bool:
+    """Whether renewals have failed for so long that the lease must be taken for expired.
+
+    Other edges see a lease expire a TTL after its last write and tell our sockets' peers
+    `timeout`. An edge that cannot reach storage for that long (its NATS node cut off from
+    the cluster) still holds sockets whose frames go nowhere: it closes them 1001 (their
+    clients reconnect, through the load balancer, to an edge that works) and takes no new
+    ones until it holds a lease again, rather than waiting for storage to come back.
+    """
+    return since_renewed_s >= ttl_s

@@ -13,7 +13,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from runtime.embedded_nats import EmbeddedNatsCluster
 from schemas.subjects import PRESENCE_BUCKET, ROOMS_BUCKET
-from tests.harness import Client, connect_mac, paired, running_edges
+from tests.harness import Client, connect_mac, http_get, paired, running_edges
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +114,38 @@ async def test_a_departure_while_its_edge_has_no_nats_is_announced_once_it_recon
             }
         finally:
             await restart_and_wait_healthy(cluster, lost)
+
+
+async def test_an_edge_that_cannot_renew_its_lease_for_a_ttl_closes_its_sockets_1001_and_refuses_new_ones(cluster):
+    # The edge keeps its NATS node, but the node has no quorum (the other two are gone):
+    # its lease expires for everyone else a TTL after its last renewal. It must not keep
+    # sockets whose frames go nowhere until storage comes back (issue 15, routes cut).
+    ttl_s = 2.0
+    async with running_edges(cluster.urls[0], count=1, kv_replicas=3, edge_lease_ttl_ms=int(ttl_s * 1000)) as (a,):
+        mac_client, ios_client, mac = await paired(a, a)
+        others = [node for node in cluster.nodes if node.url != cluster.urls[0]]
+        for node in others:
+            node.kill()
+        cut_at = asyncio.get_running_loop().time()
+        try:
+            assert (await mac_client.expect_close(timeout=20))[0] == 1001
+            assert (await ios_client.expect_close(timeout=5))[0] == 1001
+            fenced_after = asyncio.get_running_loop().time() - cut_at
+            assert fenced_after >= ttl_s * 2 / 3, fenced_after  # not before the lease could have lapsed
+            assert a.ctx.nc.is_connected  # its NATS connection was never the cause
+            assert (await http_get(a.port, "/readyz"))[0] == 503
+            with pytest.raises(InvalidStatus) as refused:
+                await Client.connect(a, mac.room_id, "mac")
+            assert refused.value.response.status_code == 503
+            assert a.ctx.counters.leases_lost == 1
+        finally:
+            others[0].start()
+            await restart_and_wait_healthy(cluster, others[1])
+        # Storage back: a new incarnation holds the lease, and the Mac registers again.
+        deadline = asyncio.get_running_loop().time() + 30
+        while (await http_get(a.port, "/readyz"))[0] != 200:
+            assert asyncio.get_running_loop().time() < deadline, "the edge never became ready again"
+            await asyncio.sleep(0.2)
+        mac_again = await Client.connect(a, mac.room_id, "mac")
+        await mac_again.send(**mac.register_message())
+        assert (await mac_again.recv(timeout=20))["type"] == "room_registered"
