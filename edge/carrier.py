@@ -46,6 +46,9 @@ class Carrier:
         # Set at wiring (`edge.room_requests.RoomRequests.carry_out`): room requests run
         # against storage and come back here with the session's decision.
         self.run_room_request: RoomRequestRunner | None = None
+        # Set at wiring (`edge.delivery.Delivery.resume`): what came from NATS for a socket
+        # while its room request was in flight waits in its backlog until the decision.
+        self.resume_delivery: Callable[[Connection], None] | None = None
         self._waiting_publishes: set[asyncio.Task[None]] = set()
 
     @property
@@ -62,7 +65,11 @@ class Carrier:
                     await conn.ws.send(action.data, text=True)
             elif isinstance(action, RoomRequest):
                 assert self.run_room_request is not None
-                await self.run_room_request(conn, action.message)
+                try:
+                    await self.run_room_request(conn, action.message)
+                finally:
+                    if self.resume_delivery is not None:
+                        self.resume_delivery(conn)
             elif isinstance(action, Notify):
                 await self.publish_event(conn.session, action.to, action.role, action.event)
             elif isinstance(action, Close):

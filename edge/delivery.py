@@ -68,8 +68,10 @@ class Delivery:
                 return
             self.enqueue(conn, event, sender, 0)
             return
-        if conn is None:
-            if msg.reply:  # the sender's edge takes back the charge and tells its client NO_PEER
+        if conn is None or not conn.takes_frames:
+            # Gone, or closing (nothing more is written to it): the sender's edge takes back
+            # the charge and tells its client NO_PEER, rather than the frame vanishing.
+            if msg.reply:
                 await self.ctx.frame_nc.publish(msg.reply, NO_SUCH_SOCKET)
             return
         data = msg.data
@@ -81,7 +83,7 @@ class Delivery:
             self._dropped(conn, conn.parts.interrupt(sender))
         self._frames += 1
         started = time.monotonic() if not self._frames & FRAME_SAMPLE_MASK else 0.0  # timed: one in FRAME_SAMPLE
-        if self.write_at_once and internals.can_write_now(conn, len(data)):
+        if self.write_at_once and not conn.backlog and not conn.session.busy and internals.can_write_now(conn, len(data)):
             if conn.session.accepts_frame_from(sender):
                 internals.write_now(conn, data)
                 conn.frames_out += 1
@@ -134,7 +136,11 @@ class Delivery:
             conn.clear_backlog()
             self.ctx.spawn(self.carrier.carry_out(conn, conn.session.too_slow()), "close a slow socket")
             return
-        if conn.drainer is None and self.ctx.tg is not None:
+        self.resume(conn)
+
+    def resume(self, conn: Connection) -> None:
+        """Write the socket's backlog, unless it is being written or waits for the session."""
+        if conn.backlog and conn.drainer is None and not conn.session.busy and self.ctx.tg is not None:
             try:
                 conn.drainer = self.ctx.tg.create_task(self._drain(conn))
             except RuntimeError:  # the edge's TaskGroup is finishing: its sockets are closed
@@ -146,6 +152,11 @@ class Delivery:
         session = conn.session
         try:
             while conn.backlog:
+                if session.busy:
+                    # A register or join is in flight: its peer may send at once, before the
+                    # decision names it, and must not be dropped as a stranger. The rest
+                    # waits, in order, for the decision (`resume`).
+                    break
                 item, sender, started = conn.backlog.popleft()
                 if type(item) is bytes:
                     conn.backlog_bytes -= len(item)

@@ -77,6 +77,7 @@ class Edge:
         self.room_requests = RoomRequests(ctx, carrier)
         carrier.run_room_request = self.room_requests.carry_out
         self.delivery = Delivery(ctx, carrier)
+        carrier.resume_delivery = self.delivery.resume
         self.fastpath = FastPath(ctx, carrier)
         self.usage = Usage(ctx, carrier)
         self.account_watch = AccountWatch(ctx, carrier)
@@ -154,6 +155,7 @@ class Edge:
                 s.nats_url,
                 f"relay-edge {s.edge_id}",
                 self._nats_error,
+                s.nats_ping_interval_ms,
                 disconnected_cb=self._nats_disconnected,
                 reconnected_cb=self._nats_reconnected,
                 lame_duck_mode_cb=self.nats_move.lame_duck,

@@ -101,6 +101,12 @@ class Session:
     _peer_revision: int = 0  # room revision of the peer the client was last told of
 
     @property
+    def busy(self) -> bool:
+        """A register or join of this socket's is in flight: what comes from NATS for it
+        waits for the decision (a frame from the peer it will name would look a stranger's)."""
+        return self._busy
+
+    @property
     def in_room(self) -> bool:
         return self.state is SocketState.IN_ROOM
 

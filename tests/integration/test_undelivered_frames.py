@@ -12,8 +12,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from edge.context import Ending
 from runtime.embedded_nats import EmbeddedNatsServer
 from tests.harness import (
+    Client,
     EdgeProcess,
     MacIdentity,
     connect_ios,
@@ -88,5 +90,56 @@ async def test_a_frame_to_a_socket_its_live_edge_no_longer_has_gets_no_peer_and_
         await mac.expect_error("NO_PEER")
         await ios.expect_silence()
         b.connections[ios_socket] = held  # for b's shutdown to close it
+        assert (await metrics(a))["relay_frames_undelivered_total"] == 1
+        assert await message_credits_settled(own_nats, account.user_id) == 1
+
+
+async def test_frames_from_a_peer_that_joined_while_the_register_was_in_flight_arrive_after_peer_joined(own_nats):
+    # After a NATS node died (issue 15), registers took seconds: an iPhone joined on another
+    # edge meanwhile, found the Mac's new slot and sent at once, and its frames reached the
+    # Mac's socket before the Mac's own register returned, as if from a stranger: dropped.
+    async with running_edges(own_nats, 2) as (a, b):
+        mac_identity = MacIdentity.new()
+        slot_written = asyncio.Event()
+        refresh = a.room_requests.refresh_registration
+
+        async def refresh_slowly(conn):  # the register's slot is in KV; its answer is late
+            slot_written.set()
+            await asyncio.sleep(1.0)
+            await refresh(conn)
+
+        a.room_requests.refresh_registration = refresh_slowly
+        mac = await Client.connect(a, mac_identity.room_id, "mac")
+        await mac.send(**mac_identity.register_message())
+        await asyncio.wait_for(slot_written.wait(), 10)
+        ios, _ = await connect_ios(b, mac_identity)
+        assert (await ios.expect("peer_joined"))["type"] == "peer_joined"
+        for n in range(3):
+            await ios.send(type="relay", payload=f"early{n}")
+        await mac.expect("room_registered")
+        await mac.expect("peer_joined")
+        assert [(await mac.expect("relay"))["payload"] for _ in range(3)] == ["early0", "early1", "early2"]
+        await mac.send(type="relay", payload="reply")
+        assert (await ios.expect("relay"))["payload"] == "reply"
+
+
+async def test_a_frame_to_a_socket_whose_close_has_begun_gets_no_peer_and_is_not_charged(own_nats):
+    # The peer's edge closes its sockets (a NATS reconnect, a drain, a lost lease): a frame
+    # that comes for one of them meanwhile is written to nobody, and used to vanish, charged.
+    account = await make_account(own_nats, tier="premium")
+    async with running_metering(own_nats), running_edges(own_nats, 2, auth="required", **FAST) as (a, b):
+        mac_identity = MacIdentity.new()
+        mac, _ = await connect_mac(a, mac_identity, account.auth)
+        ios, _ = await connect_ios(b, mac_identity, account.auth)
+        await ios.expect("peer_joined")
+        await mac.expect("peer_joined")
+        await mac.send(type="relay", payload="before")
+        assert (await ios.expect("relay"))["payload"] == "before"
+        (ios_conn,) = [conn for conn in b.connections.values() if conn.session.role == "ios"]
+        open_state, ios_conn.ending = ios_conn.ending, Ending.CLOSING  # held at the moment its close began
+        await mac.send(type="relay", payload="lost")
+        await mac.expect_error("NO_PEER")
+        ios_conn.ending = open_state
+        await ios.expect_silence()
         assert (await metrics(a))["relay_frames_undelivered_total"] == 1
         assert await message_credits_settled(own_nats, account.user_id) == 1
