@@ -25,7 +25,7 @@ from edge.protocol.leases import (
 from edge.protocol.plans import edges_gone
 from edge.store import Presence
 from runtime.clock import now_ms
-from runtime.connection import STORAGE_ERRORS
+from runtime.connection import STORAGE_ERRORS, try_another_node
 from runtime.service import StartError, keep_running
 from schemas.client import CloseCode, DisconnectReason
 from schemas.records import EdgeLease
@@ -162,6 +162,8 @@ class Leases:
         delay = interval
         loop = asyncio.get_running_loop()
         renewed_at = loop.time()  # of the last renewal storage confirmed (`take` just did)
+        attempt_s = ctx.settings.jetstream_timeout_ms / 1000 + 1
+        moved_at = renewed_at  # when the connection was last sent to another node
         while True:
             due = loop.time() + delay
             if await ctx.sleep(delay, until=self.dropping):
@@ -174,7 +176,10 @@ class Leases:
                 if not lost:
                     lease = EdgeLease(edge_id=ctx.settings.edge_id, boot_id=ctx.boot_id, started_at=now_ms())
                     try:
-                        self.revision = await ctx.presence.renew_lease(lease, lease_ttl, self.revision)
+                        # Bounded as a whole: on a connection that died without a word, the
+                        # publish itself waits for a buffer nobody reads, past any reply timeout.
+                        async with asyncio.timeout(attempt_s):
+                            self.revision = await ctx.presence.renew_lease(lease, lease_ttl, self.revision)
                         renewed_at = loop.time()
                         continue
                     except nats.js.errors.KeyWrongLastSequenceError:
@@ -199,8 +204,15 @@ class Leases:
                 ctx.counters.lease_renewals_failed += 1
                 log.warning("lease renewal failed (%s); retrying in %.2fs", type(exc).__name__, retry)
                 delay = retry
-                if not lost and not ctx.stopping.is_set() and renewal_overdue(loop.time() - renewed_at, lease_ttl):
+                if ctx.stopping.is_set():
+                    continue
+                if not lost and renewal_overdue(loop.time() - renewed_at, lease_ttl):
                     lost = await self._fence(loop.time() - renewed_at)
+                    if lost:
+                        moved_at = loop.time()
+                elif lost and renewal_overdue(loop.time() - moved_at, lease_ttl):
+                    moved_at = loop.time()  # fenced, and no storage through this node either
+                    await try_another_node(ctx.nc, f"edge {ctx.settings.edge_id}", log)
 
     async def _fence(self, unrenewed_s: float) -> bool:
         """Renewals have failed for a TTL: unless a read shows the lease still ours (renewals
@@ -208,8 +220,9 @@ class Leases:
         holds a lease. True if fenced."""
         ctx = self.ctx
         with contextlib.suppress(*STORAGE_ERRORS):
-            if await self._still_ours():
-                return False
+            async with asyncio.timeout(ctx.settings.jetstream_timeout_ms / 1000 + 1):
+                if await self._still_ours():
+                    return False
         log.error(
             "edge %s could not renew its lease for %.1fs (its TTL is %.0fs): the other edges take it "
             "for gone; closing its %d sockets 1001 and refusing new ones until it holds a lease again",
@@ -217,6 +230,8 @@ class Leases:
         )  # fmt: skip
         ctx.counters.leases_lost += 1
         ctx.ready.clear()
+        # Another node first: the departures' slot releases then go through it.
+        await try_another_node(ctx.nc, f"edge {ctx.settings.edge_id}", log)
         await self.carrier.close_all(CloseCode.GOING_AWAY, "relay edge lost its storage", DisconnectReason.TIMEOUT)
         return True
 

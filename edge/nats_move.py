@@ -162,6 +162,8 @@ class NatsMove:
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,
                 connect_timeout=2,
+                ping_interval=ctx.settings.nats_ping_interval_ms / 1000,
+                max_outstanding_pings=2,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
                 allow_reconnect=True,

@@ -49,6 +49,9 @@ class RoomRequests:
     def __init__(self, ctx: EdgeContext, carrier: Carrier) -> None:
         self.ctx = ctx
         self.carrier = carrier
+        s = ctx.settings
+        # The retries' budget, a last attempt's timeout, and the writes around them.
+        self._bound_s = (s.storage_retry_budget_ms + 3 * s.jetstream_timeout_ms) / 1000
 
     async def carry_out(self, conn: Connection, message: RegisterRoom | JoinRoom) -> None:
         """Run a register/join against the room's record, then what the session makes of it."""
@@ -64,9 +67,16 @@ class RoomRequests:
         # wait their turn, up to a bound, and are then told to come back later (1013).
         try:
             async with ctx.gates.room_requests.place():
-                await self._against_storage(conn, message)
+                # Bounded as a whole, past the retries' own budget: a storage call that never
+                # returns (seen once after a NATS node was cut off without a word and the
+                # connection was made again) would leave the socket waiting for ever.
+                async with asyncio.timeout(self._bound_s):
+                    await self._against_storage(conn, message)
         except Busy:
             await decide_in_order(conn, session.too_busy)
+        except TimeoutError:
+            outage_log.warning("request hung", "room %s: request unanswered in %.0fs; closed 1011", session.room_id, self._bound_s)
+            await decide_in_order(conn, session.request_failed)
 
     async def _against_storage(self, conn: Connection, message: RegisterRoom | JoinRoom) -> None:
         ctx, session, decide_in_order = self.ctx, conn.session, self.carrier.decide_in_order

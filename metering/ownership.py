@@ -62,6 +62,7 @@ class Ownership:
         start_partition: Callable[[int], None],
         consumer_ended: Callable[[int], Awaitable[None]],
         on_change: Callable[[str, int], None],
+        no_storage: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._js = js
         self._kv = bucket
@@ -70,6 +71,9 @@ class Ownership:
         self._start_partition = start_partition
         self._consumer_ended = consumer_ended
         self._on_change = on_change  # ("claimed" | "released" | "lost", partition): for /metrics
+        # Called when rounds have failed for a TTL (and every TTL after): storage does not
+        # answer through this connection's node (the service tries another node).
+        self._no_storage = no_storage
         self.claims: dict[int, Claim] = {}
         self.members: list[str] = []
         self._round_changes: dict[str, list[int]] = {}  # what this round did, for its log line
@@ -91,14 +95,22 @@ class Ownership:
     async def run(self, stopping: asyncio.Event) -> None:
         """Rounds every third of the TTL until `stopping`; then give everything back."""
         interval = self._ttl_s / 3
+        succeeded_at = self._loop.time()
         try:
             while not stopping.is_set():
                 try:
-                    await self._round()
+                    # Bounded as a whole: on a connection that died without a word a publish
+                    # waits for a buffer nobody reads, past any reply timeout.
+                    async with asyncio.timeout(self._ttl_s / 2):
+                        await self._round()
                 except STORAGE_ERRORS as exc:
                     log.warning("metering membership round failed (%s); retrying", type(exc).__name__ or exc)
                     interval_now = min(1.0, interval)
+                    if self._no_storage is not None and self._loop.time() - succeeded_at >= self._ttl_s:
+                        succeeded_at = self._loop.time()  # the next try a TTL from now
+                        await self._no_storage()
                 else:
+                    succeeded_at = self._loop.time()
                     interval_now = interval
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stopping.wait(), interval_now)

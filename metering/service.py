@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -42,7 +43,7 @@ from metering.usage import open_usage_bucket
 from runtime import kv
 from runtime.backoff import until_storage_opens
 from runtime.clock import now_ms
-from runtime.connection import STORAGE_ERRORS, connect_for_service
+from runtime.connection import STORAGE_ERRORS, connect_for_service, try_another_node
 from runtime.kv import open_bucket
 from runtime.metrics import serve_metrics, total
 from runtime.recent_problems import recent_problems
@@ -124,7 +125,7 @@ class Metering:
             events.labels(event="reconnected").inc()
 
         self._nc = await connect_for_service(
-            s.nats_url, "relay-metering", self._nats_error, disconnected_cb=disconnected, reconnected_cb=reconnected
+            s.nats_url, "relay-metering", self._nats_error, s.nats_ping_interval_ms, disconnected_cb=disconnected, reconnected_cb=reconnected
         )
         try:
             self._js = js = self._nc.jetstream(timeout=_JETSTREAM_TIMEOUT_S)
@@ -137,6 +138,7 @@ class Metering:
             self._ownership = ownership = Ownership(
                 js, bucket, member, s.partition_lease_ms / 1000,
                 consumers.start_partition, consumers.consumer_ended, self._partition_changed,
+                functools.partial(try_another_node, self._nc, f"metering {member.member_id}", log),
             )  # fmt: skip
             async with asyncio.TaskGroup() as tg:
                 self._tg = consumers.tg = tg

@@ -26,6 +26,10 @@ class NatsSettings:
         default="nats://127.0.0.1:4222",
         metadata={"help": "NATS server URL(s), comma-separated; may carry user:password@", "url": True},
     )
+    nats_ping_interval_ms: int = field(
+        default=5_000,
+        metadata={"min": 100, "help": "how often the NATS connection is pinged; after two unanswered pings (two to three intervals) it is taken for dead and made again elsewhere"},
+    )
     kv_replicas: int = field(default=1, metadata={"min": 1, "help": "replicas of the KV buckets and the usage stream, when they are created (3 in a production cluster)"})
     tiers_file: str = field(default="", metadata={"help": "TOML file overriding the tiers' limits (see the README); give every service the same one"})
     log_format: str = field(default="text", metadata={"choices": ("text", "json"), "help": "log lines as text, or as one JSON object per line (for a log collector)"})

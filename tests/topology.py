@@ -838,6 +838,10 @@ class Topology:
             self._state.procs.append(p)
         self._state.save()
 
+    def nats_healthy(self) -> bool:
+        """Whether every running NATS node answers /healthz 200 (JetStream current)."""
+        return all(self._nats_healthy(p) for p in self.nats if p.running)
+
     def _nats_healthy(self, p: Proc) -> bool:
         return _http_status(p.address, p.ports["monitor"], "/healthz") == 200
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import statistics
 import time
 from collections import Counter
@@ -244,6 +245,22 @@ def _subs_diff(a: ServerCounts, b: ServerCounts) -> dict[str, dict[str, Any]]:
     return out
 
 
+def overdue(counts: ServerCounts) -> list[tuple[str, str, float, float]]:
+    """Consumers without a subscriber older than their inactive threshold (and a margin)."""
+    return [c for c in counts.lingering if c[2] > c[3] + 30]
+
+
+async def overdue_consumers_reaped(topo: Topology, counts: ServerCounts, timeout: float = 180.0) -> tuple[ServerCounts, float]:
+    """Wait for consumers past their inactive threshold to be reaped. A node cut off from
+    the cluster reaps consumers created through it late (71 s after a 5 s threshold once):
+    late is no leak, never is. Returns the counts then and how long it took."""
+    t0 = time.monotonic()
+    while overdue(counts) and time.monotonic() - t0 < timeout:
+        await asyncio.sleep(2.0)
+        counts = await asyncio.to_thread(server_counts, topo)
+    return counts, round(time.monotonic() - t0, 1)
+
+
 async def counts_back_to(topo: Topology, before: ServerCounts, grace_s: float) -> tuple[ServerCounts, float]:
     """Wait (up to `grace_s`) until the servers hold what they held before; returns the
     counts and how long it took. Fails with both if they never come back."""
@@ -340,10 +357,12 @@ async def fault_run(
         try:
             after = await observer.settled(low=credits_before + received - under, high=credits_before + received + over, timeout=usage_timeout)
         except AssertionError as exc:
+            dump(Run(topo, report, fault_at, recovered_at, 0, counts_before, None, 0.0, {**notes, "fault": notes.get("fault", "?") + " (usage unsettled)"}))  # type: ignore[arg-type]
             raise AssertionError(f"{exc} (credits before the run: {credits_before}; {received} frames received)\n{await diagnose(topo)}\n{report.summary(fault_at)}") from None
         credits = after - credits_before
         await no_sockets_left(topo)
         counts_after, back_s = await counts_back_to(topo, counts_before, leak_grace_s)  # the observer still connected
+        counts_after, notes["overdue_consumers_reaped_s"] = await overdue_consumers_reaped(topo, counts_after)
     finally:
         await observer.close()
     r = Run(topo, report, fault_at, recovered_at, credits, counts_before, counts_after, back_s, notes, under, over)
@@ -363,7 +382,12 @@ def dump(r: Run) -> None:
     path = os.path.join(folder, f"{time.strftime('%H%M%S')}-{r.notes.get('fault', 'run').split()[0]}.pickle")
     with open(path, "wb") as f:
         pickle.dump({"report": r.report, "fault_at": r.fault_at, "notes": r.notes, "credits": r.credits}, f)
-    print(f"records: {path}")
+    logs = path.removesuffix(".pickle") + "-logs"
+    os.makedirs(logs, exist_ok=True)
+    for p in r.topo.procs.values():  # the processes' logs, from the run's start
+        if p.log_path is not None and p.log_path.exists():
+            shutil.copy(p.log_path, os.path.join(logs, p.log_path.name))
+    print(f"records: {path}, logs: {logs}")
 
 
 async def not_recovered(topo: Topology, driver: TrafficDriver, fault_at: float, notes: dict[str, Any]) -> str:
@@ -628,6 +652,10 @@ CUT_S = 30.0
 METERING_DOWN_S = 60.0
 IMPAIR_S = 30.0
 DEFAULT_LEASE_S = 8.0  # RELAY_EDGE_LEASE_TTL_MS
+#: An edge whose storage does not answer closes its sockets a TTL after its last renewal
+#: (up to a renewal interval, TTL/3, before the fault), at the first failed attempt after
+#: that (its bound: the JetStream timeout, 2 s, and 1 s), then closes them (a second).
+FENCE_S = DEFAULT_LEASE_S * 4 / 3 + 3.0 + 1.0
 
 
 def busiest_nats_node(topo: Topology) -> str:
@@ -664,6 +692,15 @@ def nats_cut(routes_only: bool, seconds: float = CUT_S) -> Fault:
         notes["healed_s"] = time.monotonic() - at
         status = await driver.status()
         notes["paired_at_heal"] = f"{status['paired']}/{status['pairs']}"
+        # The heal is over once JetStream is current on every node: a node back from a
+        # partition can cost the cluster's storage some seconds first (its raft groups
+        # elect again), and that is part of this fault.
+        deadline = time.monotonic() + 120
+        while not await asyncio.to_thread(topo.nats_healthy):
+            assert time.monotonic() < deadline, "the NATS cluster was not healthy 120 s after the heal"
+            await asyncio.sleep(0.5)
+        notes["cluster_healthy_s"] = time.monotonic() - at
+        await asyncio.sleep(DEFAULT_LEASE_S + 2)  # what a storage outage then costs shows within a lease
         notes["repaired_s"] = await driver.wait_all_paired(timeout=180, settle=1.0) - at
         await asyncio.sleep(5)
 
@@ -740,7 +777,6 @@ def test_an_edge_sigkilled_with_200_pairs(production_topology):
 
 
 @pytest.mark.faults
-@pytest.mark.xfail(reason="known defect: frames sent in the second after the 1001 closes, before the peer's socket is back and before peer_disconnected, are lost without NO_PEER (README: Faults under load)", strict=False)
 def test_a_nats_node_sigkilled_then_restarted_with_200_pairs(production_topology):
     r = run(fault_run(production_topology, nats_kill_then_restart(), pairs=FULL_PAIRS, before_s=5, after_s=5, repair_timeout=120), 900)
     check_accounting(r)
@@ -749,21 +785,32 @@ def test_a_nats_node_sigkilled_then_restarted_with_200_pairs(production_topology
 
 
 @pytest.mark.faults
-@pytest.mark.xfail(reason="known defect: frames to peers on the cut-off side are lost silently for a lease TTL; the cut-off edges close their sockets only after the heal (README: Faults under load)", strict=False)
 def test_a_nats_node_cut_off_from_the_cluster_routes_for_30s_then_healed(production_topology):
-    r = run(fault_run(production_topology, nats_cut(routes_only=True), pairs=FULL_PAIRS, before_s=5, after_s=5, repair_timeout=180, inflight_window_s=CUT_S + 15), 900)
-    check_accounting(r)
+    # Frames to and from the cut-off side go nowhere (its routes look alive to its server:
+    # no "no responders", no word back) until its edges, their lease renewals failing for a
+    # TTL, close their sockets 1001, and the senders hear `timeout` when the other edges see
+    # the lease expire: the in-flight window is the TTL plus a renewal attempt and the closes,
+    # and a frame sent after its peer's socket closed but before `timeout` is lost too.
+    r = run(fault_run(production_topology, nats_cut(routes_only=True), pairs=FULL_PAIRS, before_s=5, after_s=5, repair_timeout=180, inflight_window_s=FENCE_S), 900)
+    check_accounting(r, DOCUMENTED_LOSSES | {"before_peer_disconnected"})
+    late = [l.sent_at - r.fault_at for l in r.report.lost if l.cause == "before_peer_disconnected"]  # noqa: E741
+    assert not late or max(late) <= FENCE_S, f"frames lost without a word {max(late):.1f}s after the cut"
+    print(f"BOUND routes cut: frames lost without a word up to {max(late, default=0):.1f}s after the cut ({len(late)} after their peer's socket closed)")
+    assert r.notes["paired_at_heal"] == f"{FULL_PAIRS}/{FULL_PAIRS}", "the pairs were back on edges that work before the heal"
 
 
 @pytest.mark.faults
-@pytest.mark.xfail(reason="known defect: a metering process's subscriptions are not all back after the heal (README: Faults under load)", strict=False)
+@pytest.mark.xfail(reason="known defect, not every run: two pairs whose register was never answered (now bounded: closed 1011, not re-run), and frames lost without a word in the seconds before the fence when nats-py's reconnect is stuck on the dead socket (README: Faults under load)", strict=False)
 def test_a_nats_node_cut_off_entirely_for_30s_then_healed(production_topology):
-    r = run(fault_run(production_topology, nats_cut(routes_only=False), pairs=FULL_PAIRS, before_s=5, after_s=5, repair_timeout=180, inflight_window_s=CUT_S + 15), 900)
-    check_accounting(r)
+    # Its clients' connections die without a word: each edge on it closes its sockets 1001
+    # once its renewals have failed for a TTL (or nats-py finds the connection stale).
+    r = run(fault_run(production_topology, nats_cut(routes_only=False), pairs=FULL_PAIRS, before_s=5, after_s=5, repair_timeout=180, inflight_window_s=FENCE_S), 900)
+    check_accounting(r, DOCUMENTED_LOSSES | {"before_peer_disconnected"})
+    assert r.notes["paired_at_heal"] == f"{FULL_PAIRS}/{FULL_PAIRS}", "the pairs were back on edges that work before the heal"
 
 
 @pytest.mark.faults
-@pytest.mark.xfail(reason="known defect: a fifth of the pairs are still unpaired 180 s after the cluster restarted (README: Faults under load)", strict=False)
+@pytest.mark.xfail(reason="known defect: a register in the restart can name as its peer a socket closed at the reconnect whose slot release waits for storage; frames to it are lost without NO_PEER until that release lands (README: Faults under load)", strict=False)
 def test_the_whole_nats_cluster_restarted_with_200_pairs(production_topology):
     r = run(fault_run(production_topology, nats_cluster_restart(), pairs=FULL_PAIRS, before_s=5, after_s=5, repair_timeout=180, inflight_window_s=30, usage_timeout=120), 900)
     check_accounting(r)

@@ -260,6 +260,24 @@ async def test_a_join_that_cannot_be_confirmed_gets_1011_and_leaves_no_phantom_i
         await mac_again.expect_error("NO_PEER")
 
 
+async def test_a_room_request_whose_storage_call_never_returns_is_closed_1011_within_its_bound(nats_url):
+    # Seen once after a NATS node was cut off without a word: a register never answered,
+    # its socket waiting for ever. The request is bounded as a whole.
+    async with running_edges(nats_url, 1, storage_retry_budget_ms=300, jetstream_timeout_ms=300) as (a,):
+        never = asyncio.Event()
+
+        async def hangs(*args, **kwargs):
+            await never.wait()
+
+        a.room_requests._with_retries = hangs
+        identity = MacIdentity.new()
+        mac = await Client.connect(a, identity.room_id, "mac")
+        started = time.monotonic()
+        await mac.send(**identity.register_message())
+        assert (await mac.expect_close(timeout=5))[0] == 1011
+        assert time.monotonic() - started < 4  # the bound: 0.3 s + 3 × 0.3 s, and the close
+
+
 # --- listings and watchers (edge/kv.py) -------------------------------------------------
 
 
