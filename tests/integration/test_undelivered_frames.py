@@ -43,6 +43,18 @@ async def message_credits_settled(url: str, user_id: str) -> int:
     return sum(w.message_tokens for w in ledger.windows)
 
 
+async def paired_with_a_frame(a, b, account):
+    """A Mac on edge `a` and an iPhone on `b`, paired, one frame relayed (charged: 1 credit)."""
+    mac_identity = MacIdentity.new()
+    mac, _ = await connect_mac(a, mac_identity, account.auth)
+    ios, _ = await connect_ios(b, mac_identity, account.auth)
+    await ios.expect("peer_joined")
+    await mac.expect("peer_joined")
+    await mac.send(type="relay", payload="before")
+    assert (await ios.expect("relay"))["payload"] == "before"
+    return mac, ios
+
+
 async def test_frames_to_a_peer_whose_edge_died_get_no_peer_at_once_and_are_not_charged(own_nats):
     account = await make_account(own_nats, tier="premium")
     # Charged per payload: the refund must be the frame's own credits (a batch of 3 here).
@@ -75,13 +87,7 @@ async def test_frames_to_a_peer_whose_edge_died_get_no_peer_at_once_and_are_not_
 async def test_a_frame_to_a_socket_its_live_edge_no_longer_has_gets_no_peer_and_is_not_charged(own_nats):
     account = await make_account(own_nats, tier="premium")
     async with running_metering(own_nats), running_edges(own_nats, 2, auth="required", **FAST) as (a, b):
-        mac_identity = MacIdentity.new()
-        mac, _ = await connect_mac(a, mac_identity, account.auth)
-        ios, _ = await connect_ios(b, mac_identity, account.auth)
-        await ios.expect("peer_joined")
-        await mac.expect("peer_joined")
-        await mac.send(type="relay", payload="before")
-        assert (await ios.expect("relay"))["payload"] == "before"
+        mac, ios = await paired_with_a_frame(a, b, account)
         # The moment after the iPhone's socket left edge b and before b's peer_left reaches
         # the Mac (b frees the slot in KV first), held open: b no longer knows the socket.
         (ios_socket,) = [socket_id for socket_id, conn in b.connections.items() if conn.session.role == "ios"]
@@ -128,13 +134,7 @@ async def test_a_frame_to_a_socket_whose_close_has_begun_gets_no_peer_and_is_not
     # that comes for one of them meanwhile is written to nobody, and used to vanish, charged.
     account = await make_account(own_nats, tier="premium")
     async with running_metering(own_nats), running_edges(own_nats, 2, auth="required", **FAST) as (a, b):
-        mac_identity = MacIdentity.new()
-        mac, _ = await connect_mac(a, mac_identity, account.auth)
-        ios, _ = await connect_ios(b, mac_identity, account.auth)
-        await ios.expect("peer_joined")
-        await mac.expect("peer_joined")
-        await mac.send(type="relay", payload="before")
-        assert (await ios.expect("relay"))["payload"] == "before"
+        mac, ios = await paired_with_a_frame(a, b, account)
         (ios_conn,) = [conn for conn in b.connections.values() if conn.session.role == "ios"]
         open_state, ios_conn.ending = ios_conn.ending, Ending.CLOSING  # held at the moment its close began
         await mac.send(type="relay", payload="lost")
