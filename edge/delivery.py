@@ -83,7 +83,7 @@ class Delivery:
             self._dropped(conn, conn.parts.interrupt(sender))
         self._frames += 1
         started = time.monotonic() if not self._frames & FRAME_SAMPLE_MASK else 0.0  # timed: one in FRAME_SAMPLE
-        if self.write_at_once and not conn.backlog and not conn.session.busy and internals.can_write_now(conn, len(data)):
+        if self.write_at_once and not conn.session.busy and internals.can_write_now(conn, len(data)):
             if conn.session.accepts_frame_from(sender):
                 internals.write_now(conn, data)
                 conn.frames_out += 1

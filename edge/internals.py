@@ -107,6 +107,7 @@ def can_write_now(conn: Connection, size: int) -> bool:
     ws = conn.ws
     return (
         conn.drainer is None  # else it holds an item taken from the backlog: after it
+        and not conn.backlog  # waiting for the session (`Session.busy`): after it
         and not conn.write_lock.locked()
         and not ws.paused
         and ws.send_in_progress is None
@@ -279,7 +280,7 @@ async def _probe_connection() -> tuple[str, str]:
 
         try:
             ws.take_message_now = take
-            conn = types.SimpleNamespace(ws=ws, drainer=None, write_lock=asyncio.Lock())
+            conn = types.SimpleNamespace(ws=ws, drainer=None, backlog=(), write_lock=asyncio.Lock())
             try:
                 if not can_write_now(conn, 2):  # type: ignore[arg-type]
                     write_failed = "an idle connection cannot be written at once"

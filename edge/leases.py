@@ -50,6 +50,8 @@ class Leases:
         # next one holds the lease.
         self._incarnations: dict[str, Any] = {}
         self._watcher: Any = None
+        # One storage call's bound (its reply timeout, and a second for the publish).
+        self._attempt_s = ctx.settings.jetstream_timeout_ms / 1000 + 1
 
     async def take(self) -> None:
         """Take this edge id's lease for this incarnation: at start, and when starting over.
@@ -162,7 +164,6 @@ class Leases:
         delay = interval
         loop = asyncio.get_running_loop()
         renewed_at = loop.time()  # of the last renewal storage confirmed (`take` just did)
-        attempt_s = ctx.settings.jetstream_timeout_ms / 1000 + 1
         moved_at = renewed_at  # when the connection was last sent to another node
         while True:
             due = loop.time() + delay
@@ -178,7 +179,7 @@ class Leases:
                     try:
                         # Bounded as a whole: on a connection that died without a word, the
                         # publish itself waits for a buffer nobody reads, past any reply timeout.
-                        async with asyncio.timeout(attempt_s):
+                        async with asyncio.timeout(self._attempt_s):
                             self.revision = await ctx.presence.renew_lease(lease, lease_ttl, self.revision)
                         renewed_at = loop.time()
                         continue
@@ -212,7 +213,7 @@ class Leases:
                         moved_at = loop.time()
                 elif lost and renewal_overdue(loop.time() - moved_at, lease_ttl):
                     moved_at = loop.time()  # fenced, and no storage through this node either
-                    await try_another_node(ctx.nc, f"edge {ctx.settings.edge_id}", log)
+                    await self._try_another_node()
 
     async def _fence(self, unrenewed_s: float) -> bool:
         """Renewals have failed for a TTL: unless a read shows the lease still ours (renewals
@@ -220,7 +221,7 @@ class Leases:
         holds a lease. True if fenced."""
         ctx = self.ctx
         with contextlib.suppress(*STORAGE_ERRORS):
-            async with asyncio.timeout(ctx.settings.jetstream_timeout_ms / 1000 + 1):
+            async with asyncio.timeout(self._attempt_s):
                 if await self._still_ours():
                     return False
         log.error(
@@ -231,9 +232,12 @@ class Leases:
         ctx.counters.leases_lost += 1
         ctx.ready.clear()
         # Another node first: the departures' slot releases then go through it.
-        await try_another_node(ctx.nc, f"edge {ctx.settings.edge_id}", log)
+        await self._try_another_node()
         await self.carrier.close_all(CloseCode.GOING_AWAY, "relay edge lost its storage", DisconnectReason.TIMEOUT)
         return True
+
+    async def _try_another_node(self) -> None:
+        await try_another_node(self.ctx.nc, f"edge {self.ctx.settings.edge_id}", log)
 
     async def _still_ours(self) -> bool:
         """Whether our lease key still holds this incarnation's lease (then its revision is

@@ -43,6 +43,7 @@ from edge.context import EdgeContext
 from edge.delivery import Delivery
 from edge.last_seen import LastSeen
 from edge.protocol.moves import BRIDGE, MAIN, TwoStreams
+from runtime.connection import liveness_options, where
 from schemas.subjects import edge_filter, edge_last_seen_subject, edge_probe_subject, edge_undelivered_filter
 
 log = logging.getLogger("edge")
@@ -162,8 +163,7 @@ class NatsMove:
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,
                 connect_timeout=2,
-                ping_interval=ctx.settings.nats_ping_interval_ms / 1000,
-                max_outstanding_pings=2,
+                **liveness_options(ctx.settings.nats_ping_interval_ms),
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
                 allow_reconnect=True,
@@ -248,10 +248,3 @@ class NatsMove:
             self.ctx.frame_nc = self.ctx.nc
         with contextlib.suppress(Exception):
             await bridge.drain()
-
-
-def where(nc: NATS | None) -> str:
-    """The node a connection is on, for logs: host and port (never the URL's credentials)."""
-    url = nc.connected_url if nc is not None else None
-    return f"{url.hostname}:{url.port}" if url is not None else "(none)"
-

@@ -39,7 +39,7 @@ from edge.http_front import HttpFront, ws_log
 from edge.last_seen import LastSeen
 from edge.leases import CannotServe, Leases
 from edge.metering_link import MeteringLink
-from edge.nats_move import NatsMove, where
+from edge.nats_move import NatsMove
 from edge.protocol.meter import UsageMeter
 from edge.protocol.parts import part_size
 from edge.protocol.plans import drain_order, spread_plan
@@ -53,7 +53,7 @@ from edge.usage import Usage
 from metering.stream import open_usage_stream
 from metering.usage import UsageReader, open_usage_bucket
 from runtime.backoff import until_storage_opens
-from runtime.connection import connect_for_service
+from runtime.connection import connect_for_service, where
 from runtime.settings import redact_urls
 from schemas.client import CloseCode, DisconnectReason
 from schemas.subjects import FLEET_EDGES_SUBJECT, OVER_LIMIT_SUBJECT, edge_filter, edge_last_seen_subject, edge_undelivered_filter

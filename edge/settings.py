@@ -87,7 +87,7 @@ class EdgeSettings(NatsSettings):
         default=1_000, metadata={"help": "how often usage is published to metering; this plus the refund window is what a killed edge loses at most"}
     )
     usage_refund_window_ms: int = field(
-        default=1_000, metadata={"help": "how long a frame's charge waits, after its flush interval, for news that the frame reached nobody (its refund) before it is published"}
+        default=1_000, metadata={"min": 0, "help": "how long a frame's charge waits, after its flush interval, for news that the frame reached nobody (its refund) before it is published"}
     )
 
     # Metering (protocol.md §6, §12 items 18–20).
@@ -192,8 +192,6 @@ class EdgeSettings(NatsSettings):
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-        if self.usage_refund_window_ms < 0:
-            raise ValueError("usage_refund_window_ms must not be negative")
         if self.socket_bytes_per_s > 0 and self.socket_bytes_burst < self.max_frame_bytes:
             raise ValueError(
                 f"socket_bytes_burst (--socket-bytes-burst / RELAY_SOCKET_BYTES_BURST) must be at least "

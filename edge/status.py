@@ -22,8 +22,8 @@ from nats.aio.msg import Msg
 
 from edge.api import HttpReply
 from edge.context import EdgeContext
-from edge.nats_move import where
 from runtime.clock import now_ms
+from runtime.connection import where
 from runtime.fleet import gather_answers
 from runtime.metrics import storage_errors, total
 from runtime.recent_problems import recent_problems

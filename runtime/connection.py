@@ -34,8 +34,20 @@ async def connect_for_service(
     """
     return await nats.connect(
         servers=server_list(urls), name=name, error_cb=error_cb, max_reconnect_attempts=-1, connect_timeout=5,
-        ping_interval=ping_interval_ms / 1000, max_outstanding_pings=2, **callbacks,
+        **liveness_options(ping_interval_ms), **callbacks,
     )  # fmt: skip
+
+
+def liveness_options(ping_interval_ms: int) -> dict[str, Any]:
+    """nats-py's options for noticing a dead connection: a ping every interval, and the
+    connection taken for dead after two unanswered (see `connect_for_service`)."""
+    return {"ping_interval": ping_interval_ms / 1000, "max_outstanding_pings": 2}
+
+
+def where(nc: NATS | None) -> str:
+    """The node a connection is on, for logs: host and port (never the URL's credentials)."""
+    url = nc.connected_url if nc is not None else None
+    return f"{url.hostname}:{url.port}" if url is not None else "(none)"
 
 
 async def connect_once(urls: str, name: str) -> NATS:
@@ -63,9 +75,7 @@ async def try_another_node(nc: NATS | None, who: str, log: logging.Logger) -> No
     comes back to this one; with one server known, nothing is done."""
     if nc is None or nc.is_closed or len(nc.servers) < 2:
         return
-    url = nc.connected_url
-    node = f"{url.hostname}:{url.port}" if url is not None else "(reconnecting)"
-    log.warning("%s: storage does not answer through NATS at %s; reconnecting to another node", who, node)
+    log.warning("%s: storage does not answer through NATS at %s; reconnecting to another node", who, where(nc))
     # Also when nats-py is reconnecting already (it found the connection stale): its
     # reconnect may be the one stuck on the old socket.
     _abort_socket(nc)

@@ -61,13 +61,7 @@ async def test_frames_to_a_peer_whose_edge_died_get_no_peer_at_once_and_are_not_
     settings = {**FAST, "auth": "required", "charge_per_payload": True}
     async with running_metering(own_nats), running_edges(own_nats, 1, **settings) as (survivor,):
         async with EdgeProcess(own_nats, **settings) as doomed:  # its lease: 15 s by default
-            mac_identity = MacIdentity.new()
-            mac, _ = await connect_mac(survivor, mac_identity, account.auth)
-            ios, _ = await connect_ios(doomed, mac_identity, account.auth)
-            await ios.expect("peer_joined")
-            await mac.expect("peer_joined")
-            await mac.send(type="relay", payload="before")
-            assert (await ios.expect("relay"))["payload"] == "before"
+            mac, ios = await paired_with_a_frame(survivor, doomed, account)
             await doomed.stop(signal.SIGKILL)  # a crash: its lease lives on for 15 s
             sent = time.monotonic()
             await mac.send(type="relay_batch", payloads=["a", "b", "c"])
