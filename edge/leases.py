@@ -1,7 +1,9 @@
 """This edge's lease (one running process per edge id) and the view of the other edges' leases.
 
 What to do about a lease held by another incarnation, and about a renewal that lost its
-compare-and-set, is decided in `edge.protocol.leases`; this module talks to NATS.
+compare-and-set, is decided in `edge.protocol.leases`; this module talks to NATS. The
+lease is read and written on a connection of its own, beside the main one
+(`edge.lease_connection`); the watcher of every edge's lease is on the main connection.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from nats.aio.msg import Msg
 
 from edge.carrier import Carrier
 from edge.context import EdgeContext
+from edge.lease_connection import LeaseConnection
 from edge.protocol.leases import (
     GONE, RUNNING, STOPPING, AfterLostRace, Holder, after_lost_race, judge_holder, renewal_overdue,
 )  # fmt: skip
@@ -52,6 +55,9 @@ class Leases:
         self._watcher: Any = None
         # One storage call's bound (its reply timeout, and a second for the publish).
         self._attempt_s = ctx.settings.jetstream_timeout_ms / 1000 + 1
+        # The lease's own reads and writes (not the watcher: it is restarted with the main
+        # connection's reconnects): never behind the main connection's traffic.
+        self.connection = LeaseConnection(ctx.settings)
 
     async def take(self) -> None:
         """Take this edge id's lease for this incarnation: at start, and when starting over.
@@ -65,7 +71,7 @@ class Leases:
         await self._answer_as_incarnation(ctx.boot_id)
         waited_for: tuple[str, int] | None = None  # (boot id, revision) of a silent holder waited for
         while True:
-            holder, revision = await ctx.presence.read_lease(edge_id)
+            holder, revision = await (await self._presence()).read_lease(edge_id)
             if holder is not None and holder.boot_id not in self._incarnations:
                 answer = await self._ask_incarnation(holder.boot_id)
                 renewed = waited_for is not None and waited_for[0] == holder.boot_id and waited_for[1] != revision
@@ -89,7 +95,7 @@ class Leases:
                 )  # fmt: skip
             lease = EdgeLease(edge_id=edge_id, boot_id=ctx.boot_id, started_at=now_ms())
             try:  # a compare-and-set on what was read (revision 0: nothing there)
-                self.revision = await ctx.presence.renew_lease(lease, ttl_s, revision)
+                self.revision = await (await self._presence()).renew_lease(lease, ttl_s, revision)
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue  # taken, renewed or gone meanwhile: look again
             break
@@ -180,7 +186,7 @@ class Leases:
                         # Bounded as a whole: on a connection that died without a word, the
                         # publish itself waits for a buffer nobody reads, past any reply timeout.
                         async with asyncio.timeout(self._attempt_s):
-                            self.revision = await ctx.presence.renew_lease(lease, lease_ttl, self.revision)
+                            self.revision = await (await self._presence()).renew_lease(lease, lease_ttl, self.revision)
                         renewed_at = loop.time()
                         continue
                     except nats.js.errors.KeyWrongLastSequenceError:
@@ -236,13 +242,16 @@ class Leases:
         await self.carrier.close_all(CloseCode.GOING_AWAY, "relay edge lost its storage", DisconnectReason.TIMEOUT)
         return True
 
+    async def _presence(self) -> Presence:
+        return await self.connection.presence_beside(self.ctx.nc)
+
     async def _try_another_node(self) -> None:
         await try_another_node(self.ctx.nc, f"edge {self.ctx.settings.edge_id}", log)
 
     async def _still_ours(self) -> bool:
         """Whether our lease key still holds this incarnation's lease (then its revision is
         adopted). A lease that expired is never ours again: a new one has a new boot id."""
-        lease, revision = await self.ctx.presence.read_lease(self.ctx.settings.edge_id)
+        lease, revision = await (await self._presence()).read_lease(self.ctx.settings.edge_id)
         if lease is None or lease.boot_id != self.ctx.boot_id:
             return False
         self.revision = revision
@@ -266,7 +275,8 @@ class Leases:
         self.dropping.set()
         with contextlib.suppress(Exception):
             await self.ctx.nc.flush(timeout=2)
-            await self.ctx.presence.drop_lease(self.ctx.settings.edge_id, self.ctx.boot_id)
+            await (await self._presence()).drop_lease(self.ctx.settings.edge_id, self.ctx.boot_id)
+        await self.connection.close()
 
     async def watch(self, watching: asyncio.Event) -> None:
         """Keep `live_edges` current and tell our sockets when their peer's edge dies.

@@ -11,8 +11,9 @@ decisions are in `edge.protocol`; each part here carries out one job:
   `edge.nats_move`: moving them to another NATS node when theirs goes lame-duck;
   `edge.internals`: the library internals their shortcuts use, probed at import;
 - `edge.room_requests`: register and join against storage;
-- `edge.leases`, `edge.upkeep`, `edge.last_seen`, `edge.usage`, `edge.account_watch`:
-  the background work, each in the one TaskGroup.
+- `edge.leases` (on its own NATS connection, `edge.lease_connection`), `edge.upkeep`,
+  `edge.last_seen`, `edge.usage`, `edge.account_watch`: the background work, each in the
+  one TaskGroup.
 """
 
 from __future__ import annotations
@@ -172,6 +173,7 @@ class Edge:
             if metrics_server is not None:
                 metrics_server.close()
             await self.nats_move.close_bridge()
+            await self.leases.connection.close()
             if ctx.nc is not None and not ctx.nc.is_closed:  # drain: flush what we published, then close
                 with contextlib.suppress(Exception):
                     await ctx.nc.drain()

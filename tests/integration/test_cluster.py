@@ -11,9 +11,10 @@ import nats.errors
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from runtime.connection import where
 from runtime.embedded_nats import EmbeddedNatsCluster
 from schemas.subjects import PRESENCE_BUCKET, ROOMS_BUCKET
-from tests.harness import Client, connect_mac, http_get, paired, running_edges
+from tests.harness import Client, connect_mac, http_get, paired, running_edges, until
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +149,17 @@ async def test_an_edge_that_cannot_renew_its_lease_for_a_ttl_closes_its_sockets_
         mac_again = await Client.connect(a, mac.room_id, "mac")
         await mac_again.send(**mac.register_message())
         assert (await mac_again.recv(timeout=20))["type"] == "room_registered"
+
+
+async def test_the_lease_connection_follows_the_main_connection_to_its_node(cluster):
+    # A renewed lease must mean that this edge's node has storage: a lease connection on
+    # another node would renew it while the main connection's node is cut off.
+    async with running_edges(cluster.url, count=1, kv_replicas=3) as (a,):
+        first = where(a.ctx.nc)
+        assert where(a.leases.connection.nc) == first
+        revision = a.leases.revision
+        await a.ctx.nc.force_reconnect()  # to the next node of its pool
+        await until(lambda: a.ctx.nc.is_connected and where(a.ctx.nc) != first, timeout=10, step=0.02)
+        await until(lambda: where(a.leases.connection.nc) == where(a.ctx.nc), timeout=10, step=0.02)
+        await until(lambda: a.leases.revision > revision + 1, timeout=10, step=0.02)  # renewed there
+        assert where(a.leases.connection.nc) == where(a.ctx.nc)
