@@ -94,9 +94,9 @@ class Connection:
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # What arrived from NATS for this socket and could not be written at once (the socket
     # is slow, or news about the peer is being written), in arrival order: a frame's bytes
-    # or a control event, each with its sender (and when a timed frame arrived: 0.0, not
-    # timed). Written by `drainer`; bounded.
-    backlog: deque[tuple[bytes | Any, str, float]] = field(default_factory=deque)
+    # or a control event, each with its sender, when a timed frame arrived (0.0: not
+    # timed) and a frame's reply subject. Written by `drainer`; bounded.
+    backlog: deque[tuple[bytes | Any, str, float, str]] = field(default_factory=deque)
     backlog_bytes: int = 0
     drainer: asyncio.Task[None] | None = None
     # The frame being received in parts for this socket (`edge.protocol.parts`), made at its
@@ -129,6 +129,7 @@ class FrameCounters:
     forwarded_in_parts: int = 0  # over NATS's max_payload: cut into parts (of those forwarded by handler)
     received_in_parts: int = 0  # put together from parts, for this edge's sockets
     parts_dropped: int = 0  # frames missing a part (lost, or their edge died): never delivered
+    not_from_peer: int = 0  # frames for a socket from one that is not its peer: answered as for a socket gone
     nats_moves: int = 0  # moves off a NATS node in lame-duck mode without closing a socket
     leases_lost: int = 0  # this edge's lease expired under it: it started over (issue 18: never under load)
     lease_renewals_failed: int = 0  # renewals storage did not answer in time (retried within a second)

@@ -8,11 +8,13 @@ of one socket's messages is kept.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
 
 import msgspec
+import nats.errors
 from msgspec import Struct
 from nats.aio.msg import Msg
 from websockets.exceptions import ConnectionClosed
@@ -89,8 +91,10 @@ class Delivery:
                 conn.frames_out += 1
                 if started:
                     self.ctx.metrics.frame_write_seconds.observe(time.monotonic() - started)
+            else:
+                await self._not_from_peer(msg.reply)
         else:
-            self.enqueue(conn, data, sender, len(data), started)
+            self.enqueue(conn, data, sender, len(data), started, msg.reply)
 
     def _takes(self, source: str, sender: str, kind: str, reply: str) -> bool:
         streams = self.streams
@@ -120,12 +124,14 @@ class Delivery:
         if conn.parts is not None:
             self._dropped(conn, conn.parts.expired(now, self.ctx.settings.frame_parts_timeout_ms / 1000))
 
-    def enqueue(self, conn: Connection, item: bytes | Any, sender: str, size: int, started: float = 0.0) -> None:
+    def enqueue(
+        self, conn: Connection, item: bytes | Any, sender: str, size: int, started: float = 0.0, reply: str = ""
+    ) -> None:
         """Queue `item` for the socket's drainer; a socket that cannot keep up is closed 1013.
-        `started`: when a timed frame arrived (0: not timed)."""
+        `started`: when a timed frame arrived (0: not timed); `reply`: a frame's reply subject."""
         if not conn.takes_frames:
             return
-        conn.backlog.append((item, sender, started))
+        conn.backlog.append((item, sender, started, reply))
         conn.backlog_bytes += size
         s = self.ctx.settings
         # What waits for the socket in all: its backlog and its transport's write buffer.
@@ -157,14 +163,14 @@ class Delivery:
                     # decision names it, and must not be dropped as a stranger. The rest
                     # waits, in order, for the decision (`resume`).
                     break
-                item, sender, started = conn.backlog.popleft()
+                item, sender, started, reply = conn.backlog.popleft()
                 if type(item) is bytes:
                     conn.backlog_bytes -= len(item)
                     if conn.write_lock.locked():
                         async with conn.write_lock:
-                            await self._write_frame(conn, item, sender)
+                            await self._write_frame(conn, item, sender, reply)
                     else:
-                        await self._write_frame(conn, item, sender)
+                        await self._write_frame(conn, item, sender, reply)
                     if started:
                         self.ctx.metrics.frame_write_seconds.observe(time.monotonic() - started)
                 else:
@@ -177,15 +183,26 @@ class Delivery:
         finally:
             conn.drainer = None
 
-    @staticmethod
-    async def _write_frame(conn: Connection, data: bytes, sender: str) -> None:
+    async def _write_frame(self, conn: Connection, data: bytes, sender: str, reply: str) -> None:
         """Write a frame from NATS to the client if it comes from the session's current peer."""
-        if conn.session.accepts_frame_from(sender):
-            try:
-                await conn.ws.send(data, text=True)
-                conn.frames_out += 1
-            except ConnectionClosed:
-                pass
+        if not conn.session.accepts_frame_from(sender):
+            await self._not_from_peer(reply)
+            return
+        try:
+            await conn.ws.send(data, text=True)
+            conn.frames_out += 1
+        except ConnectionClosed:
+            pass
+
+    async def _not_from_peer(self, reply: str) -> None:
+        """A frame from a socket that is not the addressee's peer (any more, or yet: a room
+        record read while a slot's release waited for storage named a peer that is gone)
+        is dropped; its sender's edge is told, as for a socket that is gone, so that the
+        charge is taken back and the client hears NO_PEER rather than the frame vanishing."""
+        self.ctx.counters.not_from_peer += 1
+        if reply:
+            with contextlib.suppress(nats.errors.Error):
+                await self.ctx.frame_nc.publish(reply, NO_SUCH_SOCKET)
 
     async def undelivered(self, msg: Msg, source: str = MAIN) -> None:
         """A frame one of our sockets forwarded reached nobody: NATS answered its reply subject

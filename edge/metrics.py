@@ -106,6 +106,7 @@ class _EdgeState(Collector):
             ("relay_frames_forwarded_in_parts", "Frames over NATS's max_payload, sent in parts", counters.forwarded_in_parts),
             ("relay_frames_received_in_parts", "Frames put together from parts, for this edge's sockets", counters.received_in_parts),
             ("relay_frames_dropped_incomplete", "Frames missing a part, never delivered", counters.parts_dropped),
+            ("relay_frames_not_from_peer", "Frames for a socket from one that is not its peer (its sender told NO_PEER)", counters.not_from_peer),
             ("relay_nats_moves", "Moves off a NATS node in lame-duck mode without closing a socket", counters.nats_moves),
             ("relay_leases_lost", "Times this edge's lease expired under it, so it closed its sockets and started over", counters.leases_lost),
             ("relay_lease_renewals_failed", "Lease renewals storage did not answer in time (retried within a second)", counters.lease_renewals_failed),

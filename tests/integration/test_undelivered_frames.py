@@ -10,6 +10,7 @@ import signal
 import time
 from collections.abc import Iterator
 
+import msgspec
 import pytest
 
 from edge.context import Ending
@@ -25,6 +26,7 @@ from tests.harness import (
     read_ledger,
     running_edges,
     running_metering,
+    until,
 )
 
 FAST = {"usage_flush_interval_ms": 50, "usage_refund_window_ms": 200, "quota_check_timeout_ms": 3_000}
@@ -137,3 +139,29 @@ async def test_a_frame_to_a_socket_whose_close_has_begun_gets_no_peer_and_is_not
         await ios.expect_silence()
         assert (await metrics(a))["relay_frames_undelivered_total"] == 1
         assert await message_credits_settled(own_nats, account.user_id) == 1
+
+
+async def test_a_frame_from_a_socket_that_is_not_the_addressees_peer_gets_no_peer_and_is_not_charged(own_nats):
+    # The sender takes the addressee for its peer, the addressee has another (a room
+    # record read while a slot's release waited for storage, as after a whole NATS cluster
+    # restarted, named a peer that had moved on): the frame is dropped, and used to vanish,
+    # charged. Once written at once, once from the addressee's backlog.
+    account = await make_account(own_nats, tier="premium")
+    async with running_metering(own_nats), running_edges(own_nats, 2, auth="required", **FAST) as (a, b):
+        mac, ios = await paired_with_a_frame(a, b, account)
+        (ios_conn,) = [conn for conn in b.connections.values() if conn.session.role == "ios"]
+        its_peer = ios_conn.session.peer
+        ios_conn.session.peer = msgspec.structs.replace(its_peer, socket_id="another-mac-socket")
+        await mac.send(type="relay", payload="stranger-at-once")
+        await mac.expect_error("NO_PEER")
+        async with ios_conn.write_lock:  # news about its peer being written: the frame waits
+            await mac.send(type="relay", payload="stranger-queued")
+            await until(lambda: ios_conn.drainer is not None)  # it took the frame, and waits for the lock
+        await mac.expect_error("NO_PEER")
+        ios_conn.session.peer = its_peer
+        await ios.expect_silence()
+        assert (await metrics(b))["relay_frames_not_from_peer_total"] == 2
+        assert (await metrics(a))["relay_frames_undelivered_total"] == 2
+        await mac.send(type="relay", payload="peer-again")
+        assert (await ios.expect("relay"))["payload"] == "peer-again"
+        assert await message_credits_settled(own_nats, account.user_id) == 2  # "before", "peer-again"
