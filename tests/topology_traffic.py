@@ -36,7 +36,8 @@ on which socket; per socket: when it was opened, paired (`peer_joined`), told
   replaced: the sender heard a new `peer_joined` within that window), `receiver_socket_ended`
   (in flight to a socket of the receiver that ended within that window after it was sent,
   or had ended at most that long before: its edge's `peer_left` not yet heard by the
-  sender's), `before_peer_disconnected` (the receiver's socket lived on, and the sender was
+  sender's; the receiver's socket a frame went to is the one the sender's last
+  `peer_joined` named, by its session nonce, else the one open when it was sent), `before_peer_disconnected` (the receiver's socket lived on, and the sender was
   told `peer_disconnected` only within that window after it: no `NO_PEER`, no word until
   then), `receiver_away` (the receiver had had no open socket for longer), or `unexplained`;
 - whether every pair is paired again, and the time each disrupted pair took;
@@ -288,15 +289,19 @@ class Side:
             self.backoff = BACKOFF_FIRST_S  # reset after every successful upgrade
             self.conn = conn
             self.inc = len(self.sockets)
-            self.sockets.append({"connect_started": started, "opened": now, "ended": None, "code": None, "paired": [], "unpaired": [], "errors": [], "gave_up": None})
+            nonce = b64_key()  # this socket's session, as its peer's `peer_joined` names it
+            self.sockets.append({
+                "connect_started": started, "opened": now, "ended": None, "code": None, "paired": [], "paired_with": [],
+                "unpaired": [], "errors": [], "gave_up": None, "nonce": nonce,
+            })  # fmt: skip
             self.opened_at = self.last_ack = now
             self.next_heartbeat = now + HEARTBEAT_S[self.role]
             self.registered = False
             self.paired = False
             if self.role == "mac":
-                conn.write(self.pair.register_message())
+                conn.write(self.pair.register_message(nonce))
             else:
-                conn.write(self.pair.join_message())
+                conn.write(self.pair.join_message(nonce))
             self.reconnecting = None
             return
 
@@ -352,6 +357,7 @@ class Side:
         kind = message.get("type")
         if kind == "peer_joined":
             record["paired"].append(now)
+            record["paired_with"].append(message.get("session_nonce"))
             self.paired = True
         elif kind == "peer_disconnected":
             record["unpaired"].append((now, str(message.get("reason"))))
@@ -395,16 +401,16 @@ class Pair:
         self.ios_key = b64_key()
         self.sides = {role: Side(worker, self, role) for role in ROLES}
 
-    def register_message(self) -> bytes:
+    def register_message(self, session_nonce: str) -> bytes:
         return json.dumps(
             {"type": "register_room", "room_id": self.room_id, "secret_hash": self.secret_hash, "public_key": self.mac_key,
-             "session_nonce": b64_key(), "ephemeral_key": b64_key()}  # fmt: skip
+             "session_nonce": session_nonce, "ephemeral_key": b64_key()}  # fmt: skip
         ).encode()
 
-    def join_message(self) -> bytes:
+    def join_message(self, session_nonce: str) -> bytes:
         return json.dumps(
             {"type": "join_room", "room_id": self.room_id, "public_key": self.ios_key, "secret_hash": self.secret_hash,
-             "session_nonce": b64_key(), "ephemeral_key": b64_key()}  # fmt: skip
+             "session_nonce": session_nonce, "ephemeral_key": b64_key()}  # fmt: skip
         ).encode()
 
     @property
@@ -719,6 +725,13 @@ class SideRecord:
                 return k
         return None
 
+    def socket_of_session(self, nonce: str | None) -> int | None:
+        """The incarnation whose register or join carried this session nonce (None: none)."""
+        for k, s in enumerate(self.sockets):
+            if nonce is not None and s.get("nonce") == nonce:
+                return k
+        return None
+
 
 @dataclass
 class TrafficReport:
@@ -787,7 +800,7 @@ class TrafficReport:
                         cause = "refused"
                     else:
                         mine = s.sockets[inc]
-                        theirs_k = r.socket_at(t)
+                        theirs_k = _addressed(mine, r, t)
                         if mine["ended"] is not None and mine["ended"] - t <= w:
                             cause = "sender_socket_ended"
                         elif _new_session_after(mine, t, w):
@@ -1009,6 +1022,15 @@ class TrafficReport:
                 ts = sorted(at - fault_at for _, _, at, _ in pd)
                 lines.append(f"peer_disconnected {dict(reasons)} at {ts[0]:.2f}..{ts[-1]:.2f}s")
         return "\n".join(lines)
+
+
+def _addressed(mine: dict[str, Any], receiver: SideRecord, t: float) -> int | None:
+    """The receiver's socket that a frame sent at `t` on socket `mine` went to: the one its
+    last `peer_joined` before `t` named (a room record read while a slot's release waited
+    for storage can name one that has ended), else the one open at `t`."""
+    named = [nonce for at, nonce in zip(mine["paired"], mine.get("paired_with", ())) if at <= t]
+    addressed = receiver.socket_of_session(named[-1]) if named else None
+    return addressed if addressed is not None else receiver.socket_at(t)
 
 
 def _new_session_after(sock: dict[str, Any], t: float, window: float) -> bool:

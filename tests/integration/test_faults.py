@@ -600,6 +600,33 @@ def test_the_accounting_finds_duplicates_reorderings_refusals_and_unexplained_lo
     assert report.refusals_unmatched == []
 
 
+def test_the_accounting_takes_a_frame_to_a_peer_socket_that_had_ended_for_one_in_flight_to_it():
+    # A register during a restart of the whole NATS cluster named a peer socket that had
+    # ended (its slot's release waited for storage): the Mac's frames went to that socket,
+    # not to the iPhone's new one, and were lost when peer_disconnected came first.
+    from array import array
+
+    from tests.topology_traffic import SENT_OPEN, SideRecord
+
+    def sock(opened, ended, nonce, paired=(), paired_with=(), unpaired=()):
+        return {"connect_started": opened, "opened": opened, "ended": ended, "code": None, "paired": list(paired),
+                "paired_with": list(paired_with), "unpaired": list(unpaired), "errors": [], "gave_up": None, "nonce": nonce}  # fmt: skip
+
+    ios_sockets = [sock(0.0, 2.0, "old-ios"), sock(8.2, None, "new-ios", paired=[8.3], paired_with=["mac"])]
+    mac_sockets = [sock(7.0, None, "mac", paired=[7.1, 8.5], paired_with=["old-ios", "new-ios"], unpaired=[(8.49, "server_restart")])]
+    mac = SideRecord(array("d", [8.4]), array("b", [SENT_OPEN]), array("i", [0]), array("q"), array("d"), array("i"), mac_sockets, [])
+    ios = SideRecord(array("d"), array("b"), array("i"), array("q"), array("d"), array("i"), ios_sockets, [])
+    report = TrafficReport({0: {"mac": mac, "ios": ios}}, 0.1, 10.0, [], [], 0)
+    report.analyse(inflight_window_s=30)
+    assert [(l.sender, l.cause) for l in report.lost] == [("mac", "receiver_socket_ended")]  # noqa: E741
+    # Addressed by the socket open at the time instead (the iPhone's new one, alive), the
+    # same frame looked lost without a word before a peer_disconnected.
+    for s in mac_sockets:
+        del s["paired_with"]
+    report.analyse(inflight_window_s=30)
+    assert [l.cause for l in report.lost] == ["before_peer_disconnected"]  # noqa: E741
+
+
 # --- the default suite: quick variants ----------------------------------------------------------
 
 
