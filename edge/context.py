@@ -37,6 +37,10 @@ from schemas.tiers import Tier
 
 log = logging.getLogger("edge")
 
+#: Edge incarnations remembered as gone: a few per edge restart; far more than a fleet
+#: goes through between two restarts of one edge.
+GONE_INCARNATIONS_KEPT = 4096
+
 
 @dataclass(frozen=True)
 class WsTarget:
@@ -145,6 +149,9 @@ class EdgeContext:
         self.started_at_ms = now_ms()
         self.connections: dict[str, Connection] = {}
         self.live_edges: dict[str, str] = {}  # edge_id → boot_id of every incarnation whose lease is alive
+        # (edge_id, boot_id) of incarnations the lease watcher saw go, newest last (bounded):
+        # dead for good, their slots need no look at storage (`edge.slot_liveness`).
+        self.gone_incarnations: dict[tuple[str, str], None] = {}
         self.stopping = asyncio.Event()
         self.hurry = asyncio.Event()  # a second stop(): what the drain has left closes at once
         self.ready = asyncio.Event()
@@ -211,6 +218,11 @@ class EdgeContext:
             return True
         except asyncio.TimeoutError:
             return False
+
+    def note_gone(self, edge_id: str, boot_id: str) -> None:
+        self.gone_incarnations[(edge_id, boot_id)] = None
+        while len(self.gone_incarnations) > GONE_INCARNATIONS_KEPT:
+            del self.gone_incarnations[next(iter(self.gone_incarnations))]
 
     def is_alive(self, holder: SlotHolder) -> bool:
         """Whether the socket `holder` names lives: ours we know for sure; another edge's

@@ -319,6 +319,7 @@ class Leases:
         view = {**view, own: ctx.live_edges.get(own, ctx.boot_id)}  # our own lease is the renewal loop's business
         for edge_id, boot_id in edges_gone(ctx.live_edges, view):
             log.warning("edge %s (%s) is gone; telling the peers of its sockets", edge_id, boot_id)
+            ctx.note_gone(edge_id, boot_id)
             for conn in list(ctx.connections.values()):
                 if conn.session.depends_on_edge(edge_id, boot_id):
                     ctx.spawn(

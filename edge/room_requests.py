@@ -32,6 +32,7 @@ from edge.protocol.requests import (
     needs_room_claim,
     room_limit_close,
 )
+from edge.slot_liveness import SlotLiveness
 from edge.store import StorageConflict
 from runtime.backoff import Backoff
 from runtime.clock import now_ms
@@ -196,13 +197,14 @@ class RoomRequests:
     async def _once(self, conn: Connection, message: RegisterRoom | JoinRoom) -> tuple[rooms.Outcome, int]:
         ctx, session = self.ctx, conn.session
         s, now = ctx.settings, now_ms()
+        alive = SlotLiveness(ctx)
         request = RoomRequestContext(
             message=message,
             holder=session.holder,
             user_id=session.user_id,
             now_ms=now,
             now_s=time.monotonic(),
-            is_alive=ctx.is_alive,
+            is_alive=alive,
             room_idle_timeout_ms=s.room_idle_timeout_ms,
             max_sessions=conn.target.principal.tier.max_sessions,
             registered_before=session.in_room,
@@ -210,19 +212,22 @@ class RoomRequests:
             guesses=ctx.access.room_guesses,
         )
         return await ctx.rooms.transact(
-            session.room_id, functools.partial(decide_room_request, request=request), self._seen_when_idle(now)
+            session.room_id, functools.partial(decide_room_request, request=request), self._before_deciding(now, alive)
         )
 
-    def _seen_when_idle(self, now: int) -> Callable[[RoomRecord], Awaitable[tuple[int | None, ...]]]:
+    def _before_deciding(self, now: int, alive: SlotLiveness) -> Callable[[RoomRecord], Awaitable[tuple[int | None, ...]]]:
+        """What the decision needs from storage besides the record: the leases of slot
+        holders the lease view does not know, and lastSeen if the room looks idle."""
         ctx = self.ctx
 
-        async def seen(record: RoomRecord) -> tuple[int | None, ...]:
+        async def before_deciding(record: RoomRecord) -> tuple[int | None, ...]:
+            await alive.learn(record)
             # lastSeen only matters to a room that looks idle by its record alone.
-            if rooms.expire_idle(record, now, ctx.settings.room_idle_timeout_ms, ctx.is_alive) is record:
+            if rooms.expire_idle(record, now, ctx.settings.room_idle_timeout_ms, alive) is record:
                 return ()
             return await ctx.presence.get_room_last_seen(record.room_id)
 
-        return seen
+        return before_deciding
 
 
 def _error_code(outcome: rooms.Outcome) -> str | None:

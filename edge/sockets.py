@@ -25,6 +25,7 @@ from edge.log_budget import WarningBudget
 from edge.metrics import close_code_label
 from edge.protocol import rooms
 from edge.protocol.session import Session, other_role
+from edge.slot_liveness import SlotLiveness
 from edge.store import StorageConflict
 from edge.usage import Usage
 from runtime.backoff import Backoff
@@ -132,12 +133,17 @@ class Sockets:
         """Free the session's slot if it still holds it, and tell the room's live peer why it left."""
         ctx = self.ctx
         role, holder, now = session.role, session.holder, now_ms()
+        alive = SlotLiveness(ctx)
 
         def release(record: RoomRecord | None, _seen: tuple[int | None, ...]) -> tuple[RoomRecord | None, rooms.Release]:
-            released = rooms.release(record, holder, role, now, ctx.is_alive)
+            released = rooms.release(record, holder, role, now, alive)
             return released.record, released
 
-        released, _ = await ctx.rooms.transact(session.room_id, release)
+        async def learn(record: RoomRecord) -> tuple[int | None, ...]:
+            await alive.learn(record)
+            return ()
+
+        released, _ = await ctx.rooms.transact(session.room_id, release, learn)
         if released.peer is not None:
             await self.carrier.publish_event(session, released.peer, other_role(role), session.left_event())
         await ctx.presence.put_last_seen(session.room_id, role, last_seen_ms, ctx.seen_ttl_s)

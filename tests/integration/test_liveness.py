@@ -331,3 +331,26 @@ async def test_a_mac_back_on_its_restarted_edge_is_paired_again_every_time(nats_
                 assert (await ios_client.expect("relay"))["payload"] == f"round {restart}"
     finally:
         await mac_edge.stop(signal.SIGKILL)
+
+
+async def test_a_join_that_finds_the_mac_on_an_edge_incarnation_its_lease_view_has_not_seen_yet_pairs_them(nats_url):
+    # After a restart of the whole NATS cluster the edges' lease watchers come back seconds
+    # after their sockets: a slot of an incarnation the view did not hold looked dead, the
+    # join named no peer, and the Mac and the iPhone each waited for the other for good.
+    async with running_edges(nats_url, edge_lease_ttl_ms=60_000) as (a, b):  # no renewal within the test
+        mac = MacIdentity.new()
+        mac_client, _ = await connect_mac(a, mac)
+        b.ctx.live_edges.pop(a.settings.edge_id)  # b's watcher has not seen a's lease yet
+        ios_client, _ = await connect_ios(b, mac)
+        await ios_client.expect("peer_joined")
+        await mac_client.expect("peer_joined")
+        await ios_client.send(type="relay", payload="hello")
+        assert (await mac_client.expect("relay"))["payload"] == "hello"
+
+
+async def test_a_departure_tells_a_peer_on_an_edge_incarnation_the_lease_view_has_not_seen_yet(nats_url):
+    async with running_edges(nats_url, edge_lease_ttl_ms=60_000) as (a, b):
+        mac_client, ios_client, _ = await paired(a, b)
+        b.ctx.live_edges.pop(a.settings.edge_id)
+        await ios_client.close()
+        assert (await mac_client.expect("peer_disconnected"))["type"] == "peer_disconnected"
