@@ -44,6 +44,10 @@ log = logging.getLogger("edge")
 outage_log = WarningBudget(log)  # one per register or join in an outage
 
 
+class SocketClosing(Exception):
+    """The socket's close began while its room request was in flight: the request stops."""
+
+
 class RoomRequests:
     """Runs a socket's room requests and keeps its room registration alive."""
 
@@ -95,6 +99,11 @@ class RoomRequests:
                 return
         try:
             outcome, revision = await self._with_retries(conn, message)
+        except SocketClosing:
+            if claimed:
+                await self._give_back_claim(conn)
+            await decide_in_order(conn, session.request_abandoned)
+            return
         except (nats.errors.Error, asyncio.TimeoutError, StorageConflict) as exc:
             # No traceback: in a storage outage this is every register and join.
             outage_log.warning("request failed", "room %s: request failed (%s); closed 1011", session.room_id, type(exc).__name__)
@@ -185,6 +194,8 @@ class RoomRequests:
         deadline = loop.time() + self.ctx.settings.storage_retry_budget_ms / 1000
         backoff = Backoff(0.1, 1.0)
         while True:
+            if conn.closing:
+                raise SocketClosing()
             try:
                 return await self._once(conn, message)
             except (nats.errors.TimeoutError, asyncio.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
@@ -211,9 +222,13 @@ class RoomRequests:
             refuse_cross_account=s.refuse_cross_account,
             guesses=ctx.access.room_guesses,
         )
-        return await ctx.rooms.transact(
-            session.room_id, functools.partial(decide_room_request, request=request), self._before_deciding(now, alive)
-        )
+
+        def decide(stored: RoomRecord | None, seen: tuple[int | None, ...]) -> tuple[RoomRecord | None, rooms.Outcome]:
+            if conn.closing:  # closed while storage was read: write nothing
+                raise SocketClosing()
+            return decide_room_request(stored, seen, request)
+
+        return await ctx.rooms.transact(session.room_id, decide, self._before_deciding(now, alive))
 
     def _before_deciding(self, now: int, alive: SlotLiveness) -> Callable[[RoomRecord], Awaitable[tuple[int | None, ...]]]:
         """What the decision needs from storage besides the record: the leases of slot

@@ -267,6 +267,15 @@ class Session:
         self.may_hold_a_slot()
         return [Close(CloseCode.INTERNAL, "Internal error")] + self._release_held_events()
 
+    def request_abandoned(self) -> list[Action]:
+        """The socket's close began while its room request waited for storage: nothing more
+        is tried (a retry landing now would take the slot from the client's newer socket,
+        4001). A write may have landed already: the slot is released when the socket goes."""
+        self._busy = False
+        self.may_hold_a_slot()
+        self._held_events.clear()  # nobody to tell
+        return []
+
     def too_busy(self) -> list[Action]:
         """The edge had no place for the room request in time (storage saturated, issue 18):
         nothing was tried, so nothing is held; the client retries after its back-off."""

@@ -278,6 +278,41 @@ async def test_a_room_request_whose_storage_call_never_returns_is_closed_1011_wi
         assert time.monotonic() - started < 4  # the bound: 0.3 s + 3 × 0.3 s, and the close
 
 
+async def test_a_register_whose_socket_closed_while_it_waited_for_storage_leaves_the_slot_to_the_newer_socket(nats_url):
+    # After a whole NATS cluster restart: a Mac socket's register waited for storage while
+    # the edge closed the socket (1001) and the Mac came back on a new one, which
+    # registered. The old request then landed and took the slot: the new socket was
+    # closed 4001, replaced by a socket that was gone.
+    async with running_edges(nats_url, 2) as (a, b):
+        identity = MacIdentity.new()
+        first_read, go_on = asyncio.Event(), asyncio.Event()
+        transact = a.ctx.rooms.transact
+
+        async def waits_for_storage(room_id, decide, extra=None):
+            if not first_read.is_set():
+                first_read.set()
+                await go_on.wait()
+            return await transact(room_id, decide, extra)
+
+        a.ctx.rooms.transact = waits_for_storage
+        old = await Client.connect(a, identity.room_id, "mac")
+        await old.send(**identity.register_message())
+        await asyncio.wait_for(first_read.wait(), 5)
+        (old_conn,) = a.connections.values()
+        a.ctx.spawn(a.carrier.close(old_conn, 1001, "relay reconnected to NATS"), "close as a reconnect does")
+        assert (await old.expect_close())[0] == 1001
+        new, _ = await connect_mac(a, identity)
+        go_on.set()  # the old socket's request goes on
+        await until(lambda: len(a.connections) == 1, timeout=5)
+        await new.expect_silence(0.5)  # not replaced
+        ios, _ = await connect_ios(b, identity)
+        await ios.expect("peer_joined")
+        await new.expect("peer_joined")
+        record, _ = await a.ctx.rooms.get(identity.room_id)
+        (new_conn,) = a.connections.values()
+        assert record.mac.socket_id == new_conn.session.socket_id
+
+
 # --- listings and watchers (edge/kv.py) -------------------------------------------------
 
 
