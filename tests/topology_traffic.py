@@ -117,6 +117,7 @@ class Conn(asyncio.Protocol):
         self.opened: asyncio.Future[None] = side.worker.loop.create_future()
         self.is_open = False
         self.close_code: int | None = None  # the relay's, from its close frame
+        self.lost = False  # the connection has ended (perhaps in the read that brought the 101)
         self._buffer = b""
         self._fragments: list[bytes] | None = None
 
@@ -172,6 +173,7 @@ class Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.is_open = False
+        self.lost = True
         self._settle(ConnectionError(f"connection lost before the upgrade: {exc}"))
         self.side.on_lost(self)
 
@@ -303,6 +305,11 @@ class Side:
             else:
                 conn.write(self.pair.join_message(nonce))
             self.reconnecting = None
+            if conn.lost:
+                # Closed by the relay in the read that brought the 101 (an edge closing its
+                # sockets right after the upgrade): its end came before it was ours to note.
+                # Before, the side kept the dead socket for good and never reconnected.
+                self.on_lost(conn)
             return
 
     def on_lost(self, conn: Conn) -> None:
