@@ -25,7 +25,7 @@ from edge.lease_connection import LeaseConnection
 from edge.protocol.leases import (
     GONE, RUNNING, STOPPING, AfterLostRace, Holder, after_lost_race, judge_holder, renewal_overdue,
 )  # fmt: skip
-from edge.protocol.plans import edges_gone
+from edge.protocol.plans import adopt_view, edges_gone
 from edge.store import Presence
 from runtime.clock import now_ms
 from runtime.connection import STORAGE_ERRORS, try_another_node
@@ -70,6 +70,7 @@ class Leases:
         edge_id, ttl_s = ctx.settings.edge_id, ctx.settings.edge_lease_ttl_ms / 1000
         await self._answer_as_incarnation(ctx.boot_id)
         waited_for: tuple[str, int] | None = None  # (boot id, revision) of a silent holder waited for
+        lost_races = 0
         while True:
             holder, revision = await (await self._presence()).read_lease(edge_id)
             if holder is not None and holder.boot_id not in self._incarnations:
@@ -97,7 +98,12 @@ class Leases:
             try:  # a compare-and-set on what was read (revision 0: nothing there)
                 self.revision = await (await self._presence()).renew_lease(lease, ttl_s, revision)
             except nats.js.errors.KeyWrongLastSequenceError:
-                continue  # taken, renewed or gone meanwhile: look again
+                # Taken, renewed or gone meanwhile: look again; at once the first time, then
+                # paced (reads answered from behind would make every attempt lose).
+                lost_races += 1
+                if lost_races > 1:
+                    await asyncio.sleep(min(1.0, ttl_s / 5))
+                continue
             break
         ctx.live_edges[edge_id] = ctx.boot_id
         for boot_id in [b for b in self._incarnations if b != ctx.boot_id]:
@@ -171,6 +177,7 @@ class Leases:
         loop = asyncio.get_running_loop()
         renewed_at = loop.time()  # of the last renewal storage confirmed (`take` just did)
         moved_at = renewed_at  # when the connection was last sent to another node
+        renewing_again = False  # the last renewal lost its race to one of our own
         while True:
             due = loop.time() + delay
             if await ctx.sleep(delay, until=self.dropping):
@@ -188,12 +195,21 @@ class Leases:
                         async with asyncio.timeout(self._attempt_s):
                             self.revision = await (await self._presence()).renew_lease(lease, lease_ttl, self.revision)
                         renewed_at = loop.time()
+                        renewing_again = False
                         continue
                     except nats.js.errors.KeyWrongLastSequenceError:
                         step = after_lost_race(await self._still_ours(), ctx.stopping.is_set())
                         if step is AfterLostRace.RENEW_NOW:
-                            log.warning("edge %s: a lease renewal landed unseen; renewing again", ctx.settings.edge_id)
-                            delay = 0.0
+                            # Once at once; again and again, storage contradicts itself (reads
+                            # answered from behind): no spinning, and a TTL of it is a TTL
+                            # without a renewal.
+                            if not renewing_again:
+                                log.warning("edge %s: a lease renewal landed unseen; renewing again", ctx.settings.edge_id)
+                            delay = retry if renewing_again else 0.0
+                            renewing_again = True
+                            if renewal_overdue(loop.time() - renewed_at, lease_ttl):
+                                lost = await self._fence(loop.time() - renewed_at, trust_reads=False)
+                                moved_at = loop.time()
                             continue
                         if step is AfterLostRace.STOP:
                             return
@@ -204,6 +220,7 @@ class Leases:
                         lost = True
                         ctx.counters.leases_lost += 1
                         ctx.ready.clear()
+                        moved_at = loop.time()
                 await self._reincarnate()
                 renewed_at = loop.time()
                 lost = False
@@ -221,15 +238,17 @@ class Leases:
                     moved_at = loop.time()  # fenced, and no storage through this node either
                     await self._try_another_node()
 
-    async def _fence(self, unrenewed_s: float) -> bool:
+    async def _fence(self, unrenewed_s: float, trust_reads: bool = True) -> bool:
         """Renewals have failed for a TTL: unless a read shows the lease still ours (renewals
-        landed unseen), close every socket 1001 and refuse new ones until a new incarnation
-        holds a lease. True if fenced."""
+        landed unseen; not asked when reads have said so all along while every renewal lost),
+        close every socket 1001 and refuse new ones until a new incarnation holds a lease.
+        True if fenced."""
         ctx = self.ctx
-        with contextlib.suppress(*STORAGE_ERRORS):
-            async with asyncio.timeout(self._attempt_s):
-                if await self._still_ours():
-                    return False
+        if trust_reads:
+            with contextlib.suppress(*STORAGE_ERRORS):
+                async with asyncio.timeout(self._attempt_s):
+                    if await self._still_ours():
+                        return False
         log.error(
             "edge %s could not renew its lease for %.1fs (its TTL is %.0fs): the other edges take it "
             "for gone; closing its %d sockets 1001 and refusing new ones until it holds a lease again",
@@ -261,7 +280,19 @@ class Leases:
         """Take a lease under a new boot id, then close the sockets of every older one."""
         ctx = self.ctx
         ctx.boot_id = secrets.token_hex(8)
-        await self.take()  # may find the id taken by a newer process: then this one ends
+        # May find the id taken by a newer process: then this one ends. Its sockets are
+        # closed once the new lease is held (they come back at once, and find the edge
+        # ready), or, if storage is slow to give one, after an attempt's bound: their
+        # peers were told they are gone.
+        taking = asyncio.ensure_future(self.take())
+        try:
+            if not (await asyncio.wait({taking}, timeout=self._attempt_s))[0]:
+                await self.carrier.close_all(
+                    CloseCode.GOING_AWAY, "relay edge restarting", DisconnectReason.TIMEOUT, unless_boot=ctx.boot_id
+                )
+            await taking
+        finally:
+            taking.cancel()  # nothing once it is done; ends it if this is cancelled meanwhile
         if not ctx.stopping.is_set():
             ctx.ready.set()
         # 1001 makes clients reconnect at once; their peers already heard `timeout`.
@@ -316,7 +347,10 @@ class Leases:
         """Adopt `view` (edge_id → boot_id of live leases); the incarnations it lost are dead."""
         ctx = self.ctx
         own = ctx.settings.edge_id
-        view = {**view, own: ctx.live_edges.get(own, ctx.boot_id)}  # our own lease is the renewal loop's business
+        adopted = adopt_view(ctx.live_edges, view, ctx.gone_incarnations)
+        for edge_id in (e for e in view if adopted.get(e) != view[e] and e != own):
+            log.warning("edge %s: its lease read as incarnation %s, gone already (a stale read); ignored", edge_id, view[edge_id])
+        view = {**adopted, own: ctx.live_edges.get(own, ctx.boot_id)}  # our own lease is the renewal loop's business
         for edge_id, boot_id in edges_gone(ctx.live_edges, view):
             log.warning("edge %s (%s) is gone; telling the peers of its sockets", edge_id, boot_id)
             ctx.note_gone(edge_id, boot_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Container
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -34,6 +35,21 @@ def drain_order(rooms: list[tuple[str, T]]) -> list[list[T]]:
 def edges_gone(before: dict[str, str], after: dict[str, str]) -> list[tuple[str, str]]:
     """Edge incarnations (edge_id, boot_id) alive in `before` and not in `after`."""
     return [(edge_id, boot_id) for edge_id, boot_id in before.items() if after.get(edge_id) != boot_id]
+
+
+def adopt_view(current: dict[str, str], new: dict[str, str], gone: Container[tuple[str, str]]) -> dict[str, str]:
+    """The lease view to adopt (edge_id → boot_id): `new`, but where it names an incarnation
+    known to be gone, what `current` holds for that edge (or nothing). Boot ids never come
+    back: such a lease is a stale read (storage answering from behind, as while a NATS
+    node rejoins its cluster), and taking it would tell the peers of the edge's live
+    incarnation `timeout`, and judge its slots dead."""
+    view = {}
+    for edge_id, boot_id in new.items():
+        if (edge_id, boot_id) not in gone:
+            view[edge_id] = boot_id
+        elif edge_id in current:
+            view[edge_id] = current[edge_id]
+    return view
 
 
 def backlog_over_bounds(messages: int, bytes_waiting: int, max_messages: int, max_bytes: int) -> bool:

@@ -14,6 +14,7 @@ import socket
 import struct
 
 import nats
+import nats.js.errors
 
 from edge import internals
 from schemas.subjects import PRESENCE_BUCKET, edge_lease_key
@@ -153,6 +154,42 @@ async def test_pongs_a_pinging_client_never_reads_stay_bounded_and_its_socket_is
         assert largest <= bound + 256 * 1024, largest
         assert "over RELAY_SOCKET_QUEUE_MAX_BYTES; dropped" in caplog.text
         await _relay_both_ways(mac_client, ios_client, 10)
+
+
+async def test_renewals_that_keep_losing_to_reads_that_say_the_lease_is_ours_are_paced_and_fence_after_a_ttl(nats_url, caplog):
+    # Seen while a NATS node rejoined its cluster: every renewal lost its compare-and-set
+    # and every read said the lease was still ours, at the revision just refused. The edge
+    # renewed again at once, thousands of times a second, a warning each.
+    async with running_edges(nats_url, count=1, edge_lease_ttl_ms=2000, jetstream_timeout_ms=500) as (a,):
+        mac_client, ios_client, _ = await paired(a, a)
+        presence_beside = a.leases.connection.presence_beside
+        attempts = 0
+
+        class ReadsFromBehind:
+            def __init__(self, presence):
+                self.presence = presence
+
+            async def renew_lease(self, *args):
+                nonlocal attempts
+                attempts += 1
+                raise nats.js.errors.KeyWrongLastSequenceError()
+
+            async def read_lease(self, edge_id):
+                return await self.presence.read_lease(edge_id)
+
+        async def behind(main):
+            return ReadsFromBehind(await presence_beside(main))
+
+        a.leases.connection.presence_beside = behind
+        try:
+            # Fenced a TTL after the last renewal, or started over once the lease expired
+            # (its sockets closed when no new lease came within an attempt's bound).
+            assert (await mac_client.expect_close(timeout=10))[0] == 1001
+        finally:
+            a.leases.connection.presence_beside = presence_beside
+        assert a.ctx.counters.leases_lost >= 1
+        assert attempts < 60, attempts  # paced at the retry delay (0.13 s here), not spinning
+        assert caplog.text.count("a lease renewal landed unseen") == 1
 
 
 async def test_a_lease_renewal_that_landed_unseen_costs_the_edge_nothing(nats_url, caplog):

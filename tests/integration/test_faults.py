@@ -827,7 +827,6 @@ def test_a_nats_node_cut_off_from_the_cluster_routes_for_30s_then_healed(product
 
 
 @pytest.mark.faults
-@pytest.mark.xfail(reason="known defect, not every run: two pairs whose register was never answered (now bounded: closed 1011, not re-run), and frames lost without a word in the seconds before the fence when nats-py's reconnect is stuck on the dead socket (README: Faults under load)", strict=False)
 def test_a_nats_node_cut_off_entirely_for_30s_then_healed(production_topology):
     # Its clients' connections die without a word: each edge on it closes its sockets 1001
     # once its renewals have failed for a TTL (or nats-py finds the connection stale).
@@ -837,7 +836,6 @@ def test_a_nats_node_cut_off_entirely_for_30s_then_healed(production_topology):
 
 
 @pytest.mark.faults
-@pytest.mark.xfail(reason="known defect: a register in the restart can name as its peer a socket closed at the reconnect whose slot release waits for storage; frames to it are lost without NO_PEER until that release lands (README: Faults under load)", strict=False)
 def test_the_whole_nats_cluster_restarted_with_200_pairs(production_topology):
     r = run(fault_run(production_topology, nats_cluster_restart(), pairs=FULL_PAIRS, before_s=5, after_s=5, repair_timeout=180, inflight_window_s=30, usage_timeout=120), 900)
     check_accounting(r)
