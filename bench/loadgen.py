@@ -956,6 +956,8 @@ class Worker:
                     continue
                 backoff = _BACKOFF_FIRST_S
                 conn.ended = asyncio.Event()
+                if conn.lost:  # closed by the relay in the read that brought the 101
+                    conn.ended.set()
                 conn.send(pair.register_message() if role == "mac" else pair.join_message())
                 ended, peered = asyncio.ensure_future(conn.ended.wait()), asyncio.ensure_future(pair.role_peered[role].wait())
                 await asyncio.wait((ended, peered), timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED)
