@@ -23,6 +23,17 @@ from tests.harness import (
 )
 
 
+async def joined_and_relaying(edge, mac: MacIdentity, mac_client: Client) -> Client:
+    """An iPhone that joins `mac`'s room on `edge`: both sides hear peer_joined, and a frame
+    from the Mac reaches it."""
+    ios_client, _ = await connect_ios(edge, mac)
+    await ios_client.expect("peer_joined")
+    await mac_client.expect("peer_joined")
+    await mac_client.send(type="relay", payload="aGk=")
+    assert (await ios_client.expect("relay"))["payload"] == "aGk="
+    return ios_client
+
+
 async def test_heartbeat_dead_threshold_closes_silent_socket_4000_and_peer_hears_timeout(nats_url):
     async with running_edges(nats_url, heartbeat_dead_threshold_ms=300) as (a, b):
         mac = MacIdentity.new()
@@ -298,11 +309,7 @@ async def test_a_mac_that_reconnects_while_its_edge_starts_over_is_paired_normal
         assert (await mac_client.expect_close())[0] == 1001
         # The Mac reconnects at once, while the edge is still closing the stuck socket.
         mac_again, _ = await connect_mac(a, mac)
-        ios_client, _ = await connect_ios(b, mac)
-        await ios_client.expect("peer_joined")
-        await mac_again.expect("peer_joined")
-        await mac_again.send(type="relay", payload="aGk=")
-        assert (await ios_client.expect("relay"))["payload"] == "aGk="
+        await joined_and_relaying(b, mac, mac_again)
 
 
 async def test_a_mac_back_on_its_restarted_edge_is_paired_again_every_time(nats_url):
@@ -341,11 +348,7 @@ async def test_a_join_that_finds_the_mac_on_an_edge_incarnation_its_lease_view_h
         mac = MacIdentity.new()
         mac_client, _ = await connect_mac(a, mac)
         b.ctx.live_edges.pop(a.settings.edge_id)  # b's watcher has not seen a's lease yet
-        ios_client, _ = await connect_ios(b, mac)
-        await ios_client.expect("peer_joined")
-        await mac_client.expect("peer_joined")
-        await ios_client.send(type="relay", payload="hello")
-        assert (await mac_client.expect("relay"))["payload"] == "hello"
+        await joined_and_relaying(b, mac, mac_client)
 
 
 async def test_a_departure_tells_a_peer_on_an_edge_incarnation_the_lease_view_has_not_seen_yet(nats_url):
