@@ -357,3 +357,29 @@ async def test_a_departure_tells_a_peer_on_an_edge_incarnation_the_lease_view_ha
         b.ctx.live_edges.pop(a.settings.edge_id)
         await ios_client.close()
         assert (await mac_client.expect("peer_disconnected"))["type"] == "peer_disconnected"
+
+
+def _lease_reads() -> float:
+    from runtime.metrics import storage_seconds
+
+    (count,) = [s.value for m in storage_seconds.collect() for s in m.samples
+                if s.name.endswith("_count") and s.labels.get("operation") == "presence.read_lease"] or [0.0]  # fmt: skip
+    return count
+
+
+async def test_a_slot_of_an_incarnation_the_lease_view_saw_go_costs_no_lease_read(nats_url):
+    # A crashed edge's slots linger until their rooms are used again: each register or join
+    # there must not cost a read of a lease that is gone for good (boot ids never come back).
+    async with running_edges(nats_url, edge_lease_ttl_ms=60_000) as (a, b):
+        mac = MacIdentity.new()
+        await connect_mac(a, mac)
+        b.ctx.live_edges.pop(a.settings.edge_id)
+        b.ctx.note_gone(a.settings.edge_id, a.boot_id)  # as b's watcher notes an edge's death
+        before = _lease_reads()
+        ios_client, _ = await connect_ios(b, mac)
+        await ios_client.expect_silence(0.5)  # no peer_joined: the Mac's edge counts as dead here
+        assert _lease_reads() == before
+        b.ctx.gone_incarnations.clear()  # not known gone: one read tells
+        ios_again, _ = await connect_ios(b, mac)
+        await ios_again.expect("peer_joined")
+        assert _lease_reads() == before + 1
