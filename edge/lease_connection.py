@@ -14,6 +14,7 @@ fail with it and the edge fences itself as before (`edge.leases`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from urllib.parse import urlunparse
@@ -84,8 +85,11 @@ class LeaseConnection:
 
     @staticmethod
     async def _close(nc: NATS) -> None:
+        # Bounded: a close on a connection whose node went away without a word would wait
+        # for its socket (nats.py #671); the process must not wait with it.
         with contextlib.suppress(Exception):
-            await nc.close()
+            async with asyncio.timeout(2):
+                await nc.close()
 
     async def _error(self, exc: Exception) -> None:
         # Its failures show as failed renewals (counted, and logged by `Leases`); this says why.
