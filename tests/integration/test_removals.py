@@ -375,7 +375,13 @@ async def lead_everything(s: Stores, server_name: str) -> None:
     placement = b'{"placement": {"preferred": "%s"}}' % server_name.encode()
     deadline, asked = time.monotonic() + PATIENCE_S, 0.0
     while True:
-        elsewhere = [stream for stream in streams if (await s.js.stream_info(stream)).cluster.leader != server_name]
+        elsewhere = []
+        for stream in streams:
+            try:
+                if (await s.js.stream_info(stream)).cluster.leader != server_name:
+                    elsewhere.append(stream)
+            except nats.errors.TimeoutError:  # the restarted node's JetStream still recovering: ask again
+                elsewhere.append(stream)
         if not elsewhere:
             break
         assert time.monotonic() < deadline, f"{server_name} did not become the leader of {elsewhere}"
