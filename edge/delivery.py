@@ -73,8 +73,7 @@ class Delivery:
         if conn is None or not conn.takes_frames:
             # Gone, or closing (nothing more is written to it): the sender's edge takes back
             # the charge and tells its client NO_PEER, rather than the frame vanishing.
-            if msg.reply:
-                await self.ctx.frame_nc.publish(msg.reply, NO_SUCH_SOCKET)
+            await self._answer_gone(msg.reply)
             return
         data = msg.data
         if kind != KIND_FRAME:
@@ -200,6 +199,10 @@ class Delivery:
         is dropped; its sender's edge is told, as for a socket that is gone, so that the
         charge is taken back and the client hears NO_PEER rather than the frame vanishing."""
         self.ctx.counters.not_from_peer += 1
+        await self._answer_gone(reply)
+
+    async def _answer_gone(self, reply: str) -> None:
+        """Tell a frame's sender's edge that nobody here got it (credits back, NO_PEER)."""
         if reply:
             with contextlib.suppress(nats.errors.Error):
                 await self.ctx.frame_nc.publish(reply, NO_SUCH_SOCKET)
